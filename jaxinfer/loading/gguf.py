@@ -1,0 +1,419 @@
+"""Reading GGUF checkpoints (llama.cpp's file format) and mapping them to Hugging Face Llama.
+
+`GGUFFile` wraps `gguf.GGUFReader`, which memory-maps the file: tensor bytes are read only when a
+tensor is loaded. Dequantization is done here in numpy, block by block, following the ggml block
+layouts (see the `_deq_*` functions). Shapes are given in numpy/PyTorch order, the reverse of
+GGML's `ne` order, so a 2-D weight is `(out_features, in_features)`.
+
+`hf_config_from_gguf` and `hf_tensor_items` turn a llama GGUF into a Hugging Face
+`config.json`-style dict and a `LlamaForCausalLM` state dict (float32, one tensor at a time),
+undoing the row permutation llama.cpp's converter applies to the Q and K projections.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType
+
+from jaxinfer.errors import CheckpointError
+
+_CHUNK_BLOCKS = 1 << 16  # blocks dequantized per numpy pass, bounds temporary memory
+
+
+# ----------------------------------------------------------------------------- dequantization
+# Each function takes `b`, a uint8 array (n_blocks, type_size) of packed blocks, and returns
+# float32 (n_blocks, block_size) in the order ggml's reference dequantize_row_* writes them.
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """(n, 2k) uint8 little-endian halves -> (n, k) float32."""
+    return b.view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, m) uint8 -> (n, 2m): all low nibbles, then all high nibbles."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _deq_f32(b: np.ndarray) -> np.ndarray:
+    return b.view(np.float32).copy()
+
+
+def _deq_bf16(b: np.ndarray) -> np.ndarray:
+    return (b.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _deq_q8_0(b: np.ndarray) -> np.ndarray:
+    """block_q8_0: f16 d, int8 qs[32]; x = d * q."""
+    return b[:, 2:].view(np.int8).astype(np.float32) * _f16(b[:, :2])
+
+
+def _deq_q4_0(b: np.ndarray) -> np.ndarray:
+    """block_q4_0: f16 d, qs[16] (x[j] low nibble, x[j+16] high nibble); x = d * (q - 8)."""
+    q = _nibbles(b[:, 2:]).astype(np.float32) - 8.0
+    return _f16(b[:, :2]) * q
+
+
+def _deq_q4_1(b: np.ndarray) -> np.ndarray:
+    """block_q4_1: f16 d, f16 m, qs[16]; x = d * q + m."""
+    return _f16(b[:, :2]) * _nibbles(b[:, 4:]).astype(np.float32) + _f16(b[:, 2:4])
+
+
+def _q4_k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """12 bytes of packed 6-bit (scale, min) pairs per block -> two (n, 8) uint8 arrays.
+
+    Sub-blocks 0..3 use the low 6 bits of bytes 0..3 (scale) and 4..7 (min); sub-blocks 4..7 take
+    their low 4 bits from bytes 8..11 (scale: low nibble, min: high nibble) and their top 2 bits
+    from the top 2 bits of bytes 0..3 (scale) and 4..7 (min).
+    """
+    s0, s1, s2 = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    scale = np.concatenate([s0 & 63, (s2 & 0x0F) | ((s0 >> 6) << 4)], axis=1)
+    minimum = np.concatenate([s1 & 63, (s2 >> 4) | ((s1 >> 6) << 4)], axis=1)
+    return scale, minimum
+
+
+def _deq_q4_k(b: np.ndarray) -> np.ndarray:
+    """block_q4_K (256 values, 8 sub-blocks of 32): f16 d, f16 dmin, scales[12], qs[128].
+
+    Each 32-byte run of qs holds two sub-blocks: low nibbles first, then high nibbles.
+    x = d * scale[j] * q - dmin * min[j].
+    """
+    n = b.shape[0]
+    scale, minimum = _q4_k_scales(b[:, 4:16])
+    q = b[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = (q & 0x0F).reshape(n, 8, 32).astype(np.float32)
+    d = (_f16(b[:, 0:2]) * scale.astype(np.float32))[:, :, None]
+    m = (_f16(b[:, 2:4]) * minimum.astype(np.float32))[:, :, None]
+    return (d * q - m).reshape(n, 256)
+
+
+def _deq_q6_k(b: np.ndarray) -> np.ndarray:
+    """block_q6_K (256 values): ql[128], qh[64], int8 scales[16], f16 d.
+
+    Each half of 128 values uses 64 bytes of ql and 32 of qh: value 32k + l (k = 0..3) takes the
+    low (k < 2) or high nibble of ql[l + 32 * (k % 2)] and bits 2k..2k+1 of qh[l] as its top two
+    bits; q - 32 is scaled by d * scales[i // 16] for value i.
+    """
+    n = b.shape[0]
+    ql = b[:, :128].reshape(n, 2, 2, 32)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # (n, half, k, l)
+    qh = b[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    q = (low | ((qh & 3) << 4)).astype(np.float32) - 32.0
+    d = _f16(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(np.float32)
+    return (d[:, :, None] * q.reshape(n, 16, 16)).reshape(n, 256)
+
+
+# type name -> (values per block, bytes per block, dequantizer)
+_DEQUANTIZERS: dict[str, tuple[int, int, Callable[[np.ndarray], np.ndarray]]] = {
+    "F32": (1, 4, _deq_f32),
+    "F16": (1, 2, _f16),
+    "BF16": (1, 2, _deq_bf16),
+    "Q8_0": (32, 34, _deq_q8_0),
+    "Q4_0": (32, 18, _deq_q4_0),
+    "Q4_1": (32, 20, _deq_q4_1),
+    "Q4_K": (256, 144, _deq_q4_k),
+    "Q6_K": (256, 210, _deq_q6_k),
+}
+SUPPORTED_TYPES: tuple[str, ...] = tuple(_DEQUANTIZERS)
+
+
+def dequantize(raw: np.ndarray, type_name: str) -> np.ndarray:
+    """Packed bytes (any shape, uint8) of a tensor of `type_name` -> flat float32 values."""
+    block_size, type_size, fn = _DEQUANTIZERS[type_name]
+    blocks = raw.reshape(-1, type_size)
+    out = np.empty((blocks.shape[0], block_size), np.float32)
+    for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
+        out[start : start + _CHUNK_BLOCKS] = fn(blocks[start : start + _CHUNK_BLOCKS])
+    return out.reshape(-1)
+
+
+# ----------------------------------------------------------------------------- GGUF file
+
+
+def _field_value(field) -> object:
+    """A gguf ReaderField -> plain Python value (str, int, float, bool, or a list of those)."""
+    types, parts = field.types, field.parts
+    if types[0] != GGUFValueType.ARRAY:
+        if types[0] == GGUFValueType.STRING:
+            return bytes(parts[-1]).decode("utf-8")
+        return parts[-1][0].item()
+    if len(types) == 1:  # empty array
+        return []
+    if types[1] == GGUFValueType.STRING:
+        return [bytes(parts[i]).decode("utf-8") for i in field.data]
+    if types[1] == GGUFValueType.ARRAY:
+        return field.contents()
+    return np.concatenate([parts[i] for i in field.data]).tolist()
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file: metadata, tensor directory, and per-tensor loading.
+
+    Raises `CheckpointError` if the path is missing, not a GGUF file, truncated or corrupt.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such GGUF file")
+        with open(self.path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise CheckpointError(f"{self.path} is not a GGUF file (bad magic number)")
+        try:
+            self._reader = GGUFReader(self.path)
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: truncated or corrupt GGUF file ({e})") from None
+        if self._reader.byte_order != "I":
+            raise CheckpointError(f"{self.path}: byte-swapped (big-endian) GGUF is not supported")
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        size = self._reader.data.size
+        for t in self._tensors.values():
+            if t.data_offset + t.n_bytes > size:
+                raise CheckpointError(
+                    f"{self.path}: truncated or corrupt GGUF file (tensor {t.name} ends at byte "
+                    f"{t.data_offset + t.n_bytes}, past the end of the file at {size})"
+                )
+        self.metadata: dict[str, object] = {}
+        for key, field in self._reader.fields.items():
+            if key.startswith("GGUF."):  # version/counts pseudo-fields of the reader
+                continue
+            try:
+                self.metadata[key] = _field_value(field)
+            except Exception as e:
+                raise CheckpointError(f"{self.path}: corrupt metadata field {key} ({e})") from None
+
+    def __repr__(self) -> str:
+        return f"GGUFFile({str(self.path)!r})"
+
+    @property
+    def architecture(self) -> str:
+        """`general.architecture`, e.g. "llama"."""
+        return str(self.require("general.architecture"))
+
+    def require(self, key: str) -> object:
+        """The metadata value for `key`; CheckpointError naming the key if it is missing."""
+        if key not in self.metadata:
+            raise CheckpointError(f"{self.path}: required metadata key {key} is missing")
+        return self.metadata[key]
+
+    def _tensor(self, name: str):
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+    def tensor_names(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self._tensors)
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """Shape in numpy order (reversed GGML ne): a 2-D weight is (out, in)."""
+        return tuple(int(d) for d in reversed(self._tensor(name).shape.tolist()))
+
+    def tensor_type(self, name: str) -> str:
+        """GGML type name, e.g. "Q4_1", "F32"."""
+        return self._tensor(name).tensor_type.name
+
+    def raw(self, name: str) -> np.ndarray:
+        """The packed bytes as a read-only uint8 view of the mapped file (no copy).
+
+        Shape (*tensor_shape[:-1], bytes_per_row); a row is a whole number of blocks.
+        """
+        t = self._tensor(name)
+        shape = self.tensor_shape(name)
+        data = self._reader.data[t.data_offset : t.data_offset + t.n_bytes]
+        return data.reshape(*shape[:-1], -1) if shape else data
+
+    def load(self, name: str) -> np.ndarray:
+        """Dequantized float32 array of shape `tensor_shape(name)` (a fresh copy)."""
+        type_name = self.tensor_type(name)
+        if type_name not in _DEQUANTIZERS:
+            raise CheckpointError(
+                f"{self.path}: tensor {name} has unsupported type {type_name}; "
+                f"supported types: {', '.join(SUPPORTED_TYPES)}"
+            )
+        return dequantize(self.raw(name), type_name).reshape(self.tensor_shape(name))
+
+
+# ----------------------------------------------------------------------------- Hugging Face view
+
+_LAYER_NAMES = {  # GGUF blk.{i}.<key> -> HF model.layers.{i}.<value>
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+
+
+def _as_file(gguf_file: GGUFFile | str | os.PathLike[str]) -> GGUFFile:
+    return gguf_file if isinstance(gguf_file, GGUFFile) else GGUFFile(gguf_file)
+
+
+def _rope_scaling(f: GGUFFile) -> dict | None:
+    """HF `rope_scaling` from llama.rope.scaling.* (or the old llama.rope.scale_linear)."""
+    kind = f.metadata.get("llama.rope.scaling.type")
+    if kind is None and "llama.rope.scale_linear" in f.metadata:
+        return {"rope_type": "linear", "factor": float(f.metadata["llama.rope.scale_linear"])}
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(f.require("llama.rope.scaling.factor"))}
+    raise CheckpointError(
+        f"{f.path}: unsupported llama.rope.scaling.type {kind!r}; supported: none, linear"
+    )
+
+
+def hf_config_from_gguf(gguf_file: GGUFFile | str | os.PathLike[str]) -> dict:
+    """A Hugging Face `config.json`-style dict for a llama GGUF (LlamaForCausalLM)."""
+    f = _as_file(gguf_file)
+    if f.architecture != "llama":
+        raise CheckpointError(
+            f"{f.path}: unsupported architecture {f.architecture}; supported: llama"
+        )
+    if "rope_freqs.weight" in f.tensor_names():
+        raise CheckpointError(
+            f"{f.path}: tensor rope_freqs.weight (per-dimension RoPE factors, as written for "
+            "Llama 3.1-style rope scaling) is not supported"
+        )
+    hidden = int(f.require("llama.embedding_length"))
+    heads = int(f.require("llama.attention.head_count"))
+    head_dim = int(f.metadata.get("llama.attention.key_length", hidden // heads))
+    if "llama.attention.key_length" not in f.metadata and hidden % heads:
+        raise CheckpointError(
+            f"{f.path}: llama.embedding_length {hidden} is not divisible by "
+            f"llama.attention.head_count {heads} and llama.attention.key_length is missing"
+        )
+    if int(f.metadata.get("llama.attention.value_length", head_dim)) != head_dim:
+        raise CheckpointError(
+            f"{f.path}: llama.attention.value_length differs from key_length; not supported"
+        )
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": _vocab_size(f),
+        "hidden_size": hidden,
+        "intermediate_size": int(f.require("llama.feed_forward_length")),
+        "num_hidden_layers": int(f.require("llama.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(f.metadata.get("llama.attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(f.require("llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(f.metadata.get("llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(f.require("llama.context_length")),
+        "tie_word_embeddings": "output.weight" not in f.tensor_names(),
+        "bos_token_id": f.metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": f.metadata.get("tokenizer.ggml.eos_token_id"),
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    rope_scaling = _rope_scaling(f)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    return config
+
+
+def _vocab_size(f: GGUFFile) -> int:
+    """Rows of token_embd.weight, checked against llama.vocab_size when that is present."""
+    rows = f.tensor_shape("token_embd.weight")[0]
+    declared = f.metadata.get("llama.vocab_size")
+    if declared is not None and int(declared) != rows:
+        raise CheckpointError(
+            f"{f.path}: llama.vocab_size {declared} != token_embd.weight rows {rows}"
+        )
+    return rows
+
+
+def _gguf_names(config: dict) -> dict[str, str]:
+    """HF name -> GGUF name for every weight of the model `config` describes, in load order."""
+    names = {"model.embed_tokens.weight": "token_embd.weight"}
+    for i in range(config["num_hidden_layers"]):
+        for gguf_key, hf_key in _LAYER_NAMES.items():
+            names[f"model.layers.{i}.{hf_key}"] = f"blk.{i}.{gguf_key}"
+    names["model.norm.weight"] = "output_norm.weight"
+    if not config.get("tie_word_embeddings", False):
+        names["lm_head.weight"] = "output.weight"
+    return names
+
+
+def _hf_shape(hf_name: str, config: dict) -> tuple[int, ...]:
+    """Expected PyTorch shape of an HF Llama weight."""
+    h, inter, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    leaf = hf_name.removeprefix("model.").split(".")[-2]
+    return {
+        "embed_tokens": (config["vocab_size"], h),
+        "lm_head": (config["vocab_size"], h),
+        "q_proj": (q, h),
+        "k_proj": (kv, h),
+        "v_proj": (kv, h),
+        "o_proj": (h, q),
+        "gate_proj": (inter, h),
+        "up_proj": (inter, h),
+        "down_proj": (h, inter),
+    }.get(leaf, (h,))
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation on a (n_head * head_dim, in) weight.
+
+    llama.cpp's converter stores `w.reshape(n_head, 2, hd // 2, in).swapaxes(1, 2)` (rotary
+    halves interleaved); this maps it back to HF's layout (rotary halves contiguous per head).
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_tensor_names(gguf_file: GGUFFile, config: dict) -> list[str]:
+    """HF LlamaForCausalLM state-dict names present in the file, in load order.
+
+    CheckpointError if an expected tensor is missing or the file has tensors a llama lacks.
+    """
+    names = _gguf_names(config)
+    present = set(gguf_file.tensor_names())
+    missing = [g for g in names.values() if g not in present]
+    extra = sorted(present - set(names.values()))
+    if missing or extra:
+        raise CheckpointError(
+            f"{gguf_file.path}: tensors do not match a llama model with "
+            f"{config['num_hidden_layers']} layers (missing: {missing[:5] or 'none'}; "
+            f"unexpected: {extra[:5] or 'none'})"
+        )
+    return list(names)
+
+
+def load_hf_tensor(gguf_file: GGUFFile, config: dict, hf_name: str) -> np.ndarray:
+    """One HF-named weight as float32 in PyTorch layout (Linear weights are [out, in])."""
+    gguf_name = _gguf_names(config).get(hf_name)
+    if gguf_name is None:
+        raise CheckpointError(f"{gguf_file.path}: {hf_name} is not a weight of this llama model")
+    w = gguf_file.load(gguf_name)
+    expected = _hf_shape(hf_name, config)
+    if w.shape != expected:
+        raise CheckpointError(
+            f"{gguf_file.path}: tensor {gguf_name} has shape {w.shape}, expected {expected} "
+            f"for {hf_name}"
+        )
+    if hf_name.endswith("q_proj.weight"):
+        w = unpermute_qk(w, config["num_attention_heads"])
+    elif hf_name.endswith("k_proj.weight"):
+        w = unpermute_qk(w, config["num_key_value_heads"])
+    return w
+
+
+def hf_tensor_items(gguf_file: GGUFFile, config: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, float32 array) for every weight, loaded lazily one tensor at a time.
+
+    The tensor list is checked before this returns, so a mismatch fails before any loading.
+    """
+    names = hf_tensor_names(gguf_file, config)
+    return ((name, load_hf_tensor(gguf_file, config, name)) for name in names)

@@ -1,0 +1,78 @@
+"""Flax model definitions, one per family, and the pure forward function over them.
+
+Shape glossary (einsum letters and docstrings):
+  B batch rows (slots)      T tokens in this call     S cache slots per row
+  L layers                  D model width             F MLP hidden width
+  N query heads             K key/value heads         H head dim
+  G query heads per KV head (N // K)                  V vocabulary size
+
+Logical axis names on parameters (mapped to mesh axes by the runtime's sharding rules):
+  layers, vocab, embed, heads, kv_heads, mlp, qkv, positions.
+
+This package imports only jax, flax and numpy: never the runtime (`jaxinfer`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.cache import KVCache, init_cache
+from models.config import GPT2Config, LlamaConfig, ModelConfig, RopeScaling
+from models.gpt2 import GPT2
+from models.llama import Llama
+
+__all__ = [
+    "GPT2Config", "KVCache", "LlamaConfig", "ModelConfig", "RopeScaling", "abstract_params",
+    "forward", "init_cache", "init_params", "logical_axes", "module_for",
+]
+
+
+def module_for(config: ModelConfig, scan_unroll: int = 1) -> nn.Module:
+    """The Flax module of `config`'s family."""
+    if isinstance(config, LlamaConfig):
+        return Llama(config, scan_unroll=scan_unroll)
+    if isinstance(config, GPT2Config):
+        return GPT2(config, scan_unroll=scan_unroll)
+    raise TypeError(f"unknown model config type {type(config).__name__}")
+
+
+def forward(config: ModelConfig, params, tokens: jax.Array, positions: jax.Array,
+            cache: KVCache | None = None, *, scan_unroll: int = 1):
+    """Pure forward pass: (params, tokens [B, T], positions [B, T], cache) -> (logits, cache).
+
+    logits are float32 [B, T, V]. Positions of -1 mark padding tokens: they are neither
+    attended to nor (meaningfully) scored. With a cache, the new keys/values are written at
+    each row's next free slot and attention covers everything cached for that row.
+    """
+    return module_for(config, scan_unroll).apply({"params": params}, tokens, positions, cache)
+
+
+def _boxed_params(config: ModelConfig, rng: jax.Array):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return module_for(config).init(rng, tokens, tokens)["params"]
+
+
+def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32):
+    """Randomly initialised params (plain arrays) of `config`, for tests and experiments."""
+    params = nn.unbox(_boxed_params(config, rng))
+    return jax.tree.map(lambda a: a.astype(dtype), params)
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract(config: ModelConfig):
+    return jax.eval_shape(functools.partial(_boxed_params, config), jax.random.key(0))
+
+
+def abstract_params(config: ModelConfig):
+    """Params tree of jax.ShapeDtypeStruct (float32), without allocating anything."""
+    return nn.unbox(_abstract(config))
+
+
+def logical_axes(config: ModelConfig):
+    """Params tree of tuples of logical axis names, one per dimension of each weight."""
+    return jax.tree.map(lambda p: tuple(p.names), _abstract(config),
+                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

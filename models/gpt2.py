@@ -1,0 +1,129 @@
+"""GPT-2 in Flax: learned positions, pre-LayerNorm, fused qkv projection, GELU MLP, tied head.
+
+Parameters (2-D weights [in, out]; per-layer leaves have a leading L axis):
+  wte [V, D]; wpe [P, D]; ln_f_scale, ln_f_bias [D]
+  layers/{ln1_scale, ln1_bias, ln2_scale, ln2_bias [L, D]}
+  layers/attn/{qkv [L, D, 3*D], qkv_bias [L, 3*D], o [L, D, D], o_bias [L, D]}
+  layers/mlp/{fc [L, D, F], fc_bias [L, F], proj [L, F, D], proj_bias [L, D]}
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import cache as kvc
+from models.config import GPT2Config
+from models.layers import (
+    NO_WINDOW,
+    attend,
+    attention_mask,
+    embed_lookup,
+    layer_norm,
+    linear,
+    unembed,
+    weight,
+)
+
+ZEROS = nn.initializers.zeros
+ONES = nn.initializers.ones
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with a fused qkv projection."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x, positions, k_pos, layer, slots, cache_kv):
+        """x [B, T, D] -> ([B, T, D], updated (k, v) caches or None)."""
+        c = self.config
+        d, n, h = c.d_model, c.n_heads, c.head_dim
+        b, t, _ = x.shape
+        w = weight(self, "qkv", (d, 3 * d), ("embed", "qkv"))
+        bias = weight(self, "qkv_bias", (3 * d,), ("qkv",), ZEROS)
+        q, k, v = jnp.split(linear(x, w, bias), 3, axis=-1)
+        q, k, v = (a.reshape(b, t, n, h) for a in (q, k, v))
+        if cache_kv is not None:
+            ck = kvc.write_layer(cache_kv[0], layer, slots, k)
+            cv = kvc.write_layer(cache_kv[1], layer, slots, v)
+            cache_kv = (ck, cv)
+            k, v = ck[layer], cv[layer]
+        out = attend(q, k, v, attention_mask(positions, k_pos, NO_WINDOW))
+        wo = weight(self, "o", (d, d), ("heads", "embed"))
+        return linear(out, wo, weight(self, "o_bias", (d,), ("embed",), ZEROS)), cache_kv
+
+
+class MLP(nn.Module):
+    """fc -> GELU -> proj."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x):
+        """x [B, T, D] -> [B, T, D]."""
+        c = self.config
+        hidden = linear(x, weight(self, "fc", (c.d_model, c.d_ff), ("embed", "mlp")),
+                        weight(self, "fc_bias", (c.d_ff,), ("mlp",), ZEROS))
+        hidden = jax.nn.gelu(hidden, approximate=c.activation == "gelu_new")
+        return linear(hidden, weight(self, "proj", (c.d_ff, c.d_model), ("mlp", "embed")),
+                      weight(self, "proj_bias", (c.d_model,), ("embed",), ZEROS))
+
+
+class Block(nn.Module):
+    """One GPT-2 layer; scanned over the L axis by `GPT2`."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, carry, layer, positions, k_pos, slots):
+        """carry = (x [B, T, D], cache (k, v) or None); layer = layer index."""
+        c = self.config
+        x, cache_kv = carry
+
+        def ln(name, y):
+            scale = weight(self, name + "_scale", (c.d_model,), ("embed",), ONES)
+            bias = weight(self, name + "_bias", (c.d_model,), ("embed",), ZEROS)
+            return layer_norm(y, scale, bias, c.norm_eps)
+
+        a, cache_kv = Attention(c, name="attn")(ln("ln1", x), positions, k_pos, layer, slots,
+                                                cache_kv)
+        x = x + a
+        x = x + MLP(c, name="mlp")(ln("ln2", x))
+        return (x, cache_kv), None
+
+
+class GPT2(nn.Module):
+    """The full model: forward(tokens, positions, cache) -> (logits, cache)."""
+
+    config: GPT2Config
+    scan_unroll: int = 1
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache: kvc.KVCache | None = None):
+        """tokens, positions [B, T] int32 (position -1 = padding) -> logits [B, T, V] float32."""
+        c = self.config
+        wte = weight(self, "wte", (c.vocab_size, c.d_model), ("vocab", "embed"))
+        wpe = weight(self, "wpe", (c.max_seq_len, c.d_model), ("positions", "embed"))
+        dtype = wte.dtype if isinstance(wte, jax.Array) else jnp.float32
+        x = embed_lookup(wte, tokens).astype(dtype)
+        x = x + embed_lookup(wpe, jnp.maximum(positions, 0)).astype(dtype)
+        if cache is None:
+            k_pos, slots, cache_kv = positions, None, None
+        else:
+            cache, slots = kvc.write_positions(cache, positions)
+            k_pos, cache_kv = cache.pos, (cache.k, cache.v)
+        layers = nn.scan(
+            Block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
+            unroll=self.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, name="layers")
+        (x, cache_kv), _ = layers((x, cache_kv), jnp.arange(c.n_layers, dtype=jnp.int32),
+                                  positions, k_pos, slots)
+        x = layer_norm(x, weight(self, "ln_f_scale", (c.d_model,), ("embed",), ONES),
+                       weight(self, "ln_f_bias", (c.d_model,), ("embed",), ZEROS), c.norm_eps)
+        logits = unembed(x, wte)
+        if cache is not None:
+            cache = cache.replace(k=cache_kv[0], v=cache_kv[1])
+        return logits.astype(jnp.float32), cache

@@ -1,0 +1,137 @@
+"""Building blocks shared by the model families: parameters, the dispatching matmul, norms,
+RoPE and masked attention. Plain functions of arrays; the Flax modules call them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import RopeScaling
+
+# A window larger than any context: "no sliding window".
+NO_WINDOW = np.iinfo(np.int32).max
+
+
+def weight(mod: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+           init=nn.initializers.normal(0.02), dtype=jnp.float32):
+    """Declare (at init) or fetch (at apply) parameter `name` with logical axis names `axes`.
+
+    The value given at apply time may be any pytree leaf the ops below understand (a float
+    array, or a quantized/sparse weight object): unlike `Module.param`, no shape check is made
+    against the declared shape, so parameter transforms never need model changes.
+    """
+    assert len(shape) == len(axes), (name, shape, axes)
+
+    def make():
+        return nn.LogicallyPartitioned(init(mod.make_rng("params"), shape, dtype), axes)
+
+    return mod.variable("params", name, make).value
+
+
+def linear(x: jax.Array, w, b=None) -> jax.Array:
+    """x [..., in] @ w [in, out] (+ b [out]) -> [..., out].
+
+    The one matmul every projection goes through. A plain array is multiplied directly; any
+    other weight type (quantized, sparse) supplies `w.matmul(x)`, so new schemes plug in here.
+    """
+    y = x @ w.astype(x.dtype) if isinstance(w, jax.Array | np.ndarray) else w.matmul(x)
+    if b is not None:
+        y = y + b.astype(y.dtype)
+    return y
+
+
+def embed_lookup(table, tokens: jax.Array) -> jax.Array:
+    """Rows of table [V, D] for tokens [B, T] -> [B, T, D]."""
+    if isinstance(table, jax.Array | np.ndarray):
+        return jnp.take(table, tokens, axis=0)
+    return table.take_rows(tokens)
+
+
+def unembed(x: jax.Array, table) -> jax.Array:
+    """Tied LM head: x [B, T, D] @ table[V, D]^T -> [B, T, V]."""
+    if isinstance(table, jax.Array | np.ndarray):
+        return x @ table.astype(x.dtype).T
+    return table.matmul_transposed(x)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32: x [..., D], w [D]."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y.astype(x.dtype) * w.astype(x.dtype))
+
+
+def layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, computed in float32: x [..., D], w/b [D]."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies [H/2] (float32), with linear or llama3 scaling applied."""
+    exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv = (1.0 / (np.float32(theta) ** exps)).astype(np.float32)
+    if scaling is None:
+        return inv
+    if scaling.kind == "linear":
+        return (inv / np.float32(scaling.factor)).astype(np.float32)
+    if scaling.kind == "llama3":
+        old = scaling.original_max_position_embeddings
+        low_wavelen = old / scaling.low_freq_factor
+        high_wavelen = old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+        smooth = (old / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unknown RoPE scaling kind {scaling.kind!r}")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate x [B, T, N, H] by positions [B, T] (half-split layout, as Hugging Face Llama)."""
+    pos = jnp.maximum(positions, 0).astype(jnp.float32)
+    freqs = pos[:, :, None] * jnp.asarray(inv_freq)[None, None, :]  # [B, T, H/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window) -> jax.Array:
+    """Which keys each query may see: q_pos [B, T], k_pos [B, S] -> bool [B, T, S].
+
+    A key is visible when it holds a real token (k_pos >= 0), is not in the future, and lies
+    inside the sliding window (q_pos - k_pos < window).
+    """
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    return (k >= 0) & (k <= q) & (q - k < window)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention.
+
+    q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0; mask bool [B, T, S] -> [B, T, N * H].
+    Scores and softmax in float32. A query that sees no key gets a uniform average (no NaN).
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / math.sqrt(h)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+    return out.reshape(b, t, n * h).astype(q.dtype)

@@ -1,0 +1,147 @@
+"""Llama-family decoder in Flax: Llama 2/3, SmolLM2, Mistral (sliding window), Qwen2 (qkv bias).
+
+Parameters (2-D projection weights are [in, out]; every per-layer leaf has a leading L axis):
+  embed [V, D]; final_norm [D]; lm_head [D, V] (untied only)
+  layers/attn_norm [L, D], layers/mlp_norm [L, D]
+  layers/attn/{q [L, D, N*H], k [L, D, K*H], v [L, D, K*H], o [L, N*H, D]} (+ q_bias, k_bias,
+    v_bias [L, *], o_bias [L, D] when configured)
+  layers/mlp/{gate [L, D, F], up [L, D, F], down [L, F, D]} (+ *_bias when configured)
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import cache as kvc
+from models.config import LlamaConfig
+from models.layers import (
+    NO_WINDOW,
+    apply_rope,
+    attend,
+    attention_mask,
+    embed_lookup,
+    linear,
+    rms_norm,
+    rope_inv_freq,
+    unembed,
+    weight,
+)
+
+ZEROS = nn.initializers.zeros
+ONES = nn.initializers.ones
+
+
+class Attention(nn.Module):
+    """Self-attention of one layer with RoPE, GQA and an optional cache write."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, k_pos, window, layer, slots, cache_kv):
+        """x [B, T, D] -> ([B, T, D], updated (k, v) caches [L, B, S, K, H] or None)."""
+        c = self.config
+        d, n, kv, h = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+        b, t, _ = x.shape
+
+        def proj(name, out, out_axis, bias):
+            w = weight(self, name, (d, out), ("embed", out_axis))
+            bb = weight(self, name + "_bias", (out,), (out_axis,), ZEROS) if bias else None
+            return linear(x, w, bb)
+
+        q = proj("q", n * h, "heads", c.qkv_bias).reshape(b, t, n, h)
+        k = proj("k", kv * h, "kv_heads", c.qkv_bias).reshape(b, t, kv, h)
+        v = proj("v", kv * h, "kv_heads", c.qkv_bias).reshape(b, t, kv, h)
+        inv_freq = rope_inv_freq(h, c.rope_theta, c.rope_scaling)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if cache_kv is not None:
+            ck = kvc.write_layer(cache_kv[0], layer, slots, k)
+            cv = kvc.write_layer(cache_kv[1], layer, slots, v)
+            cache_kv = (ck, cv)
+            k, v = ck[layer], cv[layer]
+        out = attend(q, k, v, attention_mask(positions, k_pos, window))
+        wo = weight(self, "o", (n * h, d), ("heads", "embed"))
+        bo = weight(self, "o_bias", (d,), ("embed",), ZEROS) if c.o_bias else None
+        return linear(out, wo, bo), cache_kv
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        """x [B, T, D] -> [B, T, D]."""
+        c = self.config
+
+        def proj(name, shape, axes):
+            w = weight(self, name, shape, axes)
+            bb = weight(self, name + "_bias", shape[1:], axes[1:], ZEROS) if c.mlp_bias else None
+            return w, bb
+
+        gate = linear(x, *proj("gate", (c.d_model, c.d_ff), ("embed", "mlp")))
+        up = linear(x, *proj("up", (c.d_model, c.d_ff), ("embed", "mlp")))
+        return linear(jax.nn.silu(gate) * up, *proj("down", (c.d_ff, c.d_model), ("mlp", "embed")))
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer; scanned over the L axis by `Llama`."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, carry, per_layer, positions, k_pos, slots):
+        """carry = (x [B, T, D], cache (k, v) or None); per_layer = (layer index, window)."""
+        c = self.config
+        x, cache_kv = carry
+        layer, window = per_layer
+        attn_norm = weight(self, "attn_norm", (c.d_model,), ("embed",), ONES)
+        mlp_norm = weight(self, "mlp_norm", (c.d_model,), ("embed",), ONES)
+        a, cache_kv = Attention(c, name="attn")(
+            rms_norm(x, attn_norm, c.norm_eps), positions, k_pos, window, layer, slots, cache_kv)
+        x = x + a
+        x = x + MLP(c, name="mlp")(rms_norm(x, mlp_norm, c.norm_eps))
+        return (x, cache_kv), None
+
+
+class Llama(nn.Module):
+    """The full model: forward(tokens, positions, cache) -> (logits, cache)."""
+
+    config: LlamaConfig
+    scan_unroll: int = 1  # layers unrolled per scan iteration (static)
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache: kvc.KVCache | None = None):
+        """tokens, positions [B, T] int32 (position -1 = padding) -> logits [B, T, V] float32."""
+        c = self.config
+        table = weight(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"))
+        dtype = table.dtype if isinstance(table, jax.Array) else jnp.float32
+        x = embed_lookup(table, tokens).astype(dtype)
+        if cache is None:
+            k_pos, slots, cache_kv = positions, None, None
+        else:
+            cache, slots = kvc.write_positions(cache, positions)
+            k_pos, cache_kv = cache.pos, (cache.k, cache.v)
+        windows = np.array([NO_WINDOW if w is None else w
+                            for w in (c.sliding_windows or (None,) * c.n_layers)], np.int32)
+        per_layer = (jnp.arange(c.n_layers, dtype=jnp.int32), jnp.asarray(windows))
+        layers = nn.scan(
+            Block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
+            unroll=self.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, name="layers")
+        (x, cache_kv), _ = layers((x, cache_kv), per_layer, positions, k_pos, slots)
+        final_norm = weight(self, "final_norm", (c.d_model,), ("embed",), ONES)
+        x = rms_norm(x, final_norm, c.norm_eps)
+        if c.tie_embeddings:
+            logits = unembed(x, table)
+        else:
+            logits = linear(x, weight(self, "lm_head", (c.d_model, c.vocab_size),
+                                      ("embed", "vocab")))
+        if cache is not None:
+            cache = cache.replace(k=cache_kv[0], v=cache_kv[1])
+        return logits.astype(jnp.float32), cache

@@ -1,0 +1,22 @@
+"""Shared pytest fixtures.
+
+Tests run on CPU. Eight virtual CPU devices are requested before JAX starts so multi-device
+tests can build meshes; single-device code ignores the extra devices.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path():
+    """Path of the default model's GGUF file, fetched into the cache on first use."""
+    from jaxinfer.loading.fetch import fetch_builtin
+
+    return fetch_builtin("smollm2-135m-instruct")
