@@ -1,0 +1,138 @@
+"""Hugging Face `config.json` dicts -> the frozen model configs of `models.config`.
+
+Accepts both the older layout (`rope_theta`, `rope_scaling`) and transformers 5's
+(`rope_parameters`). Every missing or unsupported field is one ConfigError naming the source
+file and the field.
+"""
+
+from __future__ import annotations
+
+from models.config import GPT2Config, LlamaConfig, ModelConfig, RopeScaling
+
+from jaxinfer.errors import ConfigError
+
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED = (*LLAMA_TYPES, "gpt2")
+
+
+def _require(cfg: dict, key: str, source: str):
+    if cfg.get(key) is None:
+        raise ConfigError(f"{source}: missing required field {key!r}")
+    return cfg[key]
+
+
+def _rope(cfg: dict, source: str) -> tuple[float, RopeScaling | None]:
+    """(theta, scaling) from rope_parameters / rope_theta / rope_scaling."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
+    if kind == "llama3":
+        try:
+            return theta, RopeScaling(
+                kind="llama3", factor=float(params["factor"]),
+                low_freq_factor=float(params["low_freq_factor"]),
+                high_freq_factor=float(params["high_freq_factor"]),
+                original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+        except KeyError as e:
+            raise ConfigError(f"{source}: llama3 RoPE scaling is missing field {e}") from None
+    raise ConfigError(f"{source}: unsupported RoPE type {kind!r}; supported: default, linear, llama3")
+
+
+def _windows(cfg: dict, model_type: str, n_layers: int, source: str):
+    """Per-layer sliding windows, or None when every layer attends fully."""
+    window = cfg.get("sliding_window")
+    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+        return None
+    types = cfg.get("layer_types")
+    if types is not None:
+        if len(types) != n_layers:
+            raise ConfigError(f"{source}: layer_types has {len(types)} entries, expected {n_layers}")
+        bad = set(types) - {"full_attention", "sliding_attention"}
+        if bad:
+            raise ConfigError(f"{source}: unsupported layer_types {sorted(bad)}")
+        if "sliding_attention" in types and not window:
+            raise ConfigError(f"{source}: sliding_attention layers need 'sliding_window'")
+        out = tuple(int(window) if t == "sliding_attention" else None for t in types)
+        return out if any(out) else None
+    if window and model_type == "mistral":
+        return (int(window),) * n_layers
+    return None
+
+
+def _llama(cfg: dict, model_type: str, source: str) -> LlamaConfig:
+    req = {k: _require(cfg, k, source) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads")}
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{source}: unsupported hidden_act {act!r}; supported: silu")
+    heads = int(req["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    if heads % kv_heads:
+        raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of "
+                          f"num_key_value_heads {kv_heads}")
+    theta, scaling = _rope(cfg, source)
+    n_layers = int(req["num_hidden_layers"])
+    attn_bias = bool(cfg.get("attention_bias", False))
+    return LlamaConfig(
+        vocab_size=int(req["vocab_size"]), d_model=int(req["hidden_size"]), n_layers=n_layers,
+        n_heads=heads, n_kv_heads=kv_heads,
+        head_dim=int(cfg.get("head_dim") or req["hidden_size"] // heads),
+        d_ff=int(req["intermediate_size"]),
+        max_seq_len=int(cfg.get("max_position_embeddings") or 2048),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or attn_bias, o_bias=attn_bias,
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        sliding_windows=_windows(cfg, model_type, n_layers, source),
+    )
+
+
+def _gpt2(cfg: dict, source: str) -> GPT2Config:
+    req = {k: _require(cfg, k, source) for k in ("vocab_size", "n_embd", "n_layer", "n_head",
+                                                  "n_positions")}
+    act = cfg.get("activation_function", "gelu_new")
+    acts = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu"}
+    if act not in acts:
+        raise ConfigError(f"{source}: unsupported activation_function {act!r}; "
+                          f"supported: {', '.join(acts)}")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if cfg.get(flag):
+            raise ConfigError(f"{source}: {flag}=true is not supported")
+    if cfg.get("scale_attn_weights", True) is False:
+        raise ConfigError(f"{source}: scale_attn_weights=false is not supported")
+    d = int(req["n_embd"])
+    return GPT2Config(vocab_size=int(req["vocab_size"]), d_model=d, n_layers=int(req["n_layer"]),
+                      n_heads=int(req["n_head"]), d_ff=int(cfg.get("n_inner") or 4 * d),
+                      max_seq_len=int(req["n_positions"]),
+                      norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), activation=acts[act])
+
+
+def config_from_hf(cfg: dict, source: str) -> ModelConfig:
+    """Model config from a Hugging Face config dict read from `source` (named in errors)."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    model_type = cfg.get("model_type")
+    if model_type is None:
+        raise ConfigError(f"{source}: missing required field 'model_type'")
+    if model_type not in SUPPORTED:
+        raise ConfigError(f"{source}: unsupported architecture (model_type {model_type!r}); "
+                          f"supported: {', '.join(SUPPORTED)}")
+    try:
+        if model_type == "gpt2":
+            return _gpt2(cfg, source)
+        return _llama(cfg, model_type, source)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: invalid value ({e})") from None
+
+
+def eos_ids_from_hf(cfg: dict) -> tuple[int, ...]:
+    """End-of-sequence ids named by a config or generation_config dict (int or list)."""
+    eos = cfg.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
