@@ -41,14 +41,16 @@ def module_for(config: ModelConfig, scan_unroll: int = 1) -> nn.Module:
 
 
 def forward(config: ModelConfig, params, tokens: jax.Array, positions: jax.Array,
-            cache: KVCache | None = None, *, scan_unroll: int = 1):
+            cache: KVCache | None = None, *, last_only: bool = False, scan_unroll: int = 1):
     """Pure forward pass: (params, tokens [B, T], positions [B, T], cache) -> (logits, cache).
 
     logits are float32 [B, T, V]. Positions of -1 mark padding tokens: they are neither
     attended to nor (meaningfully) scored. With a cache, the new keys/values are written at
     each row's next free slot and attention covers everything cached for that row.
+    last_only (static) returns logits for the last column only: [B, 1, V].
     """
-    return module_for(config, scan_unroll).apply({"params": params}, tokens, positions, cache)
+    module = module_for(config, scan_unroll)
+    return module.apply({"params": params}, tokens, positions, cache, last_only)
 
 
 def _boxed_params(config: ModelConfig, rng: jax.Array):

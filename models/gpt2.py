@@ -101,8 +101,11 @@ class GPT2(nn.Module):
     scan_unroll: int = 1
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: kvc.KVCache | None = None):
-        """tokens, positions [B, T] int32 (position -1 = padding) -> logits [B, T, V] float32."""
+    def __call__(self, tokens, positions, cache: kvc.KVCache | None = None, last_only=False):
+        """tokens, positions [B, T] int32 (position -1 = padding) -> logits [B, T, V] float32.
+
+        last_only: compute logits for the last column only ([B, 1, V]).
+        """
         c = self.config
         wte = weight(self, "wte", (c.vocab_size, c.d_model), ("vocab", "embed"))
         wpe = weight(self, "wpe", (c.max_seq_len, c.d_model), ("positions", "embed"))
@@ -121,6 +124,8 @@ class GPT2(nn.Module):
         )(c, name="layers")
         (x, cache_kv), _ = layers((x, cache_kv), jnp.arange(c.n_layers, dtype=jnp.int32),
                                   positions, k_pos, slots)
+        if last_only:
+            x = x[:, -1:]
         x = layer_norm(x, weight(self, "ln_f_scale", (c.d_model,), ("embed",), ONES),
                        weight(self, "ln_f_bias", (c.d_model,), ("embed",), ZEROS), c.norm_eps)
         logits = unembed(x, wte)

@@ -115,8 +115,11 @@ class Llama(nn.Module):
     scan_unroll: int = 1  # layers unrolled per scan iteration (static)
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: kvc.KVCache | None = None):
-        """tokens, positions [B, T] int32 (position -1 = padding) -> logits [B, T, V] float32."""
+    def __call__(self, tokens, positions, cache: kvc.KVCache | None = None, last_only=False):
+        """tokens, positions [B, T] int32 (position -1 = padding) -> logits [B, T, V] float32.
+
+        last_only: compute logits for the last column only ([B, 1, V]).
+        """
         c = self.config
         table = weight(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"))
         dtype = table.dtype if isinstance(table, jax.Array) else jnp.float32
@@ -136,6 +139,8 @@ class Llama(nn.Module):
         )(c, name="layers")
         (x, cache_kv), _ = layers((x, cache_kv), per_layer, positions, k_pos, slots)
         final_norm = weight(self, "final_norm", (c.d_model,), ("embed",), ONES)
+        if last_only:
+            x = x[:, -1:]
         x = rms_norm(x, final_norm, c.norm_eps)
         if c.tie_embeddings:
             logits = unembed(x, table)

@@ -158,11 +158,17 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file")
         if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: no such GGUF file")
-        with open(self.path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise CheckpointError(f"{self.path} is not a GGUF file (bad magic number)")
+            raise CheckpointError(f"{self.path} is not a file")
+        try:
+            with open(self.path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read file ({e.strerror})") from None
+        if magic != b"GGUF":
+            raise CheckpointError(f"{self.path} is not a GGUF file (bad magic number)")
         try:
             self._reader = GGUFReader(self.path)
         except Exception as e:
@@ -258,15 +264,33 @@ def _as_file(gguf_file: GGUFFile | str | os.PathLike[str]) -> GGUFFile:
     return gguf_file if isinstance(gguf_file, GGUFFile) else GGUFFile(gguf_file)
 
 
+def _number(f: GGUFFile, key: str, kind: type = int, default: float | None = None):
+    """Metadata `key` as a positive int or float; `default` if absent, else it is required."""
+    value = f.require(key) if default is None else f.metadata.get(key, default)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+    if not ok or (kind is int and value != int(value)):
+        raise CheckpointError(
+            f"{f.path}: metadata {key} = {value!r} is not a positive {kind.__name__}"
+        )
+    return kind(value)
+
+
+def _token_id(f: GGUFFile, key: str) -> int | None:
+    value = f.metadata.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise CheckpointError(f"{f.path}: metadata {key} = {value!r} is not a token id")
+    return value
+
+
 def _rope_scaling(f: GGUFFile) -> dict | None:
     """HF `rope_scaling` from llama.rope.scaling.* (or the old llama.rope.scale_linear)."""
     kind = f.metadata.get("llama.rope.scaling.type")
     if kind is None and "llama.rope.scale_linear" in f.metadata:
-        return {"rope_type": "linear", "factor": float(f.metadata["llama.rope.scale_linear"])}
+        return {"rope_type": "linear", "factor": _number(f, "llama.rope.scale_linear", float)}
     if kind in (None, "none"):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(f.require("llama.rope.scaling.factor"))}
+        return {"rope_type": "linear", "factor": _number(f, "llama.rope.scaling.factor", float)}
     raise CheckpointError(
         f"{f.path}: unsupported llama.rope.scaling.type {kind!r}; supported: none, linear"
     )
@@ -284,35 +308,35 @@ def hf_config_from_gguf(gguf_file: GGUFFile | str | os.PathLike[str]) -> dict:
             f"{f.path}: tensor rope_freqs.weight (per-dimension RoPE factors, as written for "
             "Llama 3.1-style rope scaling) is not supported"
         )
-    hidden = int(f.require("llama.embedding_length"))
-    heads = int(f.require("llama.attention.head_count"))
-    head_dim = int(f.metadata.get("llama.attention.key_length", hidden // heads))
-    if "llama.attention.key_length" not in f.metadata and hidden % heads:
+    hidden = _number(f, "llama.embedding_length")
+    heads = _number(f, "llama.attention.head_count")
+    head_dim = _number(f, "llama.attention.key_length", default=hidden // heads or 1)
+    if head_dim * heads != hidden and "llama.attention.key_length" not in f.metadata:
         raise CheckpointError(
             f"{f.path}: llama.embedding_length {hidden} is not divisible by "
             f"llama.attention.head_count {heads} and llama.attention.key_length is missing"
         )
-    if int(f.metadata.get("llama.attention.value_length", head_dim)) != head_dim:
+    if head_dim % 2 or _number(f, "llama.attention.value_length", default=head_dim) != head_dim:
         raise CheckpointError(
-            f"{f.path}: llama.attention.value_length differs from key_length; not supported"
+            f"{f.path}: head dimension {head_dim} is odd or differs between keys and values"
         )
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": _vocab_size(f),
         "hidden_size": hidden,
-        "intermediate_size": int(f.require("llama.feed_forward_length")),
-        "num_hidden_layers": int(f.require("llama.block_count")),
+        "intermediate_size": _number(f, "llama.feed_forward_length"),
+        "num_hidden_layers": _number(f, "llama.block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(f.metadata.get("llama.attention.head_count_kv", heads)),
+        "num_key_value_heads": _number(f, "llama.attention.head_count_kv", default=heads),
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": float(f.require("llama.attention.layer_norm_rms_epsilon")),
-        "rope_theta": float(f.metadata.get("llama.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(f.require("llama.context_length")),
+        "rms_norm_eps": _number(f, "llama.attention.layer_norm_rms_epsilon", float),
+        "rope_theta": _number(f, "llama.rope.freq_base", float, default=10000.0),
+        "max_position_embeddings": _number(f, "llama.context_length"),
         "tie_word_embeddings": "output.weight" not in f.tensor_names(),
-        "bos_token_id": f.metadata.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": f.metadata.get("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": _token_id(f, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _token_id(f, "tokenizer.ggml.eos_token_id"),
         "attention_bias": False,
         "mlp_bias": False,
     }
@@ -326,10 +350,8 @@ def _vocab_size(f: GGUFFile) -> int:
     """Rows of token_embd.weight, checked against llama.vocab_size when that is present."""
     rows = f.tensor_shape("token_embd.weight")[0]
     declared = f.metadata.get("llama.vocab_size")
-    if declared is not None and int(declared) != rows:
-        raise CheckpointError(
-            f"{f.path}: llama.vocab_size {declared} != token_embd.weight rows {rows}"
-        )
+    if declared is not None and declared != rows:
+        raise CheckpointError(f"{f.path}: llama.vocab_size {declared!r} != token_embd rows {rows}")
     return rows
 
 
@@ -349,7 +371,7 @@ def _hf_shape(hf_name: str, config: dict) -> tuple[int, ...]:
     """Expected PyTorch shape of an HF Llama weight."""
     h, inter, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
     q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
-    leaf = hf_name.removeprefix("model.").split(".")[-2]
+    leaf = hf_name.split(".")[-2]
     return {
         "embed_tokens": (config["vocab_size"], h),
         "lm_head": (config["vocab_size"], h),
@@ -417,3 +439,21 @@ def hf_tensor_items(gguf_file: GGUFFile, config: dict) -> Iterator[tuple[str, np
     """
     names = hf_tensor_names(gguf_file, config)
     return ((name, load_hf_tensor(gguf_file, config, name)) for name in names)
+
+
+class GGUFSource:
+    """Tensor source (see `convert.TensorSource`) over a llama GGUF file, in HF names/layout."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.file = GGUFFile(path)
+        self.hf_config = hf_config_from_gguf(self.file)
+        self._names = set(hf_tensor_names(self.file, self.hf_config))
+
+    def names(self) -> set[str]:
+        return self._names
+
+    def get(self, name: str) -> np.ndarray:
+        return load_hf_tensor(self.file, self.hf_config, name)
+
+    def describe(self, name: str) -> str:
+        return str(self.file.path)

@@ -1,0 +1,103 @@
+"""The on-device decode loop, kept apart from the model: it only calls `models.forward`.
+
+`prefill` runs the (left-padded) prompts through the model once, filling a preallocated KV
+cache, and draws the first token. `decode` then runs `lax.while_loop` on the device until every
+row is finished or the step limit of this call is reached; calling it again continues (that is
+how text is streamed and stop strings are checked between chunks). All sampling knobs, stop ids,
+the token budget and the step limit are traced values: changing them never recompiles. Static
+shapes (batch, prompt bucket, cache length, token buffer) are bucketed by the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import models
+
+from jaxinfer.sampling import SamplingArrays, sample
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries; one row per slot. N is the token buffer length."""
+
+    cache: models.KVCache  # k/v [L, B, S, K, H]
+    tokens: jax.Array  # [B, N] int32 generated ids (valid up to `length`)
+    logprobs: jax.Array  # [B, N] float32 log-probabilities of those ids
+    last: jax.Array  # [B] int32 last token, fed at the next step
+    next_pos: jax.Array  # [B] int32 position of `last`
+    seen: jax.Array  # [B, V] bool tokens seen (for the repetition penalty)
+    length: jax.Array  # [B] int32 tokens generated per row
+    done: jax.Array  # [B] bool row finished
+    hit_stop: jax.Array  # [B] bool row ended on a stop token
+    step: jax.Array  # [] int32 decode steps taken (tokens drawn so far, per live row)
+    sampling: SamplingArrays
+    stop_ids: jax.Array  # [E] int32 stop token ids (-1 = unused)
+    max_new: jax.Array  # [] int32 token budget per row
+
+
+def _record(state: DecodeState, tok: jax.Array, logp: jax.Array) -> DecodeState:
+    """Append tok/logp [B] to the rows still running and update their finished flags."""
+    live = ~state.done
+    rows = jnp.arange(tok.shape[0])
+    idx = jnp.where(live, state.length, state.tokens.shape[1])  # out of range -> dropped
+    tokens = state.tokens.at[rows, idx].set(tok, mode="drop")
+    logprobs = state.logprobs.at[rows, idx].set(logp, mode="drop")
+    length = state.length + live.astype(jnp.int32)
+    is_stop = jnp.any(tok[:, None] == state.stop_ids[None, :], axis=-1) & live
+    done = state.done | is_stop | (length >= state.max_new)
+    return state.replace(tokens=tokens, logprobs=logprobs, length=length, done=done,
+                         hit_stop=state.hit_stop | is_stop, last=tok,
+                         seen=state.seen.at[rows, tok].set(True), step=state.step + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_len", "buf_len", "scan_unroll"))
+def prefill(params, prompt: jax.Array, positions: jax.Array, sampling: SamplingArrays,
+            stop_ids: jax.Array, max_new: jax.Array, active: jax.Array, *, config,
+            cache_len: int, buf_len: int, scan_unroll: int = 1) -> DecodeState:
+    """Fill the cache with left-padded prompts and draw each row's first token.
+
+    prompt, positions [B, P] (padding: position -1); active [B] bool (False rows are batch
+    filler and start finished). Returns the DecodeState after one token per row.
+    """
+    b = prompt.shape[0]
+    cache = models.init_cache(config, b, cache_len, _cache_dtype(params))
+    logits, cache = models.forward(config, params, prompt, positions, cache, last_only=True,
+                                   scan_unroll=scan_unroll)
+    rows = jnp.arange(b)[:, None]
+    seen = jnp.zeros((b, config.vocab_size), jnp.int32).at[rows, prompt].add(
+        (positions >= 0).astype(jnp.int32)) > 0
+    state = DecodeState(
+        cache=cache, tokens=jnp.zeros((b, buf_len), jnp.int32),
+        logprobs=jnp.zeros((b, buf_len), jnp.float32), last=prompt[:, -1],
+        next_pos=positions[:, -1] + 1, seen=seen, length=jnp.zeros((b,), jnp.int32),
+        done=~active, hit_stop=jnp.zeros((b,), bool), step=jnp.zeros((), jnp.int32),
+        sampling=sampling, stop_ids=stop_ids, max_new=max_new)
+    tok, logp = sample(logits[:, -1], sampling, seen, state.step)
+    return _record(state, tok, logp)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scan_unroll"), donate_argnums=(1,))
+def decode(params, state: DecodeState, limit: jax.Array, *, config,
+           scan_unroll: int = 1) -> DecodeState:
+    """Decode on the device until every row is done or `state.step` reaches `limit`."""
+
+    def cond(s: DecodeState):
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    def body(s: DecodeState):
+        logits, cache = models.forward(config, params, s.last[:, None], s.next_pos[:, None],
+                                       s.cache, scan_unroll=scan_unroll)
+        tok, logp = sample(logits[:, 0], s.sampling, s.seen, s.step)
+        s = s.replace(cache=cache, next_pos=s.next_pos + 1)
+        return _record(s, tok, logp)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _cache_dtype(params):
+    leaves = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return leaves[0].dtype if leaves else jnp.float32

@@ -1,0 +1,232 @@
+"""Host side of generation: batching, bucketing, stop strings, streaming and text.
+
+`generate_ids` drives `engine.prefill` / `engine.decode` over token ids; `generate` and
+`stream` work on text (optionally through the chat template).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer import engine
+from jaxinfer.errors import InputError
+from jaxinfer.sampling import Sampling, SamplingArrays
+
+MAX_STOP_IDS = 8  # stop-token slots (static shape); more ids than this is an error
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Next power of two >= n (and >= minimum): bounds the number of compiled shapes."""
+    return max(minimum, 1 << (int(n) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class Completion:
+    """One row's result. token_ids are the generated ids only."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "stop" (stop token or stop string) or "length"
+    logprobs: list[float] | None = None
+
+
+@dataclasses.dataclass
+class StreamEvent:
+    """New text of row `index`; finish_reason is set on the row's last event."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class Request:
+    """A validated batch of prompts, ready for the engine."""
+
+    prompts: list[list[int]]
+    sampling: list[Sampling]
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]
+    stop_strings: tuple[str, ...] = ()
+
+
+def validate_request(model, req: Request) -> None:
+    """One InputError for the first invalid field, before anything is compiled."""
+    if not req.prompts:
+        raise InputError("no prompt given")
+    for i, p in enumerate(req.prompts):
+        if len(p) == 0:
+            raise InputError(f"prompt {i} is empty")
+    if req.max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+    longest = max(len(p) for p in req.prompts)
+    ctx = model.config.max_seq_len
+    if longest + req.max_new_tokens > ctx:
+        raise InputError(f"prompt of {longest} tokens plus max_new_tokens {req.max_new_tokens} "
+                         f"exceeds the model's context of {ctx} tokens")
+    for s in req.sampling:
+        s.validate()
+    if len(req.stop_token_ids) > MAX_STOP_IDS:
+        raise InputError(f"at most {MAX_STOP_IDS} stop token ids, got {len(req.stop_token_ids)}")
+    if any(not s for s in req.stop_strings):
+        raise InputError("stop strings must be non-empty")
+    vocab = model.config.vocab_size
+    bad = [t for p in req.prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise InputError(f"token id {bad[0]} outside the vocabulary [0, {vocab})")
+
+
+def _pack(req: Request):
+    """Left-pad prompts into bucketed arrays; returns engine inputs and static sizes."""
+    n = len(req.prompts)
+    b = bucket(n, minimum=1)
+    p = bucket(max(len(x) for x in req.prompts))
+    prompt = np.zeros((b, p), np.int32)
+    positions = np.full((b, p), -1, np.int32)
+    for i, ids in enumerate(req.prompts):
+        prompt[i, p - len(ids):] = ids
+        positions[i, p - len(ids):] = np.arange(len(ids))
+    positions[n:, -1] = 0  # filler rows: one dummy token
+    stop = np.full((MAX_STOP_IDS,), -1, np.int32)
+    stop[:len(req.stop_token_ids)] = req.stop_token_ids
+    buf = bucket(req.max_new_tokens)
+    sampling = req.sampling if len(req.sampling) == n else req.sampling * n
+    args = (jnp.asarray(prompt), jnp.asarray(positions), SamplingArrays.from_rows(sampling, b),
+            jnp.asarray(stop), jnp.int32(req.max_new_tokens), jnp.asarray(np.arange(b) < n))
+    return args, dict(cache_len=p + buf, buf_len=buf)
+
+
+class Run:
+    """One generation in progress: prefill on construction, then `advance` chunk by chunk."""
+
+    def __init__(self, model, req: Request, scan_unroll: int = 1):
+        validate_request(model, req)
+        self.model, self.req, self.unroll = model, req, scan_unroll
+        args, sizes = _pack(req)
+        self.t0 = time.perf_counter()
+        self.state = engine.prefill(model.params, *args, config=model.config,
+                                    scan_unroll=scan_unroll, **sizes)
+        self.state.length.block_until_ready()
+        self.ttft = time.perf_counter() - self.t0
+        self.n = len(req.prompts)
+
+    def advance(self, steps: int) -> None:
+        """Run up to `steps` more decode steps on the device."""
+        limit = jnp.int32(int(self.state.step) + steps)
+        self.state = engine.decode(self.model.params, self.state, limit,
+                                   config=self.model.config, scan_unroll=self.unroll)
+
+    def finished(self) -> bool:
+        return bool(np.all(np.asarray(self.state.done)[: self.n]))
+
+    def stop_rows(self, rows: list[int]) -> None:
+        """Mark rows finished from the host (a stop string was found)."""
+        done = self.state.done.at[jnp.asarray(rows)].set(True)
+        self.state = self.state.replace(done=done)
+
+    def snapshot(self):
+        """(tokens [n, N], lengths [n], hit_stop [n], logprobs [n, N]) as numpy."""
+        s = jax.device_get((self.state.tokens, self.state.length, self.state.hit_stop,
+                            self.state.logprobs))
+        return tuple(a[: self.n] for a in s)
+
+
+def generate_ids(model, req: Request, *, logprobs: bool = False, chunk: int | None = None,
+                 scan_unroll: int = 1) -> list[Completion]:
+    """Generate for a batch of token-id prompts (no stop strings: those need text)."""
+    run = Run(model, req, scan_unroll)
+    while not run.finished():
+        run.advance(chunk or req.max_new_tokens)
+    tokens, lengths, hit_stop, lps = run.snapshot()
+    return [Completion(prompt=None, prompt_token_ids=list(req.prompts[i]),
+                       token_ids=tokens[i, :lengths[i]].tolist(), text=None,
+                       finish_reason="stop" if hit_stop[i] else "length",
+                       logprobs=lps[i, :lengths[i]].tolist() if logprobs else None)
+            for i in range(run.n)]
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+class _RowText:
+    """Incremental text of one row, with stop-string truncation and hold-back."""
+
+    def __init__(self, tokenizer, stops: Sequence[str]):
+        self.tok, self.stops = tokenizer, stops
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False  # by a stop string
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def push(self, new_ids: list[int], final: bool) -> str:
+        """Add new token ids; return the text safe to show now."""
+        for t in new_ids:
+            if self.stopped:
+                break
+            self.ids.append(t)
+            self.text += self.decoder.push(t)
+            cut = _find_stop(self.text, self.stops)
+            if cut >= 0:
+                self.text, self.stopped = self.text[:cut], True
+        if final and not self.stopped:
+            self.text += self.decoder.flush()
+        end = len(self.text) if (final or self.stopped) else max(self.emitted,
+                                                                 len(self.text) - self.hold)
+        out, self.emitted = self.text[self.emitted:end], end
+        return out
+
+
+def stream_requests(model, prompts_text: list[str | None], req: Request, *,
+                    chunk: int = 8, scan_unroll: int = 1, logprobs: bool = False,
+                    results: list | None = None) -> Iterator[StreamEvent]:
+    """Generate with text streaming; fills `results` with Completions when done."""
+    if model.tokenizer is None:
+        raise InputError(f"{model.source}: no tokenizer, so text generation is unavailable")
+    run = Run(model, req, scan_unroll)
+    rows = [_RowText(model.tokenizer, req.stop_strings) for _ in range(run.n)]
+    seen = [0] * run.n
+    finished = [False] * run.n
+    while True:
+        tokens, lengths, hit_stop, lps = run.snapshot()
+        newly_stopped = []
+        for i, row in enumerate(rows):
+            if finished[i]:
+                continue
+            new = tokens[i, seen[i]:lengths[i]].tolist()
+            seen[i] = lengths[i]
+            done_dev = bool(np.asarray(run.state.done)[i])
+            text = row.push(new, final=done_dev)
+            if row.stopped and not done_dev:
+                newly_stopped.append(i)
+            if done_dev or row.stopped:
+                finished[i] = True
+                reason = "stop" if (row.stopped or hit_stop[i]) else "length"
+                yield StreamEvent(i, text, reason)
+            elif text:
+                yield StreamEvent(i, text)
+        if newly_stopped:
+            run.stop_rows(newly_stopped)
+        if all(finished):
+            break
+        run.advance(chunk)
+    if results is not None:
+        tokens, lengths, hit_stop, lps = run.snapshot()
+        for i, row in enumerate(rows):
+            ids = row.ids if row.stopped else tokens[i, :lengths[i]].tolist()
+            results.append(Completion(
+                prompt=prompts_text[i], prompt_token_ids=list(req.prompts[i]), token_ids=ids,
+                text=row.text, finish_reason="stop" if (row.stopped or hit_stop[i]) else "length",
+                logprobs=lps[i, :len(ids)].tolist() if logprobs else None))

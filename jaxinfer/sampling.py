@@ -1,0 +1,120 @@
+"""Sampling: per-row parameters as traced arrays, so changing them never recompiles.
+
+`Sampling` is what users set (scalars, validated); `SamplingArrays` is its per-row device form.
+`sample` turns next-token logits into tokens: repetition penalty, then greedy rows take the
+argmax, other rows apply temperature, top-k, top-p and min-p and draw from the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinfer.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """Sampling settings. temperature 0 is greedy; top_k 0, top_p 1, min_p 0 and
+    repetition_penalty 1 switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> Sampling:
+        """Raise InputError naming the first invalid field; return self."""
+        checks = [
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_k", self.top_k >= 0 and int(self.top_k) == self.top_k, "must be an integer >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                raise InputError(f"{name} {what}, got {getattr(self, name)!r}")
+        return self
+
+
+@flax.struct.dataclass
+class SamplingArrays:
+    """Per-row sampling parameters, each [B]."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    repetition_penalty: jax.Array
+    seed: jax.Array
+
+    @classmethod
+    def from_rows(cls, rows: list[Sampling], batch: int) -> SamplingArrays:
+        """Stack validated settings for `len(rows)` rows, padded to `batch` rows (greedy)."""
+        rows = [r.validate() for r in rows] + [Sampling()] * (batch - len(rows))
+
+        def col(name, dtype):
+            return jnp.asarray(np.array([getattr(r, name) for r in rows], dtype))
+
+        return cls(temperature=col("temperature", np.float32), top_k=col("top_k", np.int32),
+                   top_p=col("top_p", np.float32), min_p=col("min_p", np.float32),
+                   repetition_penalty=col("repetition_penalty", np.float32),
+                   seed=col("seed", np.uint32))
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array):
+    """Penalise tokens already seen (as Hugging Face does): logits [B, V], seen bool [B, V]."""
+    p = penalty[:, None]
+    penalised = jnp.where(logits > 0, logits / p, logits * p)
+    return jnp.where(seen, penalised, logits)
+
+
+def filter_logits(logits: jax.Array, s: SamplingArrays) -> jax.Array:
+    """Temperature, top-k, top-p and min-p on logits [B, V]; removed entries become -inf."""
+    neg = jnp.float32(-jnp.inf)
+    scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
+    v = logits.shape[-1]
+    # top-k: keep values >= the k-th largest (k = 0: keep all).
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, v), v)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
+    keep = scaled >= kth
+    # top-p over the top-k survivors: keep the smallest prefix whose mass reaches p.
+    sorted_kept = jnp.where(jnp.arange(v)[None, :] < k[:, None], sorted_desc, neg)
+    probs = jax.nn.softmax(sorted_kept, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
+    n_keep = jnp.maximum(jnp.sum(before < s.top_p[:, None], axis=-1), 1)
+    pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
+    keep &= scaled >= pth
+    # min-p: keep tokens whose probability is at least min_p times the top probability.
+    logp_top = sorted_desc[:, :1]
+    keep &= scaled >= logp_top + jnp.log(jnp.maximum(s.min_p[:, None], 1e-30))
+    return jnp.where(keep, scaled, neg)
+
+
+def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, step: jax.Array):
+    """Next tokens [B] and their log-probabilities [B] under the raw model distribution.
+
+    logits [B, V] float32; seen bool [B, V] (tokens for the repetition penalty); step: the
+    index of the token being drawn, folded into each row's seed so draws are reproducible.
+    """
+    raw_logp = jax.nn.log_softmax(logits, axis=-1)
+    logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
+    greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        filtered = filter_logits(logits, s)
+        keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), step))(s.seed)
+        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        return jnp.where(s.temperature > 0, drawn, greedy_tok)
+
+    tokens = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy_tok, None)
+    logp = jnp.take_along_axis(raw_logp, tokens[:, None], axis=-1)[:, 0]
+    return tokens, logp
