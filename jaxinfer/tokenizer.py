@@ -1,18 +1,14 @@
 """Text to token ids and back, built from a Hugging Face directory or from GGUF metadata.
 
-``Tokenizer`` wraps a ``tokenizers.Tokenizer`` and adds what generation needs: the BOS, end-of-
-generation and padding ids, the chat template and a streaming decoder. ``encode`` never adds
-special tokens; a prompt's BOS comes from the chat template (``add_bos_token`` tells what the
-checkpoint wants for raw prompts).
+``Tokenizer`` wraps a ``tokenizers.Tokenizer`` with what generation needs: BOS, end-of-generation
+and padding ids, the chat template and a streaming decoder. ``encode`` never adds special tokens.
 
-A GGUF has no ``tokenizer.json``, only llama.cpp's metadata, so the tokenizer is rebuilt from it:
-``gpt2`` is byte-level BPE from tokens and merges, split first the way ``tokenizer.ggml.pre``
-names; ``llama`` is SentencePiece-style BPE from tokens and scores, with byte fallback. Control
-tokens become special tokens and user-defined ones plain added tokens: both are matched whole in
-text, and ``decode(..., skip_special_tokens=True)`` drops the control ones, as llama.cpp and
-transformers do.
+A GGUF has no ``tokenizer.json``, so the tokenizer is rebuilt from llama.cpp's metadata: ``gpt2``
+is byte-level BPE from tokens and merges, split first as ``tokenizer.ggml.pre`` names; ``llama``
+is SentencePiece-style BPE from tokens and scores with byte fallback. Control tokens become
+special tokens and user-defined ones plain added tokens: both are matched whole in text, and only
+control tokens are dropped by ``decode(..., skip_special_tokens=True)`` (as in llama.cpp).
 """
-
 from __future__ import annotations
 
 import json
@@ -160,6 +156,10 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(ends))
         self.chat_template = chat_template or None
         self.add_bos_token = bool(add_bos_token)
+        # <0xXX> tokens of a byte-fallback vocabulary: a run of them decodes as a whole.
+        fallback = getattr(backend.model, "byte_fallback", False)
+        byte_ids = (backend.token_to_id(f"<0x{b:02X}>") for b in range(256 if fallback else 0))
+        self._byte_ids = frozenset(i for i in byte_ids if i is not None)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -282,8 +282,9 @@ class StreamDecoder:
 
     Each ``push`` decodes a short window (the ids not yet emitted, after the ids of the last emitted
     piece for context) and returns the text the new id completed. Text ending in an incomplete
-    UTF-8 sequence is held back until an id completes it. The pushes and ``flush`` concatenate to
-    ``decode(all_ids)``.
+    UTF-8 sequence is held back until an id completes it, and so is a run of byte-fallback tokens
+    until it ends (one bad byte turns the whole run into U+FFFD). The pushes and ``flush``
+    concatenate to ``decode(all_ids)``.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
@@ -298,6 +299,8 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Add one id; return the newly completed text ("" if none yet)."""
         self._ids.append(int(token_id))
+        if self._ids[-1] in self._tokenizer._byte_ids:
+            return ""
         before = self._decode(self._ids[self._start : self._read])
         after = self._decode(self._ids[self._start :])
         if len(after) <= len(before) or after.endswith("\ufffd") or not after.startswith(before):

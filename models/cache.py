@@ -14,7 +14,10 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class KVCache:
-    """k, v: [L, B, S, K, H]; pos: [B, S] int32 (-1 = empty); end: [B] int32 next free slot."""
+    """k, v: [L, B, K, S, H]; pos: [B, S] int32 (-1 = empty); end: [B] int32 next free slot.
+
+    Heads come before slots so each head's keys are contiguous for the decode attention.
+    """
 
     k: jax.Array
     v: jax.Array
@@ -23,12 +26,12 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` tokens each."""
-    shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+    shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
     return KVCache(
         k=jnp.zeros(shape, dtype),
         v=jnp.zeros(shape, dtype),
@@ -50,6 +53,9 @@ def write_positions(cache: KVCache, positions: jax.Array) -> tuple[KVCache, jax.
 
 
 def write_layer(buf: jax.Array, layer: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
-    """Write new keys or values [B, T, K, H] of layer `layer` into buf [L, B, S, K, H] at slots [B, T]."""
-    rows = jnp.arange(new.shape[0])[:, None]
-    return buf.at[layer, rows, slots].set(new.astype(buf.dtype), mode="drop")
+    """Write new keys or values [B, T, K, H] of layer `layer` into buf [L, B, K, S, H] at slots [B, T]."""
+    b, _, k, _ = new.shape
+    rows = jnp.arange(b)[:, None, None]
+    heads = jnp.arange(k)[None, :, None]
+    vals = new.astype(buf.dtype).transpose(0, 2, 1, 3)  # [B, K, T, H]
+    return buf.at[layer, rows, heads, slots[:, None, :]].set(vals, mode="drop")

@@ -50,6 +50,8 @@ class Attention(nn.Module):
             cv = kvc.write_layer(cache_kv[1], layer, slots, v)
             cache_kv = (ck, cv)
             k, v = ck[layer], cv[layer]
+        else:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
         out = attend(q, k, v, attention_mask(positions, k_pos, NO_WINDOW))
         wo = weight(self, "o", (d, d), ("heads", "embed"))
         return linear(out, wo, weight(self, "o_bias", (d,), ("embed",), ZEROS)), cache_kv

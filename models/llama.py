@@ -41,7 +41,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, k_pos, window, layer, slots, cache_kv):
-        """x [B, T, D] -> ([B, T, D], updated (k, v) caches [L, B, S, K, H] or None)."""
+        """x [B, T, D] -> ([B, T, D], updated (k, v) caches [L, B, K, S, H] or None)."""
         c = self.config
         d, n, kv, h = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         b, t, _ = x.shape
@@ -62,6 +62,8 @@ class Attention(nn.Module):
             cv = kvc.write_layer(cache_kv[1], layer, slots, v)
             cache_kv = (ck, cv)
             k, v = ck[layer], cv[layer]
+        else:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
         out = attend(q, k, v, attention_mask(positions, k_pos, window))
         wo = weight(self, "o", (n * h, d), ("heads", "embed"))
         bo = weight(self, "o_bias", (d,), ("embed",), ZEROS) if c.o_bias else None

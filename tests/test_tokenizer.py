@@ -369,3 +369,9 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path):
             ids, skip_special_tokens=True
         )
     assert (ours.bos_token_id, ours.eos_token_ids, ours.add_bos_token) == (1, (2,), True)
+    # A run of <0xXX> tokens decodes as a whole, so streaming must hold it back until it ends.
+    ids = ours.encode("hello 日本 world é")
+    for n in range(len(ids) + 1):
+        stream = ours.stream_decoder()
+        pieces = [stream.push(i) for i in ids[:n]]
+        assert "".join(pieces) + stream.flush() == ours.decode(ids[:n])
