@@ -15,8 +15,8 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
-import models
 
+import models
 from jaxinfer.sampling import SamplingArrays, sample
 
 

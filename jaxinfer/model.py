@@ -9,8 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import models
 
+import models
 from jaxinfer.errors import InputError
 
 

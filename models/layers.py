@@ -15,10 +15,11 @@ from models.config import RopeScaling
 
 # A window larger than any context: "no sliding window".
 NO_WINDOW = np.iinfo(np.int32).max
+DEFAULT_INIT = nn.initializers.normal(0.02)
 
 
 def weight(mod: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
-           init=nn.initializers.normal(0.02), dtype=jnp.float32):
+           init=DEFAULT_INIT, dtype=jnp.float32):
     """Declare (at init) or fetch (at apply) parameter `name` with logical axis names `axes`.
 
     The value given at apply time may be any pytree leaf the ops below understand (a float

@@ -15,10 +15,10 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-from models import GPT2Config, LlamaConfig, ModelConfig, abstract_params
 from tqdm import tqdm
 
 from jaxinfer.errors import CheckpointError
+from models import GPT2Config, LlamaConfig, ModelConfig, abstract_params
 
 
 class TensorSource(Protocol):

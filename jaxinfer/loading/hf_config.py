@@ -7,9 +7,8 @@ file and the field.
 
 from __future__ import annotations
 
-from models.config import GPT2Config, LlamaConfig, ModelConfig, RopeScaling
-
 from jaxinfer.errors import ConfigError
+from models.config import GPT2Config, LlamaConfig, ModelConfig, RopeScaling
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED = (*LLAMA_TYPES, "gpt2")

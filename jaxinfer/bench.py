@@ -1,0 +1,62 @@
+"""Timing of prefill and decode for `jaxinfer bench` and the benchmark scripts."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+
+from jaxinfer.generate import Request, Run
+from jaxinfer.sampling import Sampling
+
+
+def english_text() -> str:
+    """Real English text every Python install has: the CPython documentation topics."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def prompt_ids(model, length: int) -> list[int]:
+    """`length` token ids of real text (token 1.. of the documentation; random ids without a
+    tokenizer)."""
+    if model.tokenizer is None:
+        rng = np.random.default_rng(0)
+        return rng.integers(0, model.config.vocab_size, length).tolist()
+    ids = model.tokenizer.encode(english_text()[: length * 8])
+    return ids[:length]
+
+
+def _timed_run(model, req: Request, new_tokens: int):
+    t0 = time.perf_counter()
+    run = Run(model, req)
+    t1 = time.perf_counter()
+    run.advance(new_tokens)
+    run.state.length.block_until_ready()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, run
+
+
+def run_bench(model, *, batch_size: int, prompt_len: int, new_tokens: int) -> dict:
+    """Greedy generation of `new_tokens` per row (stop tokens off) after a warm-up run.
+
+    Returns ttft_s (prefill + first token), prefill and decode tokens/s, compile_s (extra time
+    of the first run, i.e. compilation), peak_rss_mb and weight_bytes.
+    """
+    ids = prompt_ids(model, prompt_len)
+    req = Request(prompts=[ids] * batch_size, sampling=[Sampling()] * batch_size,
+                  max_new_tokens=new_tokens, stop_token_ids=())
+    cold_prefill, cold_decode, _ = _timed_run(model, req, new_tokens)
+    prefill_s, decode_s, run = _timed_run(model, req, new_tokens)
+    assert int(run.state.length[0]) == new_tokens
+    decode_tokens = batch_size * (new_tokens - 1)
+    return {
+        "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "ttft_s": round(prefill_s, 4),
+        "prefill_tokens_per_s": round(batch_size * prompt_len / prefill_s, 1),
+        "decode_tokens_per_s": round(decode_tokens / decode_s, 2) if new_tokens > 1 else None,
+        "compile_s": round(max(0.0, cold_prefill + cold_decode - prefill_s - decode_s), 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "weight_bytes": model.weight_bytes,
+    }

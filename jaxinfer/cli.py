@@ -1,0 +1,210 @@
+"""The `jaxinfer` command line: generate, chat, bench.
+
+Each subcommand validates its arguments before loading or compiling anything; any
+JaxinferError is printed as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from jaxinfer.errors import InputError, JaxinferError
+from jaxinfer.loading.fetch import DEFAULT_MODEL, cache_dir
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"checkpoint directory, .gguf file or built-in name (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--compile-cache", default=None,
+                   help="persistent XLA compilation cache directory "
+                        "(default $JAXINFER_COMPILE_CACHE or <cache>/xla)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not use the persistent compilation cache")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxinfer", description="JAX/Flax LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text for one or more prompts (one batch)")
+    _common(g)
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    _sampling_args(g)
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    c = sub.add_parser("chat", help="interactive multi-turn chat with streaming")
+    _common(c)
+    _sampling_args(c)
+    c.add_argument("--system", default=None, help="system message")
+    b = sub.add_parser("bench", help="time prefill and decode")
+    _common(b)
+    b.add_argument("--batch-size", type=int, default=1)
+    b.add_argument("--prompt-len", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=128)
+    b.add_argument("--json", action="store_true")
+    return parser
+
+
+def setup_compile_cache(args) -> None:
+    """Turn on JAX's persistent compilation cache unless disabled."""
+    if args.no_compile_cache:
+        return
+    import jax
+
+    path = args.compile_cache or os.environ.get("JAXINFER_COMPILE_CACHE") or str(cache_dir() / "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _status(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _load(args):
+    import jaxinfer
+
+    t = time.perf_counter()
+    model = jaxinfer.load(args.model, dtype=args.dtype)
+    return model, time.perf_counter() - t
+
+
+def _gen_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _check_sampling(args) -> None:
+    """Validate sampling flags before anything is loaded."""
+    from jaxinfer.sampling import Sampling
+
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+             repetition_penalty=args.repetition_penalty, seed=args.seed).validate()
+    if any(not s for s in args.stop):
+        raise InputError("--stop strings must be non-empty")
+
+
+def cmd_generate(args) -> int:
+    from jaxinfer.text import stream
+
+    if any(not p for p in args.prompt):
+        raise InputError("--prompt must not be empty")
+    _check_sampling(args)
+    model, load_s = _load(args)
+    _status(f"loaded {args.model} in {load_s:.1f}s; compiling and generating ...")
+    results = []
+    t0 = time.perf_counter()
+    first = None
+    live = len(args.prompt) == 1 and not args.json
+    for ev in stream(model, args.prompt, chat=args.chat, system=args.system, results=results,
+                     chunk=4 if live else 16, **_gen_kwargs(args)):
+        first = first or time.perf_counter()
+        if live:
+            print(ev.text, end="", flush=True)
+    total = time.perf_counter() - t0
+    n_tokens = sum(len(r.token_ids) for r in results)
+    timings = {"load_s": round(load_s, 3), "first_output_s": round((first or t0) - t0, 3),
+               "total_s": round(total, 3), "generated_tokens": n_tokens,
+               "tokens_per_s": round(n_tokens / total, 2) if total > 0 else None}
+    if args.json:
+        out = {"outputs": [{"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
+                            "finish_reason": r.finish_reason} for r in results],
+               "timings": timings}
+        print(json.dumps(out, ensure_ascii=False))
+    elif live:
+        print()
+    else:
+        for i, r in enumerate(results):
+            print(f"--- [{i}] {r.prompt!r} ({r.finish_reason})\n{r.text}")
+    if not args.json:
+        _status(f"[{n_tokens} tokens in {total:.2f}s incl. compile]")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from jaxinfer.generate import stream_requests
+    from jaxinfer.text import build_request
+
+    _check_sampling(args)
+    model, load_s = _load(args)
+    if model.tokenizer is None or model.tokenizer.chat_template is None:
+        raise InputError(f"{args.model}: the checkpoint has no chat template")
+    _status(f"loaded {args.model} in {load_s:.1f}s. Type a message; /exit or Ctrl-D quits.")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = model.tokenizer.encode(model.apply_chat_template(messages))
+        req = build_request(model, [ids], **_gen_kwargs(args))
+        results = []
+        for ev in stream_requests(model, [None], req, chunk=4, results=results):
+            print(ev.text, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": results[0].text})
+
+
+def cmd_bench(args) -> int:
+    from jaxinfer.bench import run_bench
+
+    for name in ("batch_size", "prompt_len", "new_tokens"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    model, load_s = _load(args)
+    res = run_bench(model, batch_size=args.batch_size, prompt_len=args.prompt_len,
+                    new_tokens=args.new_tokens)
+    res["load_s"] = round(load_s, 3)
+    res["model"] = args.model
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:>24}: {v}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        setup_compile_cache(args)
+        return COMMANDS[args.command](args)
+    except JaxinferError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
