@@ -54,17 +54,21 @@ def _record(state: DecodeState, tok: jax.Array, logp: jax.Array) -> DecodeState:
                          seen=state.seen.at[rows, tok].set(True), step=state.step + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len", "buf_len", "scan_unroll"))
+@functools.partial(jax.jit, static_argnames=("config", "cache_len", "buf_len", "scan_unroll",
+                                             "kv_cache"))
 def prefill(params, prompt: jax.Array, positions: jax.Array, sampling: SamplingArrays,
             stop_ids: jax.Array, max_new: jax.Array, active: jax.Array, *, config,
-            cache_len: int, buf_len: int, scan_unroll: int = 1) -> DecodeState:
+            cache_len: int, buf_len: int, scan_unroll: int = 1,
+            kv_cache: str = "float") -> DecodeState:
     """Fill the cache with left-padded prompts and draw each row's first token.
 
     prompt, positions [B, P] (padding: position -1); active [B] bool (False rows are batch
-    filler and start finished). Returns the DecodeState after one token per row.
+    filler and start finished). kv_cache: "float" (the params' dtype) or "int8".
+    Returns the DecodeState after one token per row.
     """
     b = prompt.shape[0]
-    cache = models.init_cache(config, b, cache_len, _cache_dtype(params))
+    dtype = jnp.int8 if kv_cache == "int8" else _cache_dtype(params)
+    cache = models.init_cache(config, b, cache_len, dtype)
     logits, cache = models.forward(config, params, prompt, positions, cache, last_only=True,
                                    scan_unroll=scan_unroll)
     rows = jnp.arange(b)[:, None]

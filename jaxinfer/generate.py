@@ -56,6 +56,7 @@ class Request:
     max_new_tokens: int
     stop_token_ids: tuple[int, ...]
     stop_strings: tuple[str, ...] = ()
+    kv_cache: str = "float"  # "float" or "int8"
 
 
 def validate_request(model, req: Request) -> None:
@@ -76,6 +77,8 @@ def validate_request(model, req: Request) -> None:
         s.validate()
     if len(req.stop_token_ids) > MAX_STOP_IDS:
         raise InputError(f"at most {MAX_STOP_IDS} stop token ids, got {len(req.stop_token_ids)}")
+    if req.kv_cache not in ("float", "int8"):
+        raise InputError(f"kv_cache must be 'float' or 'int8', got {req.kv_cache!r}")
     if any(not s for s in req.stop_strings):
         raise InputError("stop strings must be non-empty")
     vocab = model.config.vocab_size
@@ -101,7 +104,7 @@ def _pack(req: Request):
     sampling = req.sampling if len(req.sampling) == n else req.sampling * n
     args = (jnp.asarray(prompt), jnp.asarray(positions), SamplingArrays.from_rows(sampling, b),
             jnp.asarray(stop), jnp.int32(req.max_new_tokens), jnp.asarray(np.arange(b) < n))
-    return args, dict(cache_len=p + buf, buf_len=buf)
+    return args, dict(cache_len=p + buf, buf_len=buf, kv_cache=req.kv_cache)
 
 
 class Run:

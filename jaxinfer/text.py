@@ -30,7 +30,8 @@ def build_request(model, prompt_ids: list[list[int]], *, max_new_tokens: int = 6
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                   min_p: float = 0.0, repetition_penalty: float = 1.0,
                   seed: int | Sequence[int] = 0, stop: Sequence[str] | str | None = None,
-                  stop_token_ids: Sequence[int] | None = None) -> Request:
+                  stop_token_ids: Sequence[int] | None = None,
+                  kv_cache: str = "float") -> Request:
     """A validated Request; `seed` is one seed for every row or one per row."""
     seeds = [seed] * len(prompt_ids) if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompt_ids):
@@ -40,7 +41,7 @@ def build_request(model, prompt_ids: list[list[int]], *, max_new_tokens: int = 6
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     ids = tuple(model.eos_token_ids if stop_token_ids is None else stop_token_ids)
     return Request(prompts=prompt_ids, sampling=rows, max_new_tokens=int(max_new_tokens),
-                   stop_token_ids=ids, stop_strings=stops)
+                   stop_token_ids=ids, stop_strings=stops, kv_cache=kv_cache)
 
 
 def stream(model, prompts: str | Sequence[str], *, chat: bool = False,
@@ -64,7 +65,8 @@ def generate(model, prompts: str | Sequence[str], *, chat: bool = False,
 
     Options: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
     repetition_penalty, seed (int or one per prompt), stop (strings), stop_token_ids
-    (default: the checkpoint's EOS ids), chat (apply the chat template), logprobs.
+    (default: the checkpoint's EOS ids), chat (apply the chat template), logprobs,
+    kv_cache ("float" or "int8": keys/values stored as int8 with per-token, per-head scales).
     Returns one Completion per prompt.
     """
     results: list[Completion] = []

@@ -37,7 +37,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, k_pos, layer, slots, cache_kv):
-        """x [B, T, D] -> ([B, T, D], updated (k, v) caches or None)."""
+        """x [B, T, D] -> ([B, T, D], updated cache buffers (see KVCache.layer_buffers) or None)."""
         c = self.config
         d, n, h = c.d_model, c.n_heads, c.head_dim
         b, t, _ = x.shape
@@ -46,10 +46,8 @@ class Attention(nn.Module):
         q, k, v = jnp.split(linear(x, w, bias), 3, axis=-1)
         q, k, v = (a.reshape(b, t, n, h) for a in (q, k, v))
         if cache_kv is not None:
-            ck = kvc.write_layer(cache_kv[0], layer, slots, k)
-            cv = kvc.write_layer(cache_kv[1], layer, slots, v)
-            cache_kv = (ck, cv)
-            k, v = ck[layer], cv[layer]
+            cache_kv = kvc.write_kv(cache_kv, layer, slots, k, v)
+            k, v = kvc.read_kv(cache_kv, layer, q.dtype)
         else:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
         out = attend(q, k, v, attention_mask(positions, k_pos, NO_WINDOW))
@@ -118,7 +116,7 @@ class GPT2(nn.Module):
             k_pos, slots, cache_kv = positions, None, None
         else:
             cache, slots = kvc.write_positions(cache, positions)
-            k_pos, cache_kv = cache.pos, (cache.k, cache.v)
+            k_pos, cache_kv = cache.pos, cache.layer_buffers()
         layers = nn.scan(
             Block, variable_axes={"params": 0}, split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
@@ -132,5 +130,6 @@ class GPT2(nn.Module):
                        weight(self, "ln_f_bias", (c.d_model,), ("embed",), ZEROS), c.norm_eps)
         logits = unembed(x, wte)
         if cache is not None:
-            cache = cache.replace(k=cache_kv[0], v=cache_kv[1])
+            cache = cache.replace(k=cache_kv[0], v=cache_kv[1], k_scale=cache_kv[2],
+                                  v_scale=cache_kv[3])
         return logits.astype(jnp.float32), cache

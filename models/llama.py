@@ -41,7 +41,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, k_pos, window, layer, slots, cache_kv):
-        """x [B, T, D] -> ([B, T, D], updated (k, v) caches [L, B, K, S, H] or None)."""
+        """x [B, T, D] -> ([B, T, D], updated cache buffers (see KVCache.layer_buffers) or None)."""
         c = self.config
         d, n, kv, h = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         b, t, _ = x.shape
@@ -58,10 +58,8 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if cache_kv is not None:
-            ck = kvc.write_layer(cache_kv[0], layer, slots, k)
-            cv = kvc.write_layer(cache_kv[1], layer, slots, v)
-            cache_kv = (ck, cv)
-            k, v = ck[layer], cv[layer]
+            cache_kv = kvc.write_kv(cache_kv, layer, slots, k, v)
+            k, v = kvc.read_kv(cache_kv, layer, q.dtype)
         else:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
         out = attend(q, k, v, attention_mask(positions, k_pos, window))
@@ -130,7 +128,7 @@ class Llama(nn.Module):
             k_pos, slots, cache_kv = positions, None, None
         else:
             cache, slots = kvc.write_positions(cache, positions)
-            k_pos, cache_kv = cache.pos, (cache.k, cache.v)
+            k_pos, cache_kv = cache.pos, cache.layer_buffers()
         windows = np.array([NO_WINDOW if w is None else w
                             for w in (c.sliding_windows or (None,) * c.n_layers)], np.int32)
         per_layer = (jnp.arange(c.n_layers, dtype=jnp.int32), jnp.asarray(windows))
@@ -150,5 +148,6 @@ class Llama(nn.Module):
             logits = linear(x, weight(self, "lm_head", (c.d_model, c.vocab_size),
                                       ("embed", "vocab")))
         if cache is not None:
-            cache = cache.replace(k=cache_kv[0], v=cache_kv[1])
+            cache = cache.replace(k=cache_kv[0], v=cache_kv[1], k_scale=cache_kv[2],
+                                  v_scale=cache_kv[3])
         return logits.astype(jnp.float32), cache

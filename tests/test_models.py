@@ -72,3 +72,29 @@ def test_mock_model_output_computable_by_hand():
     # the tied head multiplies by embed^T = 2 I.
     expected = np.array([0.0, 0.0, 4.0 / np.sqrt(1.0 + 1e-5), 0.0])
     np.testing.assert_allclose(logits[0, 0], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_window", "gpt2"])
+def test_int8_kv_cache_close_to_float(name):
+    config = CONFIGS[name]
+    params = models.init_params(config, jax.random.key(4))
+    tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    full, _ = models.forward(config, params, tokens, positions)
+    cache = models.init_cache(config, 2, 16, jnp.int8)
+    assert cache.k.dtype == jnp.int8 and cache.k_scale.shape == (2, 2, config.n_kv_heads, 16)
+    out, cache = forward(config, params, tokens[:, :6], positions[:, :6], cache)
+    steps = [out]
+    for t in range(6, 9):
+        out, cache = forward(config, params, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+        steps.append(out)
+    got = jnp.concatenate(steps, axis=1)
+    err = float(jnp.abs(got - full).max())
+    assert 0 < err < 2e-2 * float(jnp.abs(full).max()), err  # quantized, but close
+    # Layer 0's stored keys (same inputs in both runs) dequantize to within half a step.
+    k_deq = cache.k[0].astype(jnp.float32) * cache.k_scale[0][..., None]
+    fcache = models.init_cache(config, 2, 16)
+    _, fcache = forward(config, params, tokens, positions, fcache)
+    half_step = cache.k_scale[0][..., None] / 2 + 1e-6
+    diff = jnp.abs(k_deq - fcache.k[0])[:, :, :9]
+    assert bool(jnp.all(diff <= half_step[:, :, :9]))
