@@ -38,7 +38,8 @@ def _timed_run(model, req: Request, new_tokens: int):
     return t1 - t0, t2 - t1, run
 
 
-def run_bench(model, *, batch_size: int, prompt_len: int, new_tokens: int) -> dict:
+def run_bench(model, *, batch_size: int, prompt_len: int, new_tokens: int,
+              kv_cache: str = "float") -> dict:
     """Greedy generation of `new_tokens` per row (stop tokens off) after a warm-up run.
 
     Returns ttft_s (prefill + first token), prefill and decode tokens/s, compile_s (extra time
@@ -46,13 +47,14 @@ def run_bench(model, *, batch_size: int, prompt_len: int, new_tokens: int) -> di
     """
     ids = prompt_ids(model, prompt_len)
     req = Request(prompts=[ids] * batch_size, sampling=[Sampling()] * batch_size,
-                  max_new_tokens=new_tokens, stop_token_ids=())
+                  max_new_tokens=new_tokens, stop_token_ids=(), kv_cache=kv_cache)
     cold_prefill, cold_decode, _ = _timed_run(model, req, new_tokens)
     prefill_s, decode_s, run = _timed_run(model, req, new_tokens)
     assert int(run.state.length[0]) == new_tokens
     decode_tokens = batch_size * (new_tokens - 1)
     return {
         "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "kv_cache": kv_cache,
         "ttft_s": round(prefill_s, 4),
         "prefill_tokens_per_s": round(batch_size * prompt_len / prefill_s, 1),
         "decode_tokens_per_s": round(decode_tokens / decode_s, 2) if new_tokens > 1 else None,

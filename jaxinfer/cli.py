@@ -26,6 +26,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "(default $JAXINFER_COMPILE_CACHE or <cache>/xla)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not use the persistent compilation cache")
+    p.add_argument("--kv-cache", choices=["float", "int8"], default="float",
+                   help="KV cache storage: float (parameter dtype) or int8 with per-token scales")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -88,7 +90,8 @@ def _load(args):
 def _gen_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                kv_cache=args.kv_cache)
 
 
 def _check_sampling(args) -> None:
@@ -178,7 +181,7 @@ def cmd_bench(args) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
     model, load_s = _load(args)
     res = run_bench(model, batch_size=args.batch_size, prompt_len=args.prompt_len,
-                    new_tokens=args.new_tokens)
+                    new_tokens=args.new_tokens, kv_cache=args.kv_cache)
     res["load_s"] = round(load_s, 3)
     res["model"] = args.model
     if args.json:

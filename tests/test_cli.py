@@ -1,0 +1,73 @@
+"""The `jaxinfer` command line: JSON outputs, bench keys, and one clear error per bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxinfer.cli import main
+
+BASE = ["--no-compile-cache"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_json_batch(capsys, smollm2_gguf_path):
+    code, out, _ = run_cli(capsys, "generate", "--model", str(smollm2_gguf_path), *BASE,
+                           "--prompt", "What is 2+2?", "--prompt", "Name a color.", "--chat",
+                           "--max-new-tokens", "6", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert [o["prompt"] for o in data["outputs"]] == ["What is 2+2?", "Name a color."]
+    for o in data["outputs"]:
+        assert 1 <= len(o["token_ids"]) <= 6
+        assert o["finish_reason"] in ("stop", "length")
+        assert isinstance(o["text"], str)
+    assert data["timings"]["generated_tokens"] == sum(len(o["token_ids"]) for o in data["outputs"])
+
+
+def test_bench_json_keys(capsys, smollm2_gguf_path):
+    code, out, _ = run_cli(capsys, "bench", "--model", str(smollm2_gguf_path), *BASE,
+                           "--prompt-len", "16", "--new-tokens", "4", "--json")
+    assert code == 0
+    data = json.loads(out)
+    for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "compile_s",
+                "peak_rss_mb", "weight_bytes"):
+        assert key in data
+    assert data["weight_bytes"] > 500_000_000 and data["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", ""], "--prompt must not be empty"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+    (["generate", "--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["generate", "--prompt", "hi", "--top-k", "-1"], "top_k must be an integer >= 0"),
+    (["generate", "--prompt", "hi", "--min-p", "2"], "min_p must be in [0, 1]"),
+    (["generate", "--prompt", "hi", "--model", "/no/such/model"], "no such file or directory"),
+    (["bench", "--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_bad_input_one_error_line(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv, *BASE)
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert "Traceback" not in err and out == ""
+
+
+def test_prompt_longer_than_context(capsys, smollm2_gguf_path):
+    code, _, err = run_cli(capsys, "generate", "--model", str(smollm2_gguf_path), *BASE,
+                           "--prompt", "word " * 9000, "--max-new-tokens", "4")
+    assert code == 2 and "exceeds the model's context of 8192" in err
+
+
+def test_module_entry_point_reports_errors():
+    proc = subprocess.run([sys.executable, "-m", "jaxinfer", "generate", "--prompt", "hi",
+                           "--model", "/no/such", "--no-compile-cache"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
