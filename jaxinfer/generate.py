@@ -73,6 +73,9 @@ def validate_request(model, req: Request) -> None:
     if longest + req.max_new_tokens > ctx:
         raise InputError(f"prompt of {longest} tokens plus max_new_tokens {req.max_new_tokens} "
                          f"exceeds the model's context of {ctx} tokens")
+    if len(req.sampling) not in (1, len(req.prompts)):
+        raise InputError(f"got {len(req.sampling)} sampling settings for {len(req.prompts)} "
+                         "prompts; give one for all or one per prompt")
     for s in req.sampling:
         s.validate()
     if len(req.stop_token_ids) > MAX_STOP_IDS:
@@ -87,10 +90,14 @@ def validate_request(model, req: Request) -> None:
         raise InputError(f"token id {bad[0]} outside the vocabulary [0, {vocab})")
 
 
-def _pack(req: Request):
-    """Left-pad prompts into bucketed arrays; returns engine inputs and static sizes."""
+def _pack(req: Request, batch_multiple: int = 1):
+    """Left-pad prompts into bucketed arrays; returns engine inputs and static sizes.
+
+    batch_multiple: the batch is padded up to a multiple of it (a sharded placement's data axis).
+    """
     n = len(req.prompts)
     b = bucket(n, minimum=1)
+    b = -(-b // batch_multiple) * batch_multiple
     p = bucket(max(len(x) for x in req.prompts))
     prompt = np.zeros((b, p), np.int32)
     positions = np.full((b, p), -1, np.int32)
@@ -113,10 +120,15 @@ class Run:
     def __init__(self, model, req: Request, scan_unroll: int = 1):
         validate_request(model, req)
         self.model, self.req, self.unroll = model, req, scan_unroll
-        args, sizes = _pack(req)
+        # A model placed by jaxinfer.parallel carries a Placement whose prefill/decode wrap the
+        # engine's (sharded inputs, pmap); a plain Model runs the engine directly.
+        placement = getattr(model, "placement", None)
+        self._prefill = placement.prefill if placement else engine.prefill
+        self._decode = placement.decode if placement else engine.decode
+        args, sizes = _pack(req, placement.batch_multiple if placement else 1)
         self.t0 = time.perf_counter()
-        self.state = engine.prefill(model.params, *args, config=model.config,
-                                    scan_unroll=scan_unroll, **sizes)
+        self.state = self._prefill(model.params, *args, config=model.config,
+                                   scan_unroll=scan_unroll, **sizes)
         self.state.length.block_until_ready()
         self.ttft = time.perf_counter() - self.t0
         self.n = len(req.prompts)
@@ -124,8 +136,8 @@ class Run:
     def advance(self, steps: int) -> None:
         """Run up to `steps` more decode steps on the device."""
         limit = jnp.int32(int(self.state.step) + steps)
-        self.state = engine.decode(self.model.params, self.state, limit,
-                                   config=self.model.config, scan_unroll=self.unroll)
+        self.state = self._decode(self.model.params, self.state, limit,
+                                  config=self.model.config, scan_unroll=self.unroll)
 
     def finished(self) -> bool:
         return bool(np.all(np.asarray(self.state.done)[: self.n]))
@@ -195,9 +207,17 @@ class _RowText:
 def stream_requests(model, prompts_text: list[str | None], req: Request, *,
                     chunk: int = 8, scan_unroll: int = 1, logprobs: bool = False,
                     results: list | None = None) -> Iterator[StreamEvent]:
-    """Generate with text streaming; fills `results` with Completions when done."""
+    """Generate with text streaming; fills `results` with Completions when done.
+
+    The request is validated here, when called, before the first event is asked for.
+    """
     if model.tokenizer is None:
         raise InputError(f"{model.source}: no tokenizer, so text generation is unavailable")
+    validate_request(model, req)
+    return _stream(model, prompts_text, req, chunk, scan_unroll, logprobs, results)
+
+
+def _stream(model, prompts_text, req, chunk, scan_unroll, logprobs, results):
     run = Run(model, req, scan_unroll)
     rows = [_RowText(model.tokenizer, req.stop_strings) for _ in range(run.n)]
     seen = [0] * run.n

@@ -37,6 +37,8 @@ class Sampling:
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("seed", isinstance(self.seed, int | np.integer) and 0 <= self.seed < 2**32,
+             "must be an integer in [0, 2**32)"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -92,7 +94,7 @@ def filter_logits(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
     n_keep = jnp.maximum(jnp.sum(before < s.top_p[:, None], axis=-1), 1)
     pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
-    keep &= scaled >= pth
+    keep &= (scaled >= pth) | (s.top_p[:, None] >= 1.0)  # top_p 1 is exactly "off"
     # min-p: keep tokens whose probability is at least min_p times the top probability.
     logp_top = sorted_desc[:, :1]
     keep &= scaled >= logp_top + jnp.log(jnp.maximum(s.min_p[:, None], 1e-30))

@@ -1,0 +1,641 @@
+"""Generation tests: greedy parity with transformers, ragged batches, cached decode, sampling,
+stop conditions, streaming, input validation and the repetition penalty.
+
+Two kinds of model are used:
+  * SmolLM2-135M-Instruct (the real Q4_1 GGUF, dequantised to float32), loaded once per module;
+  * tiny random transformers checkpoints (Llama and GPT-2) saved with `save_pretrained`.
+
+SmolLM2 runs reuse a few compiled shapes only: max_new_tokens 48 (token buffer 64), prompts of
+at most 64 tokens, batches of 1, 2 and 3 (bucket 4).
+"""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jaxinfer
+import models
+from jaxinfer import engine, text
+from jaxinfer.errors import CheckpointError, InputError
+from jaxinfer.generate import Request, Run, generate_ids
+from jaxinfer.model import Model
+from jaxinfer.sampling import Sampling, SamplingArrays, filter_logits
+
+MAX_NEW = 48
+CHAT_PROMPTS = [
+    "Hi",  # short prompt, short answer: ends with EOS well before MAX_NEW
+    "Write a short story about a robot",
+    "Explain how photosynthesis works in detail. Cover the light-dependent reactions, the "
+    "Calvin cycle, and why leaves are green.",
+]
+LOGPROB_TOL = 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf_path):
+    return jaxinfer.load(smollm2_gguf_path, dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def smol_batch(smol):
+    """Greedy completions of CHAT_PROMPTS run as one ragged batch (with logprobs)."""
+    return text.generate(smol, CHAT_PROMPTS, chat=True, max_new_tokens=MAX_NEW, logprobs=True)
+
+
+def _save_tiny(path, family: str):
+    """A tiny random transformers checkpoint in `path`; returns the float32 torch model."""
+    torch.manual_seed(0)
+    if family == "llama":
+        config = transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            initializer_range=0.1)
+        hf = transformers.LlamaForCausalLM(config).eval()
+        with torch.no_grad():  # sharper next-token distributions than the default init
+            hf.lm_head.weight.mul_(3.0)
+    else:
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                         vocab_size=128, initializer_range=0.3)
+        hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """(jaxinfer model, transformers model) of a tiny random Llama (vocab 128)."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    hf = _save_tiny(path, "llama")
+    return jaxinfer.load(path, dtype="float32", progress=False), hf
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_pair):
+    return tiny_pair[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    _save_tiny(path, "gpt2")
+    return jaxinfer.load(path, dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_ctx32():
+    """A tiny random Llama with a 32-token context (built directly from `models`)."""
+    config = models.LlamaConfig.tiny(max_seq_len=32)
+    return Model(config=config, params=models.init_params(config, jax.random.key(0)),
+                 tokenizer=None, source="tiny-ctx32", eos_token_ids=())
+
+
+def _prompts(lengths, vocab=128, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+
+RAGGED = _prompts([3, 11, 7])  # one batch of 3 (bucket 4, prompt bucket 16)
+
+
+def run_ids(model, prompts, *, max_new=16, stop=(), sampling=None, logprobs=False,
+            chunk=None, **kwargs):
+    """generate_ids over token-id prompts; `sampling` (one per row) or kwargs for all rows."""
+    rows = sampling if sampling is not None else [Sampling(**kwargs)]
+    req = Request(prompts=[list(p) for p in prompts], sampling=rows, max_new_tokens=max_new,
+                  stop_token_ids=tuple(stop))
+    return generate_ids(model, req, logprobs=logprobs, chunk=chunk)
+
+
+def step_logits(model, prompts, completions, *, batch=4, length=48):
+    """Full-forward logits [n_i, V] of the steps that drew each row's generated tokens.
+
+    Rows are padded (after their last token, which causal attention never looks past) to at
+    least `batch` x `length`, so most calls reuse one compiled shape of `model.logits`.
+    """
+    rows = [list(p) + c.token_ids for p, c in zip(prompts, completions, strict=True)]
+    length = max(length, *(len(r) for r in rows))
+    padded = [r + [0] * (length - len(r)) for r in rows]
+    padded += [padded[0]] * (batch - len(padded))
+    full = model.logits(padded)
+    return [full[i, len(p) - 1: len(p) - 1 + len(c.token_ids)]
+            for i, (p, c) in enumerate(zip(prompts, completions, strict=True))]
+
+
+def log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def cache_sizes():
+    return engine.prefill._cache_size(), engine.decode._cache_size()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run torch on n threads (one thread is far faster when the CPU is oversubscribed)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def chat_ids(model, prompt):
+    return model.tokenizer.encode(model.apply_chat_template([{"role": "user", "content": prompt}]))
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Greedy parity with transformers on SmolLM2
+# --------------------------------------------------------------------------------------------
+
+def test_smollm2_greedy_matches_transformers(smol, smol_batch, smollm2_gguf_path):
+    path = smollm2_gguf_path
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    hf_eos = hf.generation_config.eos_token_id
+    hf_eos = {hf_eos} if isinstance(hf_eos, int) else set(hf_eos)
+    assert hf_eos == set(smol.eos_token_ids) == {2}  # <|im_end|>: both stop on the same ids
+    assert smol.tokenizer.id_to_token(2) == "<|im_end|>"
+
+    lengths = set()
+    for prompt, ours in zip(CHAT_PROMPTS, smol_batch, strict=True):
+        ids = chat_ids(smol, prompt)
+        assert ours.prompt_token_ids == ids
+        lengths.add(len(ids))
+        with torch.no_grad(), torch_threads(1):
+            out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              do_sample=False, max_new_tokens=MAX_NEW,
+                              eos_token_id=list(smol.eos_token_ids), pad_token_id=0)
+        ref = out[0, len(ids):].tolist()
+        assert ours.token_ids == ref, prompt
+        assert ours.finish_reason == ("stop" if ref[-1] in smol.eos_token_ids else "length")
+    assert len(lengths) == len(CHAT_PROMPTS)  # prompts of different lengths
+    # Two answers run to the full budget; one ends early on EOS.
+    assert [c.finish_reason for c in smol_batch] == ["stop", "length", "length"]
+    assert [len(c.token_ids) for c in smol_batch][1:] == [MAX_NEW, MAX_NEW]
+
+
+# --------------------------------------------------------------------------------------------
+# 2. A ragged batch equals each prompt alone
+# --------------------------------------------------------------------------------------------
+
+def test_smollm2_ragged_batch_equals_each_prompt_alone(smol, smol_batch):
+    for prompt, batched in zip(CHAT_PROMPTS, smol_batch, strict=True):
+        (alone,) = text.generate(smol, prompt, chat=True, max_new_tokens=MAX_NEW)
+        assert alone.token_ids == batched.token_ids, prompt
+        assert alone.text == batched.text
+        assert alone.finish_reason == batched.finish_reason
+        assert alone.prompt == prompt
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tiny_ragged_batch_equals_each_prompt_alone(family, tiny, tiny_gpt2):
+    model = tiny if family == "llama" else tiny_gpt2
+    prompts = _prompts([2, 13, 6, 9], seed=1)
+    batched = run_ids(model, prompts, max_new=16)
+    for p, b in zip(prompts, batched, strict=True):
+        (alone,) = run_ids(model, [p], max_new=16)
+        assert alone.token_ids == b.token_ids
+        assert len(b.token_ids) == 16 and b.finish_reason == "length"
+        assert b.prompt_token_ids == p
+    # A mixed batch: sampled rows do not disturb the greedy rows.
+    mixed = run_ids(model, prompts, max_new=16, sampling=[
+        Sampling(), Sampling(temperature=1.0, seed=1), Sampling(), Sampling(temperature=0.5, seed=2)])
+    assert mixed[0].token_ids == batched[0].token_ids
+    assert mixed[2].token_ids == batched[2].token_ids
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Cached incremental decode equals the full forward pass at every step
+# --------------------------------------------------------------------------------------------
+
+def test_smollm2_cached_logprobs_match_full_forward(smol, smol_batch):
+    prompts = [c.prompt_token_ids for c in smol_batch]
+    logits_rows = step_logits(smol, prompts, smol_batch, batch=len(prompts), length=0)
+    for c, logits in zip(smol_batch, logits_rows, strict=True):
+        lp = log_softmax(logits)
+        ref = lp[np.arange(len(c.token_ids)), c.token_ids]
+        assert len(c.logprobs) == len(c.token_ids)
+        np.testing.assert_allclose(c.logprobs, ref, atol=LOGPROB_TOL, rtol=0)
+        # Greedy: every chosen token is the argmax of the full-forward logits (up to ties).
+        best = lp.max(axis=-1)
+        assert np.all(ref >= best - LOGPROB_TOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_tiny_cached_logprobs_match_full_forward(family, temperature, tiny, tiny_gpt2):
+    model = tiny if family == "llama" else tiny_gpt2
+    outs = run_ids(model, RAGGED, max_new=16, logprobs=True, temperature=temperature, seed=7)
+    for c, logits in zip(outs, step_logits(model, RAGGED, outs), strict=True):
+        lp = log_softmax(logits)
+        ref = lp[np.arange(len(c.token_ids)), c.token_ids]
+        np.testing.assert_allclose(c.logprobs, ref, atol=LOGPROB_TOL, rtol=0)
+        if temperature == 0:
+            assert np.all(ref >= lp.max(axis=-1) - LOGPROB_TOL)
+    if temperature:  # sampling really drew tokens other than the argmax
+        assert any(np.any(np.asarray(c.logprobs) < log_softmax(lg).max(-1) - 0.1)
+                   for c, lg in zip(outs, step_logits(model, RAGGED, outs), strict=True))
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_decode_in_chunks_equals_one_call(tiny, chunk):
+    """engine.decode continues where the last call stopped: chunking changes nothing."""
+    whole = run_ids(tiny, RAGGED, max_new=16, logprobs=True, temperature=1.0, seed=3)
+    parts = run_ids(tiny, RAGGED, max_new=16, logprobs=True, temperature=1.0, seed=3,
+                    chunk=chunk)
+    assert [c.token_ids for c in parts] == [c.token_ids for c in whole]
+    for a, b in zip(parts, whole, strict=True):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+
+
+def test_prefill_then_decode_state(tiny):
+    """engine.prefill draws one token per row; each engine.decode call adds `steps` more."""
+    ref = run_ids(tiny, RAGGED, max_new=16, logprobs=True)
+    req = Request(prompts=RAGGED, sampling=[Sampling()], max_new_tokens=16, stop_token_ids=())
+    run = Run(tiny, req)
+    state = jax.device_get(run.state)
+    assert state.tokens.shape == (4, 16)  # batch bucket 4, token buffer 16
+    assert list(state.length) == [1, 1, 1, 0] and list(state.done) == [False] * 3 + [True]
+    assert int(state.step) == 1
+    run.advance(4)
+    tokens, lengths, hit_stop, lps = run.snapshot()
+    assert list(lengths) == [5, 5, 5] and not hit_stop.any() and not run.finished()
+    for i, c in enumerate(ref):
+        assert tokens[i, :5].tolist() == c.token_ids[:5]
+        np.testing.assert_allclose(lps[i, :5], c.logprobs[:5], atol=1e-6)
+    run.advance(100)
+    assert run.finished() and list(run.snapshot()[1]) == [16, 16, 16]
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Sampling
+# --------------------------------------------------------------------------------------------
+
+def test_seeds_reproducible_and_distinct(tiny):
+    prompt = RAGGED[1]
+    rows = [Sampling(temperature=1.0, seed=s) for s in (0, 1, 2, 3)]
+    first = run_ids(tiny, [prompt] * 4, sampling=rows)
+    again = run_ids(tiny, [prompt] * 4, sampling=rows)
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    seqs = {tuple(c.token_ids) for c in first}
+    assert len(seqs) == 4  # different seeds: different samples (16 draws from ~flat dists)
+    # A row's draws depend on its own seed only, not on the rest of the batch.
+    (alone,) = run_ids(tiny, [prompt], temperature=1.0, seed=2)
+    assert alone.token_ids == first[2].token_ids
+
+
+def test_top_k_1_equals_greedy(tiny):
+    greedy = run_ids(tiny, RAGGED)
+    for seed in (0, 5):
+        top1 = run_ids(tiny, RAGGED, temperature=1.0, top_k=1, seed=seed)
+        assert [c.token_ids for c in top1] == [c.token_ids for c in greedy]
+    sampled = run_ids(tiny, RAGGED, temperature=1.0, seed=0)
+    assert [c.token_ids for c in sampled] != [c.token_ids for c in greedy]
+
+
+def allowed_tokens(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, tol=1e-4):
+    """Mask of tokens a correct sampler may draw from logits [V] (Hugging Face semantics:
+    temperature, then top-k, then top-p over the survivors, then min-p). Boundaries get a
+    slack of `tol` so cached-vs-full float noise cannot flip a decision."""
+    x = np.asarray(logits, np.float64) / temperature
+    keep = np.ones(x.shape, bool)
+    if top_k:
+        kth = np.sort(x)[::-1][top_k - 1]
+        strict = x >= kth
+        keep &= x >= kth - tol
+    else:
+        strict = keep.copy()
+    probs = np.where(strict, np.exp(x - x.max()), 0.0)
+    probs /= probs.sum()
+    if top_p < 1:
+        order = np.argsort(-probs)
+        cum = np.cumsum(probs[order])
+        n = int(np.searchsorted(cum, top_p)) + 1  # smallest prefix whose mass reaches top_p
+        boundary = probs[order[n - 1]]
+        keep &= probs >= boundary * (1 - 1e-3) - 1e-9
+    if min_p:
+        keep &= probs >= min_p * probs.max() * (1 - 1e-3)
+    return keep
+
+
+FILTERS = {
+    "top_k": dict(top_k=4),
+    "top_p": dict(top_p=0.5),
+    "top_p_cold": dict(temperature=0.6, top_p=0.7),
+    "min_p": dict(min_p=0.3),
+    "top_k_top_p_min_p": dict(temperature=1.3, top_k=8, top_p=0.8, min_p=0.05),
+}
+
+
+@pytest.mark.parametrize("name", list(FILTERS))
+def test_sampled_tokens_lie_in_filtered_support(tiny, name):
+    opts = dict(temperature=1.0) | FILTERS[name]
+    prompts = [RAGGED[0], RAGGED[1], RAGGED[2], RAGGED[0]]
+
+    def draws(**kw):  # 2 batches x 4 rows x 16 steps = 128 draws, one compiled shape
+        pairs = []
+        for seeds in ((11, 12, 13, 14), (21, 22, 23, 24)):
+            outs = run_ids(tiny, prompts, max_new=16, sampling=[Sampling(seed=s, **kw) for s in seeds])
+            for c, lg in zip(outs, step_logits(tiny, prompts, outs), strict=True):
+                pairs += list(zip(c.token_ids, lg, strict=True))
+        return pairs
+
+    pairs = draws(**opts)
+    assert len(pairs) == 128
+    for tok, step in pairs:
+        assert allowed_tokens(step, **opts)[tok], (name, tok)
+    # The check has teeth: without the filters some draws fall outside that support.
+    outside = sum(not allowed_tokens(step, **opts)[tok]
+                  for tok, step in draws(temperature=opts["temperature"]))
+    assert outside > 0
+
+
+def test_sampling_settings_do_not_recompile(tiny):
+    assert hasattr(engine.prefill, "_cache_size") and hasattr(engine.decode, "_cache_size")
+    run_ids(tiny, RAGGED, max_new=16)  # compile these shapes
+    before = cache_sizes()
+    settings = [
+        dict(temperature=1.0, seed=1),
+        dict(temperature=0.3, top_k=3, seed=2),
+        dict(temperature=2.0, top_p=0.4, seed=3),
+        dict(temperature=1.0, min_p=0.2, repetition_penalty=1.5, seed=99),
+        dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.01, seed=2**31),
+        dict(repetition_penalty=0.8),
+    ]
+    for kw in settings:
+        run_ids(tiny, RAGGED, max_new=16, **kw)
+    run_ids(tiny, RAGGED, max_new=9, stop=(5, 6, 7))  # same token-buffer bucket
+    run_ids(tiny, RAGGED, max_new=16, sampling=[Sampling(temperature=0.5, seed=i) for i in range(3)])
+    run_ids(tiny, RAGGED, max_new=16, chunk=4)
+    assert cache_sizes() == before
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Stop conditions
+# --------------------------------------------------------------------------------------------
+
+def test_smollm2_eos_and_length(smol, smol_batch):
+    hi, story, photo = smol_batch
+    assert hi.finish_reason == "stop" and hi.token_ids[-1] in smol.eos_token_ids
+    assert not any(t in smol.eos_token_ids for t in hi.token_ids[:-1])
+    assert len(hi.token_ids) < MAX_NEW
+    assert "<|im_end|>" not in hi.text and hi.text.strip()
+    for c in (story, photo):
+        assert c.finish_reason == "length" and len(c.token_ids) == MAX_NEW
+        assert not any(t in smol.eos_token_ids for t in c.token_ids)
+    for c in smol_batch:
+        assert c.text == smol.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+
+
+def test_tiny_stop_token_and_length(tiny):
+    full = run_ids(tiny, RAGGED, max_new=16)
+    a, b, c = (x.token_ids for x in full)
+    # A stop id that row 0 draws at step >= 2 and the other rows never draw.
+    stop_tok = next(t for t in a[2:] if t not in b + c)
+    k = a.index(stop_tok)
+    out = run_ids(tiny, RAGGED, max_new=16, stop=(stop_tok,), logprobs=True)
+    assert out[0].token_ids == a[: k + 1] and out[0].token_ids[-1] == stop_tok
+    assert out[0].finish_reason == "stop" and len(out[0].logprobs) == k + 1
+    for row, ref in zip(out[1:], (b, c), strict=True):  # rows finish independently
+        assert row.token_ids == ref and row.finish_reason == "length"
+    for n in (1, 5):
+        short = run_ids(tiny, RAGGED, max_new=n)
+        assert [x.token_ids for x in short] == [a[:n], b[:n], c[:n]]
+        assert all(x.finish_reason == "length" for x in short)
+    # A stop id drawn on the very first (prefill) step.
+    first = run_ids(tiny, RAGGED, max_new=16, stop=(a[0],))
+    assert first[0].token_ids == [a[0]] and first[0].finish_reason == "stop"
+
+
+def test_smollm2_stop_strings(smol, smol_batch):
+    hi, story, photo = (c.text for c in smol_batch)
+    stop_story = story[40:52]  # mid-text, spanning token boundaries
+    stop_photo = photo[70:79]
+    stops = [stop_story, stop_photo]
+    assert not any(s in hi for s in stops)
+    out = text.generate(smol, CHAT_PROMPTS, chat=True, max_new_tokens=MAX_NEW, stop=stops)
+    assert out[0].text == hi and out[0].token_ids == smol_batch[0].token_ids
+    assert out[0].finish_reason == "stop"
+    for full, got in zip(smol_batch[1:], out[1:], strict=True):
+        cut = min(i for i in (full.text.find(s) for s in stops) if i >= 0)
+        assert got.text == full.text[:cut]
+        assert got.finish_reason == "stop"
+        assert not any(s in got.text for s in stops)
+        n = len(got.token_ids)
+        assert 0 < n < MAX_NEW and got.token_ids == full.token_ids[:n]
+        # The last kept token is the one that completed the stop string.
+        assert any(s in smol.tokenizer.decode(got.token_ids) for s in stops)
+        assert not any(s in smol.tokenizer.decode(got.token_ids[:-1]) for s in stops)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Streaming
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_stop", [False, True])
+def test_smollm2_stream_matches_generate(smol, smol_batch, with_stop):
+    prompts = CHAT_PROMPTS[:2]
+    kw = dict(chat=True, max_new_tokens=MAX_NEW)
+    if with_stop:
+        kw["stop"] = [smol_batch[1].text[30:37], "\n\nZZZ"]
+        ref = text.generate(smol, prompts, **kw)
+        assert ref[0].finish_reason == "stop" and ref[0].text == smol_batch[0].text
+        assert ref[1].finish_reason == "stop" and len(ref[1].token_ids) < MAX_NEW
+        chunks = (1, 8)
+    else:  # the non-streaming batch of 3 (a ragged batch equals its rows alone: tested above)
+        ref = smol_batch[:2]
+        chunks = (8,)
+    for chunk in chunks:
+        results = []
+        events = list(text.stream(smol, prompts, chunk=chunk, results=results, **kw))
+        for i, c in enumerate(ref):
+            mine = [e for e in events if e.index == i]
+            assert "".join(e.text for e in mine) == c.text
+            assert [e.finish_reason is not None for e in mine] == [False] * (len(mine) - 1) + [True]
+            assert mine[-1].finish_reason == c.finish_reason
+        assert [(r.token_ids, r.text, r.finish_reason) for r in results] == [
+            (c.token_ids, c.text, c.finish_reason) for c in ref]
+
+
+MULTIBYTE_PROMPTS = [
+    "Continue this Japanese text: 東京は日本の首都です。京都は",
+    "Reply with only emoji: 😀 😃 😄 😁 😆",
+    "Translate to Chinese: I love my cat.",
+]
+
+
+def test_smollm2_stream_multibyte_text(smol):
+    """Characters split across byte-level tokens stream intact; multi-byte stop strings cut."""
+    full = text.generate(smol, MULTIBYTE_PROMPTS, chat=True, max_new_tokens=MAX_NEW)
+    assert all(sum(ord(ch) > 127 for ch in c.text) >= 5 for c in full)
+    for c in full:
+        assert c.text == smol.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    events = list(text.stream(smol, MULTIBYTE_PROMPTS, chat=True, max_new_tokens=MAX_NEW, chunk=1))
+    for i, c in enumerate(full):
+        assert "".join(e.text for e in events if e.index == i) == c.text
+        assert all("\ufffd" not in e.text for e in events)
+    # Stop strings taken from the middle of the Japanese and Chinese answers.
+    stops = [full[0].text[2:4], full[2].text[4:6]]
+    assert not any(s in full[1].text for s in stops)
+    results = []
+    events = list(text.stream(smol, MULTIBYTE_PROMPTS, chat=True, max_new_tokens=MAX_NEW, chunk=1,
+                              stop=stops, results=results))
+    for i, c in enumerate(full):
+        cuts = [j for j in (c.text.find(s) for s in stops) if j >= 0]
+        expected = c.text[:min(cuts)] if cuts else c.text
+        assert "".join(e.text for e in events if e.index == i) == expected == results[i].text
+        assert results[i].finish_reason == ("stop" if cuts else c.finish_reason)
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Bad input: InputError before anything is compiled
+# --------------------------------------------------------------------------------------------
+
+BAD_SAMPLING = [
+    dict(max_new_tokens=0),
+    dict(temperature=-1.0),
+    dict(top_p=0.0),
+    dict(top_p=1.5),
+    dict(top_k=-1),
+    dict(min_p=1.5),
+    dict(min_p=-0.1),
+    dict(repetition_penalty=0.0),
+]
+
+
+@pytest.mark.parametrize("kwargs", BAD_SAMPLING, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_bad_sampling_raises_input_error(smol, tiny, kwargs):
+    before = cache_sizes()
+    with pytest.raises(InputError):
+        text.generate(smol, "Hi", **kwargs)
+    with pytest.raises(InputError):  # stream raises at the latest on the first event
+        list(text.stream(smol, ["Hi", "Hello"], **kwargs))
+    kw = dict(kwargs)
+    max_new = kw.pop("max_new_tokens", 16)
+    with pytest.raises(InputError):
+        run_ids(tiny, RAGGED, max_new=max_new, **kw)
+    assert cache_sizes() == before
+
+
+def test_bad_prompts_raise_input_error(smol, tiny, tiny_ctx32):
+    before = cache_sizes()
+    for prompts in ("", [], ["Hi", ""]):
+        with pytest.raises(InputError):
+            text.generate(smol, prompts)
+        with pytest.raises(InputError):
+            list(text.stream(smol, prompts))
+    with pytest.raises(InputError):
+        run_ids(tiny, [])
+    with pytest.raises(InputError):
+        run_ids(tiny, [[1, 2], []])
+    with pytest.raises(InputError):  # token id outside the vocabulary
+        run_ids(tiny, [[1, 128]])
+    with pytest.raises(InputError):  # one seed per prompt, or one for all
+        text.generate(smol, ["Hi", "Hello"], seed=[1, 2, 3])
+    with pytest.raises(InputError):
+        text.generate(smol, "Hi", stop=[""])
+    with pytest.raises(InputError):
+        text.generate(smol, "Hi", stop_token_ids=list(range(9)))
+    # Context of 32: a prompt longer than the context, or prompt + max_new_tokens beyond it.
+    with pytest.raises(InputError):
+        run_ids(tiny_ctx32, [list(range(40))], max_new=1)
+    with pytest.raises(InputError):
+        run_ids(tiny_ctx32, [list(range(1, 21)), [5]], max_new=16)
+    assert cache_sizes() == before
+    (ok,) = run_ids(tiny_ctx32, [list(range(1, 17))], max_new=16)  # exactly fills the context
+    assert len(ok.token_ids) == 16
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_out_of_range_seed_raises_input_error(smol, seed):
+    with pytest.raises(InputError, match="seed"):
+        text.generate(smol, "Hi", temperature=1.0, seed=seed)
+
+
+def test_stream_validates_when_called(smol):
+    with pytest.raises(InputError, match="temperature"):
+        text.stream(smol, "Hi", temperature=-1)  # no next() needed
+
+
+def test_sampling_rows_must_match_prompts(tiny):
+    req = Request(prompts=[[1, 2], [3], [4, 5]], sampling=[Sampling(), Sampling()],
+                  max_new_tokens=2, stop_token_ids=())
+    with pytest.raises(InputError, match="sampling settings"):
+        generate_ids(tiny, req)
+
+
+def test_top_p_one_is_off():
+    logits = jax.random.normal(jax.random.key(0), (2, 4096)) * 3
+    arrays = SamplingArrays.from_rows([Sampling(temperature=1.0, top_p=1.0)] * 2, 2)
+    assert bool(jnp.all(jnp.isfinite(filter_logits(logits, arrays))))
+
+
+def test_load_missing_path_raises_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError):
+        jaxinfer.load(tmp_path / "no-such-model.gguf", progress=False)
+    with pytest.raises(CheckpointError):
+        jaxinfer.load(str(tmp_path / "missing-dir"), progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# 8. Repetition penalty
+# --------------------------------------------------------------------------------------------
+
+def test_repetition_penalty_follows_hf_rule(tiny):
+    """Each greedy token is the argmax of the full-forward logits after the Hugging Face
+    penalty over prompt + tokens generated so far; rows of one batch use different penalties."""
+    penalties = [1.0, 1.3, 0.7, 3.0]
+    prompts = [RAGGED[1]] * 4
+    outs = run_ids(tiny, prompts, max_new=16,
+                   sampling=[Sampling(repetition_penalty=p) for p in penalties])
+    assert len({tuple(c.token_ids) for c in outs}) > 1  # the penalty changes the output
+    for pen, c, logits in zip(penalties, outs, step_logits(tiny, prompts, outs), strict=True):
+        proc = transformers.RepetitionPenaltyLogitsProcessor(pen) if pen != 1.0 else None
+        for t, tok in enumerate(c.token_ids):
+            scores = torch.tensor(logits[t][None])
+            if proc is not None:
+                seen = torch.tensor([list(prompts[0]) + c.token_ids[:t]])
+                scores = proc(seen, scores)
+            scores = scores[0].numpy()
+            assert scores[tok] >= scores.max() - 1e-4, (pen, t)
+
+
+def test_huge_repetition_penalty_never_repeats(tiny):
+    prompt = RAGGED[1]
+    (plain,) = run_ids(tiny, [prompt], max_new=16)
+    assert len(set(plain.token_ids)) < len(plain.token_ids)  # greedy alone repeats itself
+    (c,) = run_ids(tiny, [prompt], max_new=16, repetition_penalty=1e6)
+    (logits,) = step_logits(tiny, [prompt], [c])
+    seen = set(prompt)
+    for tok, step in zip(c.token_ids, logits, strict=True):
+        # Premise: some unseen token has a clearly positive logit, so every seen token
+        # (positive logit / 1e6, or negative logit * 1e6) scores below it.
+        assert max(v for i, v in enumerate(step) if i not in seen) > 1e-2
+        assert tok not in seen
+        seen.add(tok)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3, 0.7])
+def test_greedy_with_repetition_penalty_matches_transformers(tiny_pair, penalty):
+    model, hf = tiny_pair
+    eos = list(model.eos_token_ids)
+    assert eos == [hf.generation_config.eos_token_id]
+    outs = run_ids(model, RAGGED, max_new=16, stop=eos, repetition_penalty=penalty)
+    for p, c in zip(RAGGED, outs, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              do_sample=False, max_new_tokens=16, repetition_penalty=penalty,
+                              eos_token_id=eos, pad_token_id=0)
+        assert c.token_ids == ref[0, len(p):].tolist()
