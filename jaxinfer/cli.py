@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from jaxinfer.errors import InputError, JaxinferError
 from jaxinfer.loading.fetch import DEFAULT_MODEL, cache_dir
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--json", action="store_true")
+    e = sub.add_parser("eval", help="sliding-window perplexity of a text file")
+    _common(e)
+    e.add_argument("--text-file", required=True, help="UTF-8 text to score")
+    e.add_argument("--context", type=int, default=512, help="tokens per window")
+    e.add_argument("--stride", type=int, default=256, help="step between windows")
+    e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    e.add_argument("--json", action="store_true")
     return parser
 
 
@@ -192,7 +201,34 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench}
+def cmd_eval(args) -> int:
+    from jaxinfer.evaluate import perplexity
+
+    path = Path(args.text_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read as UTF-8 text ({e})") from None
+    if args.context < 2 or not 1 <= args.stride <= args.context or args.batch_size < 1:
+        raise InputError("need --context >= 2, 1 <= --stride <= --context and --batch-size >= 1")
+    model, _ = _load(args)
+    if model.tokenizer is None:
+        raise InputError(f"{args.model}: no tokenizer, so text cannot be scored")
+    ids = model.tokenizer.encode(text)
+    if model.tokenizer.add_bos_token and model.tokenizer.bos_token_id is not None:
+        ids = [model.tokenizer.bos_token_id] + ids
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    res = perplexity(model, ids, context=args.context, stride=args.stride,
+                     batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"perplexity": res["perplexity"], "tokens": res["tokens"]}))
+    else:
+        print(f"perplexity {res['perplexity']:.4f} over {res['tokens']} tokens")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

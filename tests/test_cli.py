@@ -71,3 +71,25 @@ def test_module_entry_point_reports_errors():
                            "--model", "/no/such", "--no-compile-cache"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+
+
+def test_eval_json(capsys, smollm2_gguf_path, tmp_path):
+    from jaxinfer.bench import english_text
+
+    text = tmp_path / "t.txt"
+    text.write_text(english_text()[:3000])
+    code, out, _ = run_cli(capsys, "eval", "--model", str(smollm2_gguf_path), *BASE,
+                           "--text-file", str(text), "--context", "128", "--stride", "64",
+                           "--max-tokens", "300", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["tokens"] == 299 and 2 < data["perplexity"] < 100
+
+
+def test_eval_bad_inputs(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "eval", *BASE, "--text-file", str(tmp_path / "missing.txt"))
+    assert code == 2 and "missing.txt" in err
+    (tmp_path / "t.txt").write_text("hello")
+    code, _, err = run_cli(capsys, "eval", *BASE, "--text-file", str(tmp_path / "t.txt"),
+                           "--stride", "0")
+    assert code == 2 and "--stride" in err
