@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jaxinfer.errors import InputError, JaxinferError
 from jaxinfer.loading.fetch import DEFAULT_MODEL, cache_dir
+from jaxinfer.parallel.cli_support import add_parallel_args, devices_command, setup_parallel
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    add_parallel_args(g)
     c = sub.add_parser("chat", help="interactive multi-turn chat with streaming")
     _common(c)
     _sampling_args(c)
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--new-tokens", type=int, default=128)
     b.add_argument("--json", action="store_true")
+    add_parallel_args(b)
     e = sub.add_parser("eval", help="sliding-window perplexity of a text file")
     _common(e)
     e.add_argument("--text-file", required=True, help="UTF-8 text to score")
@@ -70,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     e.add_argument("--json", action="store_true")
+    add_parallel_args(e)
+    d = sub.add_parser("devices", help="devices, processes and the mesh that would be chosen")
+    _common(d)
+    add_parallel_args(d)
+    d.add_argument("--json", action="store_true")
     return parser
 
 
@@ -88,11 +96,14 @@ def _status(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _load(args):
+def _load(args, placement=None):
+    """Load --model (and place it on the devices when a placement is given)."""
     import jaxinfer
 
     t = time.perf_counter()
     model = jaxinfer.load(args.model, dtype=args.dtype)
+    if placement is not None:
+        model = placement.apply(model)
     return model, time.perf_counter() - t
 
 
@@ -121,7 +132,8 @@ def cmd_generate(args) -> int:
     if any(not p for p in args.prompt):
         raise InputError("--prompt must not be empty")
     _check_sampling(args)
-    model, load_s = _load(args)
+    placement = setup_parallel(args)
+    model, load_s = _load(args, placement)
     _status(f"loaded {args.model} in {load_s:.1f}s; compiling and generating ...")
     results = []
     t0 = time.perf_counter()
@@ -140,7 +152,7 @@ def cmd_generate(args) -> int:
     if args.json:
         out = {"outputs": [{"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
                             "finish_reason": r.finish_reason} for r in results],
-               "timings": timings}
+               "timings": timings, "placement": placement.info()}
         print(json.dumps(out, ensure_ascii=False))
     elif live:
         print()
@@ -188,11 +200,13 @@ def cmd_bench(args) -> int:
     for name in ("batch_size", "prompt_len", "new_tokens"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
-    model, load_s = _load(args)
+    placement = setup_parallel(args)
+    model, load_s = _load(args, placement)
     res = run_bench(model, batch_size=args.batch_size, prompt_len=args.prompt_len,
                     new_tokens=args.new_tokens, kv_cache=args.kv_cache)
     res["load_s"] = round(load_s, 3)
     res["model"] = args.model
+    res["placement"] = placement.info()
     if args.json:
         print(json.dumps(res))
     else:
@@ -211,7 +225,8 @@ def cmd_eval(args) -> int:
         raise InputError(f"{path}: cannot read as UTF-8 text ({e})") from None
     if args.context < 2 or not 1 <= args.stride <= args.context or args.batch_size < 1:
         raise InputError("need --context >= 2, 1 <= --stride <= --context and --batch-size >= 1")
-    model, _ = _load(args)
+    placement = setup_parallel(args)
+    model, _ = _load(args, placement)
     if model.tokenizer is None:
         raise InputError(f"{args.model}: no tokenizer, so text cannot be scored")
     ids = model.tokenizer.encode(text)
@@ -228,7 +243,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "eval": cmd_eval}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "eval": cmd_eval,
+            "devices": devices_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,20 +55,22 @@ def _record(state: DecodeState, tok: jax.Array, logp: jax.Array) -> DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_len", "buf_len", "scan_unroll",
-                                             "kv_cache"))
+                                             "kv_cache", "shard"))
 def prefill(params, prompt: jax.Array, positions: jax.Array, sampling: SamplingArrays,
             stop_ids: jax.Array, max_new: jax.Array, active: jax.Array, *, config,
             cache_len: int, buf_len: int, scan_unroll: int = 1,
-            kv_cache: str = "float") -> DecodeState:
+            kv_cache: str = "float", shard=None) -> DecodeState:
     """Fill the cache with left-padded prompts and draw each row's first token.
 
     prompt, positions [B, P] (padding: position -1); active [B] bool (False rows are batch
     filler and start finished). kv_cache: "float" (the params' dtype) or "int8".
     Returns the DecodeState after one token per row.
+    shard (static, optional): a hashable callable applied to the new KVCache and to the
+    returned DecodeState (sharding constraints; see jaxinfer.parallel.sharding.StateSharding).
     """
     b = prompt.shape[0]
     dtype = jnp.int8 if kv_cache == "int8" else _cache_dtype(params)
-    cache = models.init_cache(config, b, cache_len, dtype)
+    cache = _shard(shard, models.init_cache(config, b, cache_len, dtype))
     logits, cache = models.forward(config, params, prompt, positions, cache, last_only=True,
                                    scan_unroll=scan_unroll)
     rows = jnp.arange(b)[:, None]
@@ -81,13 +83,17 @@ def prefill(params, prompt: jax.Array, positions: jax.Array, sampling: SamplingA
         done=~active, hit_stop=jnp.zeros((b,), bool), step=jnp.zeros((), jnp.int32),
         sampling=sampling, stop_ids=stop_ids, max_new=max_new)
     tok, logp = sample(logits[:, -1], sampling, seen, state.step)
-    return _record(state, tok, logp)
+    return _shard(shard, _record(state, tok, logp))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scan_unroll"), donate_argnums=(1,))
+@functools.partial(jax.jit, static_argnames=("config", "scan_unroll", "shard"),
+                   donate_argnums=(1,))
 def decode(params, state: DecodeState, limit: jax.Array, *, config,
-           scan_unroll: int = 1) -> DecodeState:
-    """Decode on the device until every row is done or `state.step` reaches `limit`."""
+           scan_unroll: int = 1, shard=None) -> DecodeState:
+    """Decode on the device until every row is done or `state.step` reaches `limit`.
+
+    shard (static, optional): as in `prefill`, applied to the loop's state.
+    """
 
     def cond(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done)
@@ -97,9 +103,14 @@ def decode(params, state: DecodeState, limit: jax.Array, *, config,
                                        s.cache, scan_unroll=scan_unroll)
         tok, logp = sample(logits[:, 0], s.sampling, s.seen, s.step)
         s = s.replace(cache=cache, next_pos=s.next_pos + 1)
-        return _record(s, tok, logp)
+        return _shard(shard, _record(s, tok, logp))
 
-    return jax.lax.while_loop(cond, body, state)
+    return _shard(shard, jax.lax.while_loop(cond, body, _shard(shard, state)))
+
+
+def _shard(shard, x):
+    """Apply the optional sharding hook."""
+    return x if shard is None else shard(x)
 
 
 def _cache_dtype(params):
