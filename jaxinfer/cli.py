@@ -30,6 +30,19 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="do not use the persistent compilation cache")
     p.add_argument("--kv-cache", choices=["float", "int8"], default="float",
                    help="KV cache storage: float (parameter dtype) or int8 with per-token scales")
+    _quant_args(p)
+
+
+def _quant_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--quant", choices=["int8", "int4", "w8a8", "native"], default=None,
+                   required=required,
+                   help="quantize the weights on load (native: keep a GGUF's Q8_0/Q4_0/Q4_1 "
+                        "blocks packed)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4 group size (default: largest of 128/64/32 dividing every input dim)")
+    p.add_argument("--asymmetric", action="store_true", help="int4 with a per-group minimum")
+    p.add_argument("--quant-embed", choices=["int8", "same", "none"], default="int8",
+                   help="embedding / LM head: int8 (default), the same scheme, or left float")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     e.add_argument("--json", action="store_true")
     add_parallel_args(e)
+    q = sub.add_parser("quantize", help="quantize once and save a checkpoint jaxinfer.load reads")
+    q.add_argument("--model", default=DEFAULT_MODEL)
+    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    _quant_args(q, required=True)
+    q.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
+                   help="round-to-nearest, or GPTQ calibrated on --calibration-file (int4)")
+    q.add_argument("--calibration-file", default=None, help="UTF-8 text for calibration")
+    q.add_argument("--calibration-samples", type=int, default=64)
+    q.add_argument("--calibration-len", type=int, default=512)
+    q.add_argument("--out", required=True, help="output directory (must not exist)")
+    q.set_defaults(compile_cache=None, no_compile_cache=True)
     d = sub.add_parser("devices", help="devices, processes and the mesh that would be chosen")
     _common(d)
     add_parallel_args(d)
@@ -101,10 +125,36 @@ def _load(args, placement=None):
     import jaxinfer
 
     t = time.perf_counter()
-    model = jaxinfer.load(args.model, dtype=args.dtype)
+    quant = getattr(args, "quant", None)
+    if quant == "native":
+        model = _load_native(args)
+    else:
+        model = jaxinfer.load(args.model, dtype=args.dtype)
+    if quant not in (None, "native"):
+        from jaxinfer.quant.recipes import quantize_model
+
+        model = quantize_model(model, quant, group_size=args.group_size,
+                               symmetric=not args.asymmetric, embed=args.quant_embed,
+                               **getattr(args, "calibration", {}))
     if placement is not None:
         model = placement.apply(model)
     return model, time.perf_counter() - t
+
+
+def _load_native(args):
+    """A GGUF with its quantized blocks kept packed; refuses checkpoints without any."""
+    from jaxinfer.loading import resolve_source
+    from jaxinfer.quant import is_quantized, load_gguf_packed
+    from jaxinfer.quant.transform import iter_leaves
+
+    path = resolve_source(args.model)
+    if path.is_dir() or path.suffix != ".gguf":
+        raise InputError(f"{path}: --quant native needs a .gguf file with Q8_0/Q4_0/Q4_1 tensors")
+    model = load_gguf_packed(path, args.dtype)
+    if not any(is_quantized(leaf) for _, leaf in iter_leaves(model.params)):
+        raise InputError(f"{path}: --quant native: the file has no Q8_0/Q4_0/Q4_1 tensors to "
+                         "keep packed")
+    return model
 
 
 def _gen_kwargs(args) -> dict:
@@ -243,8 +293,37 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "eval": cmd_eval,
-            "devices": devices_command}
+def cmd_quantize(args) -> int:
+    from jaxinfer.quant import save_quantized
+
+    out = Path(args.out)
+    if out.exists():
+        raise InputError(f"{out}: already exists; choose a new --out directory")
+    if args.method == "awq":
+        raise InputError("--method awq is not implemented; use --method gptq (calibrated) or rtn")
+    if args.method == "gptq":
+        if args.quant != "int4":
+            raise InputError("--method gptq applies to --quant int4")
+        if not args.calibration_file:
+            raise InputError("--method gptq needs --calibration-file")
+        try:
+            text = Path(args.calibration_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{args.calibration_file}: cannot read as UTF-8 text ({e})") from None
+        args.calibration = dict(method="gptq", calibration_text=text,
+                                calib_samples=args.calibration_samples,
+                                calib_len=args.calibration_len)
+    if args.quant == "native":
+        raise InputError("--quant native keeps a GGUF packed at load time; nothing to save")
+    model, load_s = _load(args)
+    path = save_quantized(model, out)
+    _status(f"quantized {args.model} ({args.quant}, {args.method}) in {load_s:.1f}s; "
+            f"{model.weight_bytes / 1e6:.1f} MB of weights written to {path}")
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "generate": cmd_generate, "chat": cmd_chat,
+            "bench": cmd_bench, "eval": cmd_eval, "devices": devices_command}
 
 
 def main(argv: list[str] | None = None) -> int:

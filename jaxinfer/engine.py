@@ -114,5 +114,8 @@ def _shard(shard, x):
 
 
 def _cache_dtype(params):
-    leaves = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return leaves[0].dtype if leaves else jnp.float32
+    """The float dtype of the params (quantized leaves report their original dtype)."""
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: not isinstance(x, dict))
+    floats = [jnp.dtype(x.dtype) for x in leaves
+              if jnp.issubdtype(jnp.dtype(x.dtype), jnp.floating)]
+    return floats[0] if floats else jnp.float32

@@ -109,7 +109,7 @@ class GPT2(nn.Module):
         c = self.config
         wte = weight(self, "wte", (c.vocab_size, c.d_model), ("vocab", "embed"))
         wpe = weight(self, "wpe", (c.max_seq_len, c.d_model), ("positions", "embed"))
-        dtype = wte.dtype if isinstance(wte, jax.Array) else jnp.float32
+        dtype = jnp.dtype(getattr(wte, "dtype", jnp.float32))
         x = embed_lookup(wte, tokens).astype(dtype)
         x = x + embed_lookup(wpe, jnp.maximum(positions, 0)).astype(dtype)
         if cache is None:

@@ -122,7 +122,7 @@ class Llama(nn.Module):
         """
         c = self.config
         table = weight(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"))
-        dtype = table.dtype if isinstance(table, jax.Array) else jnp.float32
+        dtype = jnp.dtype(getattr(table, "dtype", jnp.float32))
         x = embed_lookup(table, tokens).astype(dtype)
         if cache is None:
             k_pos, slots, cache_kv = positions, None, None

@@ -35,6 +35,10 @@ def load(source: str | Path, dtype=None, progress: bool = True) -> Model:
     path = resolve_source(source)
     dtype = resolve_dtype(dtype)
     if path.is_dir():
+        if (path / "quantization.json").is_file():  # saved by jaxinfer.quant.save_quantized
+            from jaxinfer.quant.checkpoint import load_quantized
+
+            return load_quantized(path)
         return _load_hf_dir(path, dtype, progress)
     if path.suffix in hf_dir.PICKLE_SUFFIXES:
         raise hf_dir.refuse_pickle(path)

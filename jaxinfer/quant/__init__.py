@@ -1,0 +1,40 @@
+"""Quantization as functional transforms over the params pytree (the models never change).
+
+Leaf types (registered pytrees; replace a float parameter in place, stacked or per layer):
+  Int8Weight       int8 per-output-channel symmetric, weight-only
+  Int4Weight       4-bit group-wise (32/64/128) along the input dim, symmetric or with a minimum,
+                   two values per byte
+  W8A8Weight       int8 weights x dynamic per-token int8 activations, int32 accumulation
+  GGUFBlockWeight  ggml Q8_0 / Q4_0 / Q4_1 blocks kept packed as in a GGUF file
+Each has matmul(x), matmul_transposed(x), take_rows(tokens), dequantize(), nbytes, shape.
+
+Transforms: quantize(params, rules | scheme=...), dequantize_params, weight_bytes.
+Schemes: Int8(), Int4(group_size, symmetric), W8A8(), parse_scheme(name, group_size).
+Checkpoints: save_quantized(model, dir), load_quantized(dir) -> Model.
+GGUF: load_gguf_packed(path) -> Model with the file's Q8_0/Q4_0/Q4_1 tensors kept packed.
+"""
+
+from jaxinfer.quant.base import IN_OUT, OUT_IN, QuantizedWeight, is_quantized, stack_leaves
+from jaxinfer.quant.checkpoint import load_quantized, save_quantized
+from jaxinfer.quant.gguf_blocks import GGUFBlockWeight, qk_row_order
+from jaxinfer.quant.gguf_native import load_gguf_packed, params_from_gguf
+from jaxinfer.quant.int4 import Int4Weight
+from jaxinfer.quant.int8 import Int8Weight, W8A8Weight
+from jaxinfer.quant.packing import pack_nibbles, unpack_nibbles
+from jaxinfer.quant.schemes import W8A8, Int4, Int8, Scheme, parse_scheme
+from jaxinfer.quant.transform import (
+    DEFAULT_PATTERNS,
+    dequantize_params,
+    describe,
+    plan,
+    quantize,
+    weight_bytes,
+)
+
+__all__ = [
+    "DEFAULT_PATTERNS", "IN_OUT", "OUT_IN", "W8A8", "GGUFBlockWeight", "Int4", "Int4Weight",
+    "Int8", "Int8Weight", "QuantizedWeight", "Scheme", "W8A8Weight", "dequantize_params",
+    "describe", "is_quantized", "load_gguf_packed", "load_quantized", "pack_nibbles",
+    "params_from_gguf", "parse_scheme", "plan", "qk_row_order", "quantize", "save_quantized", "stack_leaves",
+    "unpack_nibbles", "weight_bytes",
+]
