@@ -157,17 +157,18 @@ class Hessian:
 # ----------------------------------------------------------------------------- layers
 
 
-def _get(tree, path: str):
+def get_path(tree, path: str):
+    """The leaf of nested dict `tree` at "a/b/c"."""
     for k in path.split("/"):
         tree = tree[k]
     return tree
 
 
-def _with(tree, path: str, value):
+def with_path(tree, path: str, value):
     """A copy of nested dict `tree` with the leaf at `path` replaced (other leaves shared)."""
     head, _, rest = path.partition("/")
     out = dict(tree)
-    out[head] = _with(tree[head], rest, value) if rest else value
+    out[head] = with_path(tree[head], rest, value) if rest else value
     return out
 
 
@@ -217,8 +218,8 @@ def _recorded_block(config, lp, x, positions, layer, window):
     rec = lp
     for site, paths in SITES.items():
         for j, path in enumerate(paths):
-            rec = _with(rec, path, HessianRecorder(_get(lp, path), grams, site if j == 0 else None,
-                                                   mask))
+            recorder = HessianRecorder(get_path(lp, path), grams, site if j == 0 else None, mask)
+            rec = with_path(rec, path, recorder)
     y = _apply_block(config, rec, x, positions, layer, window)
     return y, grams
 
@@ -227,7 +228,7 @@ def layer_hessians(config, lp, x, positions, layer: int, batch_size: int = 8):
     """Run layer `layer` (float params lp) over x [n, T, D] with every projection recording
     its input. Returns ({site: Hessian}, the layer's output [n, T, D])."""
     positions = np.asarray(positions)
-    hessians = {site: Hessian(_get(lp, paths[0]).shape[0]) for site, paths in SITES.items()}
+    hessians = {site: Hessian(get_path(lp, paths[0]).shape[0]) for site, paths in SITES.items()}
     window = layer_window(config, layer)
     outs = []
     for i in range(0, x.shape[0], batch_size):
