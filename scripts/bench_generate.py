@@ -9,7 +9,10 @@ Prints a Markdown table; `--out FILE` also writes it. Needs the test extra (torc
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import subprocess
+import sys
 import time
 
 import jaxinfer
@@ -39,7 +42,21 @@ def transformers_decode(path, ids: list[int], batch: int, new_tokens: int) -> di
             "decode_tokens_per_s": round(batch * (new_tokens - 1) / (t2 - t1 - ttft), 2)}
 
 
+def transformers_in_subprocess(path, ids, batch, new_tokens) -> dict:
+    """Run the reference in its own process, so PyTorch's and XLA's thread pools never share
+    the cores at the same moment."""
+    cmd = [sys.executable, __file__, "--reference", json.dumps([str(path), ids, batch, new_tokens])]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--reference":
+        from pathlib import Path
+
+        path, ids, batch, new_tokens = json.loads(sys.argv[2])
+        print(json.dumps(transformers_decode(Path(path), ids, batch, new_tokens)))
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--prompt-len", type=int, default=64)
@@ -54,7 +71,7 @@ def main() -> None:
     ours_b1 = None
     for b in args.batch_sizes:
         ours = run_bench(model, batch_size=b, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
-        ref = transformers_decode(path, ids, b, args.new_tokens)
+        ref = transformers_in_subprocess(path, ids, b, args.new_tokens)
         ours_b1 = ours_b1 or (ours["decode_tokens_per_s"] if b == 1 else None)
         ratio = ours["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
         rows.append(f"| jaxinfer float32 | {b} | {ours['ttft_s']} | {ours['decode_tokens_per_s']} "

@@ -172,9 +172,14 @@ def with_path(tree, path: str, value):
     return out
 
 
-def layer_params(params, layer: int):
-    """Layer `layer`'s slice of the stacked per-layer params (quantized leaves sliced too)."""
-    return jax.tree.map(lambda a: a[layer], params["layers"])
+def layer_params(params, layer: int, float32: bool = False):
+    """Layer `layer`'s slice of the stacked per-layer params (quantized leaves sliced too);
+    float32: float arrays cast to float32 (calibration runs in float32)."""
+    def take(a):
+        a = a[layer]
+        return a.astype(jnp.float32) if float32 and jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return jax.tree.map(take, params["layers"])
 
 
 def layer_window(config, layer: int) -> int:
@@ -250,7 +255,7 @@ def collect_hessians(model, calib_ids, batch_size: int = 8) -> list[dict[str, np
     x = embed_tokens(config, params, tokens)
     out = []
     for layer in range(config.n_layers):
-        hs, x = layer_hessians(config, layer_params(params, layer), x, positions, layer,
-                               batch_size)
+        hs, x = layer_hessians(config, layer_params(params, layer, float32=True), x, positions,
+                               layer, batch_size)
         out.append({site: h.mean() for site, h in hs.items()})
     return out

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
@@ -238,11 +237,6 @@ def _check_args(group_size, symmetric, damp, block_size, clip_search, batch_size
             raise InputError(f"{name} must be an integer of at least {least}, got {v!r}")
 
 
-def _float32_layer(lp):
-    return jax.tree.map(lambda a: a.astype(jnp.float32)
-                        if jnp.issubdtype(a.dtype, jnp.floating) else a, lp)
-
-
 def gptq_quantize(model, calib_ids, *, group_size: int = 128, symmetric: bool = True,
                   damp: float = 0.01, block_size: int = 128, act_order: bool = False,
                   clip_search: int = 0, sequential: bool = True, batch_size: int = 8,
@@ -281,7 +275,7 @@ def gptq_quantize(model, calib_ids, *, group_size: int = 128, symmetric: bool = 
     per_path: dict[str, list[Int4Weight]] = {p: [] for paths in SITES.values() for p in paths}
     for layer in tqdm(range(config.n_layers), desc="gptq", unit="layer", delay=1,
                       disable=not progress):
-        lp = _float32_layer(layer_params(params, layer))
+        lp = layer_params(params, layer, float32=True)
         hessians, y = layer_hessians(config, lp, x, positions, layer, batch_size)
         qlp = lp
         for site, paths in SITES.items():
