@@ -93,3 +93,47 @@ def test_eval_bad_inputs(capsys, tmp_path):
     code, _, err = run_cli(capsys, "eval", *BASE, "--text-file", str(tmp_path / "t.txt"),
                            "--stride", "0")
     assert code == 2 and "--stride" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "awq"], "awq is not implemented"),
+    (["--method", "gptq"], "needs --calibration-file"),
+    (["--quant", "native"], "nothing to save"),
+])
+def test_quantize_bad_inputs(capsys, tmp_path, extra, message):
+    argv = ["quantize", "--quant", "int4", "--out", str(tmp_path / "out"), *extra]
+    if "--quant" in extra:
+        argv = ["quantize", "--out", str(tmp_path / "out"), *extra]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_refuses_existing_out(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "quantize", "--quant", "int8", "--out", str(tmp_path))
+    assert code == 2 and "already exists" in err
+
+
+def test_quantize_saves_and_generate_loads(capsys, tmp_path, smollm2_gguf_path):
+    out = tmp_path / "q8"
+    code, _, _ = run_cli(capsys, "quantize", "--model", str(smollm2_gguf_path), "--quant", "int8",
+                         "--out", str(out))
+    assert code == 0 and (out / "quantization.json").is_file()
+    code, stdout, _ = run_cli(capsys, "generate", "--model", str(out), *BASE, "--prompt", "Hi",
+                              "--chat", "--max-new-tokens", "4", "--json")
+    assert code == 0 and json.loads(stdout)["outputs"][0]["token_ids"]
+
+
+def test_recipes_default_group_and_errors(smollm2):
+    from jaxinfer.errors import InputError
+    from jaxinfer.quant.recipes import default_group_size, quantize_model, recipe_rules
+
+    assert default_group_size(smollm2.params) == 64  # 576 is not a multiple of 128
+    rules = recipe_rules(smollm2.params, "int8", None, True, "int8")
+    assert ("embed", rules[-1][1]) == rules[-1]  # the tied embedding/head is int8 too
+    with pytest.raises(InputError, match="unknown quantization scheme"):
+        recipe_rules(smollm2.params, "int3", None, True, "int8")
+    with pytest.raises(InputError, match="int4 only"):
+        recipe_rules(smollm2.params, "int8", 64, True, "int8")
+    with pytest.raises(InputError, match="calibration text"):
+        quantize_model(smollm2, "int4", method="gptq")
