@@ -22,11 +22,10 @@ def refuse_pickle(path: Path) -> CheckpointError:
 
 def read_json(path: Path) -> dict:
     """A JSON file as a dict, with one clear error when it is missing or malformed."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):

@@ -30,6 +30,7 @@ import numpy as np
 
 import models
 from jaxinfer.errors import CheckpointError, InputError
+from jaxinfer.loading.hf_dir import read_json
 from jaxinfer.loading.safetensors_io import SafetensorsFile, write_safetensors
 from jaxinfer.model import Model
 from jaxinfer.quant.base import QuantizedWeight
@@ -146,20 +147,8 @@ def save_quantized(model: Model, out_dir: str | os.PathLike[str], overwrite: boo
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def _config_from_json(path: Path):
-    data = _read_json(path)
+    data = read_json(path)
     family, fields = data.get("family"), data.get("config")
     if family not in FAMILIES:
         raise CheckpointError(f"{path}: unknown model family {family!r}; supported: "
@@ -245,7 +234,7 @@ def load_quantized(path: str | os.PathLike[str]) -> Model:
         raise CheckpointError(f"{root}: not a directory")
     config, eos = _config_from_json(root / CONFIG)
     desc_path = root / DESCRIPTION
-    desc = _read_json(desc_path)
+    desc = read_json(desc_path)
     if desc.get("format") != FORMAT or desc.get("version") != VERSION:
         raise CheckpointError(f"{desc_path}: not a {FORMAT} version {VERSION} description")
     entries = desc.get("params")
