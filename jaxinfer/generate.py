@@ -224,13 +224,14 @@ def _stream(model, prompts_text, req, chunk, scan_unroll, logprobs, results):
     finished = [False] * run.n
     while True:
         tokens, lengths, hit_stop, lps = run.snapshot()
+        done = np.asarray(run.state.done)  # one transfer per chunk, not one per row
         newly_stopped = []
         for i, row in enumerate(rows):
             if finished[i]:
                 continue
             new = tokens[i, seen[i]:lengths[i]].tolist()
             seen[i] = lengths[i]
-            done_dev = bool(np.asarray(run.state.done)[i])
+            done_dev = bool(done[i])
             text = row.push(new, final=done_dev)
             if row.stopped and not done_dev:
                 newly_stopped.append(i)
