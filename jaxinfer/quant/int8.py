@@ -63,12 +63,6 @@ class _ChannelInt8(QuantizedWeight):
     values: jax.Array
     scales: jax.Array
 
-    @classmethod
-    def from_float(cls, w, layout: str = IN_OUT):
-        """Quantize float w ([..., in, out] for IN_OUT, [..., out, in] for OUT_IN)."""
-        values, scales = quantize_channels(w, check_layout(layout))
-        return cls(values=values, scales=scales, layout=layout, dtype=float_dtype_name(w.dtype))
-
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.values.shape)
@@ -111,6 +105,12 @@ class Int8Weight(_ChannelInt8):
     layout: str = flax.struct.field(pytree_node=False)
     dtype: str = flax.struct.field(pytree_node=False)
 
+    @classmethod
+    def from_float(cls, w, layout: str = IN_OUT) -> Int8Weight:
+        """Quantize float w ([..., in, out] for IN_OUT, [..., out, in] for OUT_IN)."""
+        values, scales = quantize_channels(w, check_layout(layout))
+        return cls(values=values, scales=scales, layout=layout, dtype=float_dtype_name(w.dtype))
+
     def _contract(self, x):
         y = dot_in(x, self.values.astype(x.dtype), _in_axis(self.layout))
         return y * per_out(self.scales, self.stacked).astype(x.dtype)
@@ -127,6 +127,12 @@ class W8A8Weight(_ChannelInt8):
     scales: jax.Array
     layout: str = flax.struct.field(pytree_node=False)
     dtype: str = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def from_float(cls, w, layout: str = IN_OUT) -> W8A8Weight:
+        """Quantize float w ([..., in, out] for IN_OUT, [..., out, in] for OUT_IN)."""
+        values, scales = quantize_channels(w, check_layout(layout))
+        return cls(values=values, scales=scales, layout=layout, dtype=float_dtype_name(w.dtype))
 
     def _contract(self, x):
         qx, sx = quantize_activations(x)
