@@ -98,11 +98,46 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-len", type=int, default=512)
     q.add_argument("--out", required=True, help="output directory (must not exist)")
     q.set_defaults(compile_cache=None, no_compile_cache=True)
+    _prune_parser(sub)
     d = sub.add_parser("devices", help="devices, processes and the mesh that would be chosen")
     _common(d)
     add_parallel_args(d)
     d.add_argument("--json", action="store_true")
     return parser
+
+
+def _prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help="prune (magnitude, Wanda, N:M, structured), optionally "
+                                     "recover and quantize, and save a checkpoint")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--method", choices=["magnitude", "wanda", "nm", "structured"], required=True)
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="fraction of weights removed per output column (magnitude, wanda) or of "
+                        "FFN channels (structured); default 0.5")
+    p.add_argument("--n", type=int, default=2, help="N of N:M (kept per group), default 2")
+    p.add_argument("--m", type=int, default=4, help="M of N:M (group size), default 4")
+    p.add_argument("--score", choices=["wanda", "magnitude"], default=None,
+                   help="importance score for nm/structured (default: wanda when "
+                        "--calibration-file is given, else magnitude)")
+    p.add_argument("--head-sparsity", type=float, default=0.0,
+                   help="structured: fraction of each GQA group's query heads removed")
+    p.add_argument("--calibration-file", default=None,
+                   help="UTF-8 text for Wanda's activation norms and for recovery")
+    p.add_argument("--calibration-samples", type=int, default=32)
+    p.add_argument("--calibration-len", type=int, default=256)
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="distillation steps from the dense model after pruning (0: none)")
+    p.add_argument("--recover-len", type=int, default=128, help="tokens per recovery window")
+    p.add_argument("--recover-batch", type=int, default=2, help="windows per recovery step")
+    p.add_argument("--learning-rate", type=float, default=5e-5)
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="recovery in bfloat16 compute with float32 master weights")
+    p.add_argument("--quant", choices=["int8"], default=None,
+                   help="quantize the pruned model (N:M leaves keep their pattern, int8 values)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.set_defaults(compile_cache=None, no_compile_cache=True)
 
 
 def setup_compile_cache(args) -> None:
@@ -322,7 +357,43 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "generate": cmd_generate, "chat": cmd_chat,
+def cmd_prune(args) -> int:
+    import jaxinfer
+    from jaxinfer.quant import save_quantized
+    from jaxinfer.sparse.recipes import PruneSettings, check_prune_args, prune_model
+
+    out = Path(args.out)
+    if out.exists():
+        raise InputError(f"{out}: already exists; choose a new --out directory")
+    settings = PruneSettings(
+        method=args.method, sparsity=args.sparsity, n=args.n, m=args.m, score=args.score,
+        head_sparsity=args.head_sparsity, calib_samples=args.calibration_samples,
+        calib_len=args.calibration_len, recover_steps=args.recover_steps,
+        recover_len=args.recover_len, recover_batch=args.recover_batch,
+        learning_rate=args.learning_rate, mixed_precision=args.mixed_precision, quant=args.quant)
+    check_prune_args(settings, args.calibration_file is not None)
+    text = None
+    if args.calibration_file:
+        try:
+            text = Path(args.calibration_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{args.calibration_file}: cannot read as UTF-8 text ({e})") from None
+    t = time.perf_counter()
+    model = jaxinfer.load(args.model, dtype=args.dtype)
+    pruned, report = prune_model(model, settings, text)
+    path = save_quantized(pruned, out)
+    report.update(out=str(path), seconds=round(time.perf_counter() - t, 1))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _status(f"pruned {args.model} ({args.method}) in {report['seconds']}s; "
+                f"{pruned.weight_bytes / 1e6:.1f} MB of weights written to {path}")
+        for k, v in report.items():
+            print(f"{k:>16}: {v}")
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "quantize": cmd_quantize, "generate": cmd_generate, "chat": cmd_chat,
             "bench": cmd_bench, "eval": cmd_eval, "devices": devices_command}
 
 

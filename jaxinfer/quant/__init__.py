@@ -6,6 +6,8 @@ Leaf types (registered pytrees; replace a float parameter in place, stacked or p
                    two values per byte
   W8A8Weight       int8 weights x dynamic per-token int8 activations, int32 accumulation
   GGUFBlockWeight  ggml Q8_0 / Q4_0 / Q4_1 blocks kept packed as in a GGUF file
+  NMSparseWeight   N:M (e.g. 2:4) sparse projection stored compressed (values + 4-bit indices),
+                   float or int8 values (made by jaxinfer.sparse; int8 via quantize(..., Int8))
 Each has matmul(x), matmul_transposed(x), take_rows(tokens), dequantize(), nbytes, shape.
 
 Transforms: quantize(params, rules | scheme=...), dequantize_params, weight_bytes.
@@ -20,6 +22,7 @@ from jaxinfer.quant.gguf_blocks import GGUFBlockWeight, qk_row_order
 from jaxinfer.quant.gguf_native import load_gguf_packed, params_from_gguf
 from jaxinfer.quant.int4 import Int4Weight
 from jaxinfer.quant.int8 import Int8Weight, W8A8Weight
+from jaxinfer.quant.nm import NMSparseWeight
 from jaxinfer.quant.packing import pack_nibbles, unpack_nibbles
 from jaxinfer.quant.schemes import W8A8, Int4, Int8, Scheme, parse_scheme
 from jaxinfer.quant.transform import (
@@ -33,7 +36,7 @@ from jaxinfer.quant.transform import (
 
 __all__ = [
     "DEFAULT_PATTERNS", "IN_OUT", "OUT_IN", "W8A8", "GGUFBlockWeight", "Int4", "Int4Weight",
-    "Int8", "Int8Weight", "QuantizedWeight", "Scheme", "W8A8Weight", "dequantize_params",
+    "Int8", "Int8Weight", "NMSparseWeight", "QuantizedWeight", "Scheme", "W8A8Weight", "dequantize_params",
     "describe", "is_quantized", "load_gguf_packed", "load_quantized", "pack_nibbles",
     "params_from_gguf", "parse_scheme", "plan", "qk_row_order", "quantize", "save_quantized", "stack_leaves",
     "unpack_nibbles", "weight_bytes",

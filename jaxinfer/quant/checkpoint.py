@@ -37,12 +37,14 @@ from jaxinfer.quant.base import QuantizedWeight
 from jaxinfer.quant.gguf_blocks import GGUFBlockWeight
 from jaxinfer.quant.int4 import Int4Weight
 from jaxinfer.quant.int8 import Int8Weight, W8A8Weight
+from jaxinfer.quant.nm import NMSparseWeight
 from jaxinfer.quant.transform import iter_leaves
 
 FORMAT = "jaxinfer-quantized"
 VERSION = 1
 WEIGHTS, DESCRIPTION, CONFIG = "model.safetensors", "quantization.json", "jaxinfer_config.json"
-LEAF_TYPES = {cls.__name__: cls for cls in (Int8Weight, Int4Weight, W8A8Weight, GGUFBlockWeight)}
+LEAF_TYPES = {cls.__name__: cls for cls in (Int8Weight, Int4Weight, W8A8Weight, GGUFBlockWeight,
+                                             NMSparseWeight)}
 FAMILIES = {"llama": models.LlamaConfig, "gpt2": models.GPT2Config}
 
 

@@ -9,7 +9,8 @@ Rules are (pattern, scheme) pairs; the first rule whose pattern matches a weight
 its scheme (None keeps it float). Patterns are globs over whole paths: `*` and `?` stay within one
 path segment, `**` crosses segments, `[abc]` is a character class and `{a,b}` an alternative.
 Only weight matrices (2-D per layer) are ever quantized: biases and norms never are, and a rule
-that matches no weight matrix is an error.
+that matches no weight matrix is an error. Quantized leaves are never quantized again, with one
+exception: an Int8 rule on an N:M sparse leaf with float values gives it int8 values (2:4 + int8).
 
 Matrix layouts: the embedding tables ("embed", "wte", "wpe") are [rows, dim] and quantized per
 row (OUT_IN: rows are gathered, and the tied LM head contracts their dim); every other matrix is
@@ -27,7 +28,8 @@ import numpy as np
 
 from jaxinfer.errors import InputError
 from jaxinfer.quant.base import IN_OUT, OUT_IN, QuantizedWeight
-from jaxinfer.quant.schemes import Scheme, as_scheme
+from jaxinfer.quant.nm import NMSparseWeight
+from jaxinfer.quant.schemes import Int8, Scheme, as_scheme
 
 EMBEDDING_TABLES = frozenset({"embed", "wte", "wpe"})
 # Attention and MLP projections of every family (Llama: q k v o gate up down; GPT-2: qkv o fc
@@ -70,7 +72,7 @@ def matrix_layout(path: str) -> str:
     return OUT_IN if not is_stacked(path) and path.rsplit("/", 1)[-1] in EMBEDDING_TABLES else IN_OUT
 
 
-def _is_matrix(path: str, leaf) -> bool:
+def is_matrix(path: str, leaf) -> bool:
     """A float array that is a 2-D matrix (per layer, for stacked leaves)."""
     if not isinstance(leaf, jax.Array | np.ndarray) or not jnp.issubdtype(leaf.dtype, jnp.floating):
         return False
@@ -157,6 +159,11 @@ def _rules(rules, scheme) -> list[tuple[str, re.Pattern, Scheme | None]]:
 # ----------------------------------------------------------------------------- the transforms
 
 
+def _int8_over_nm(leaf, s) -> bool:
+    """An Int8 rule on an N:M leaf with float values: quantizes its kept values (2:4 + int8)."""
+    return isinstance(leaf, NMSparseWeight) and leaf.scales is None and isinstance(s, Int8)
+
+
 def plan(params, rules=None, *, scheme=None) -> dict[str, Scheme]:
     """path -> scheme for every weight matrix `quantize` would quantize; validates everything.
 
@@ -171,7 +178,7 @@ def plan(params, rules=None, *, scheme=None) -> dict[str, Scheme]:
     matrices = []
     for path, leaf in iter_leaves(params):
         quantized = isinstance(leaf, QuantizedWeight)
-        if not quantized and not _is_matrix(path, leaf):
+        if not quantized and not is_matrix(path, leaf):
             continue
         matrices.append(path)
         hits = [i for i, (_, rx, _) in enumerate(compiled) if rx.match(path)]
@@ -180,6 +187,9 @@ def plan(params, rules=None, *, scheme=None) -> dict[str, Scheme]:
         if not hits or compiled[hits[0]][2] is None:
             continue
         pattern, _, s = compiled[hits[0]]
+        if _int8_over_nm(leaf, s):
+            chosen[path] = s
+            continue
         if quantized:
             raise InputError(f"{path}: already quantized ({type(leaf).__name__}); rule "
                              f"{pattern!r} cannot quantize it again")
@@ -214,6 +224,8 @@ def quantize(params, rules=None, *, scheme=None):
         if s is None:
             return leaf
         try:
+            if _int8_over_nm(leaf, s):
+                return leaf.to_int8()
             return s.apply(leaf, matrix_layout(path))
         except ValueError as e:
             raise InputError(f"{path}: cannot quantize with {s}: {e}") from None

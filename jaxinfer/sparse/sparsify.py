@@ -1,0 +1,250 @@
+"""`sparsify(params, rules, method, sparsity)`: pruning as a transform of the params pytree.
+
+Selected weight matrices (default: every attention and MLP projection, `DEFAULT_PATTERNS`) are
+returned with pruned entries set to zero, in their own dtype and layout; everything else is
+returned as it is. The models never change. Methods (scores and masks: see `masks.py`):
+  magnitude  unstructured, |W| per output column
+  wanda      unstructured, |W| * ||X_in|| (needs `norms`: per path, the L2 norm of each input
+             feature over calibration tokens, [L, in] for stacked leaves)
+  nm         N:M semi-structured (n of every m consecutive inputs kept), scored by magnitude or,
+             when `norms` are given, by Wanda's score
+The zeros of an N:M result can then be stored compressed (`compress_nm`), which the dispatching
+matmul runs through `NMSparseWeight`.
+
+`wanda_sparsify(model, calib_ids, ...)` computes Wanda's norms on real text one layer at a time:
+layer l's inputs are recorded on the outputs of the already pruned layers 0..l-1 (as the Wanda
+reference does), reusing the calibration machinery of GPTQ (Llama family).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxinfer.errors import InputError
+from jaxinfer.quant.base import QuantizedWeight, stack_leaves
+from jaxinfer.quant.calibration import (
+    SITES,
+    as_token_batch,
+    check_family,
+    embed_tokens,
+    get_path,
+    layer_hessians,
+    layer_params,
+    run_layer,
+    with_path,
+)
+from jaxinfer.quant.nm import NMSparseWeight, check_nm
+from jaxinfer.quant.transform import (
+    DEFAULT_PATTERNS,
+    glob_regex,
+    is_matrix,
+    is_stacked,
+    iter_leaves,
+    matrix_layout,
+)
+from jaxinfer.sparse.masks import (
+    apply_mask,
+    magnitude_scores,
+    nm_mask,
+    pruned_count,
+    unstructured_mask,
+    wanda_scores,
+)
+
+METHODS = ("magnitude", "wanda", "nm")
+
+
+def check_sparsity(sparsity) -> float:
+    """sparsity as a float in [0, 1) (InputError otherwise)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0 <= sparsity < 1:
+        raise InputError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    return float(sparsity)
+
+
+def select(params, rules=None) -> list[str]:
+    """Paths of the weight matrices `rules` (glob patterns, default: the projections) select.
+
+    InputError for a pattern that selects no weight matrix, or an embedding / non-[in, out]
+    matrix (pruning applies to projections).
+    """
+    patterns = list(DEFAULT_PATTERNS if rules is None else
+                    ([rules] if isinstance(rules, str) else rules))
+    if not patterns:
+        raise InputError("rules is empty")
+    regexes = [(p, glob_regex(p)) for p in patterns]
+    hits: dict[str, list[str]] = {p: [] for p in patterns}
+    for path, leaf in iter_leaves(params):
+        for p, rx in regexes:
+            if rx.match(path):
+                if isinstance(leaf, QuantizedWeight):
+                    raise InputError(f"{path}: is {type(leaf).__name__}; prune before "
+                                     "quantizing or compressing")
+                if not is_matrix(path, leaf):
+                    continue
+                if matrix_layout(path) != "in_out":
+                    raise InputError(f"{path}: embedding tables are not pruned (only "
+                                     "[in, out] projections)")
+                hits[p].append(path)
+                break
+    if rules is not None:
+        empty = [p for p, paths in hits.items() if not paths]
+        if empty:
+            raise InputError(f"rule pattern(s) {', '.join(map(repr, empty))} match no weight matrix")
+    return sorted({path for paths in hits.values() for path in paths})
+
+
+def leaf_mask(w, method: str, sparsity: float | None, n: int | None, m: int | None,
+              norms=None):
+    """The keep-mask of one matrix w [..., in, out] (see the module docstring)."""
+    scores = magnitude_scores(w) if norms is None else wanda_scores(w, norms)
+    if method == "nm":
+        return nm_mask(scores, n, m)
+    return unstructured_mask(scores, pruned_count(sparsity, w.shape[-2]))
+
+
+def _check_args(method, sparsity, n, m, norms):
+    if method not in METHODS:
+        raise InputError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "nm":
+        reason = check_nm(n, m)
+        if reason:
+            raise InputError(reason)
+        return None
+    sparsity = check_sparsity(sparsity)
+    if method == "wanda" and norms is None:
+        raise InputError("method 'wanda' needs input-feature norms (see wanda_sparsify)")
+    return sparsity
+
+
+def sparsify(params, rules=None, *, method: str = "magnitude", sparsity: float | None = None,
+             n: int | None = None, m: int | None = None, norms: Mapping | None = None,
+             return_masks: bool = False):
+    """A new params tree with the selected matrices pruned (zeros in place).
+
+    method: "magnitude" | "wanda" (unstructured, `sparsity` in [0, 1)) | "nm" (`n`:`m`).
+    norms: path -> input-feature norms [..., in] (Wanda's score; optional for "nm").
+    return_masks: also return {path: bool mask} (True = kept) for recovery fine-tuning.
+    InputError for bad arguments, a pattern matching nothing, N:M that does not fit a matrix,
+    or norms of the wrong shape.
+    """
+    sparsity = _check_args(method, sparsity, n, m, norms)
+    paths = select(params, rules)
+    norms = dict(norms or {})
+    masks = {}
+    for path in paths:
+        w = get_path(params, path)
+        if method == "nm":
+            reason = check_nm(n, m, int(w.shape[-2]))
+            if reason:
+                raise InputError(f"{path}: {reason}")
+        nv = norms.get(path)
+        if method == "wanda" and nv is None:
+            raise InputError(f"{path}: no input norms given for Wanda")
+        if nv is not None and tuple(np.shape(nv)) != tuple(w.shape[:-1]):
+            raise InputError(f"{path}: norms have shape {tuple(np.shape(nv))}, expected "
+                             f"{tuple(w.shape[:-1])}")
+        masks[path] = leaf_mask(w, method, sparsity, n, m, nv)
+    out = params
+    for path, mask in masks.items():
+        out = with_path(out, path, apply_mask(get_path(params, path), mask))
+    return (out, masks) if return_masks else out
+
+
+def compress_nm(params, n: int, m: int, rules=None, int8: bool = False):
+    """The params tree with the selected N:M-sparse matrices stored as `NMSparseWeight`
+    (InputError if one of them is not n:m sparse)."""
+    out = params
+    for path in select(params, rules):
+        try:
+            leaf = NMSparseWeight.from_dense(get_path(params, path), n, m, int8=int8)
+        except ValueError as e:
+            raise InputError(f"{path}: {e}") from None
+        out = with_path(out, path, leaf)
+    return out
+
+
+def sparsity_report(params) -> dict[str, float]:
+    """path -> fraction of zeros of every per-layer weight matrix (compressed N:M leaves
+    included; other quantized leaves left out)."""
+    out = {}
+    for path, leaf in iter_leaves(params):
+        if isinstance(leaf, NMSparseWeight):
+            out[path] = float(np.mean(np.asarray(leaf.dequantize(jnp.float32)) == 0))
+        elif is_matrix(path, leaf) and is_stacked(path):
+            out[path] = float(np.mean(np.asarray(leaf) == 0))
+    return out
+
+
+# ----------------------------------------------------------------------------- calibrated
+
+
+def site_norms(hessians) -> dict[str, np.ndarray]:
+    """{site: Hessian} of one layer -> {site: input-feature L2 norms [in]} (root mean square
+    over the calibration tokens; Wanda's comparison is per column, so the scale is irrelevant)."""
+    return {site: np.sqrt(np.maximum(np.diag(h.mean()), 0.0)) for site, h in hessians.items()}
+
+
+def layerwise(model, calib_ids, prune_layer, batch_size: int = 8, progress: bool = True,
+              desc: str = "calibrate"):
+    """Run the model's layers one at a time on calibration windows, feeding each layer the
+    outputs of the layers before it as returned by `prune_layer(layer, lp, norms) -> lp`.
+
+    lp: that layer's float32 params (a dict); norms: {site: [in]} of its inputs.
+    Returns the list of per-layer params prune_layer returned.
+    """
+    config, params = model.config, model.params
+    check_family(config)
+    tokens, positions = as_token_batch(calib_ids, config)
+    x = embed_tokens(config, params, tokens)
+    out = []
+    for layer in tqdm(range(config.n_layers), desc=desc, unit="layer", delay=1,
+                      disable=not progress):
+        lp = layer_params(params, layer, float32=True)
+        hessians, _ = layer_hessians(config, lp, x, positions, layer, batch_size)
+        lp = prune_layer(layer, lp, site_norms(hessians))
+        del hessians
+        x = run_layer(config, lp, x, positions, layer, batch_size)
+        out.append(lp)
+    return out
+
+
+def wanda_sparsify(model, calib_ids, *, sparsity: float | None = None, n: int | None = None,
+                   m: int | None = None, batch_size: int = 8, progress: bool = True,
+                   return_masks: bool = False):
+    """Params of a Llama-family `model` with every projection pruned by Wanda's score, computed
+    layer by layer on `calib_ids` (token windows). Unstructured with `sparsity`, or N:M when
+    n and m are given. The result keeps the original dtypes."""
+    method = "nm" if n is not None or m is not None else "wanda"
+    sparsity = _check_args(method, sparsity, n, m, {})
+    params = model.params
+    projections = [p for paths in SITES.values() for p in paths]
+    site_of = {p: site for site, paths in SITES.items() for p in paths}
+    for p in projections:
+        leaf = get_path(params["layers"], p)
+        if isinstance(leaf, QuantizedWeight):
+            raise InputError(f"layers/{p}: is {type(leaf).__name__}; prune before quantizing")
+        if method == "nm":
+            reason = check_nm(n, m, int(leaf.shape[-2]))
+            if reason:
+                raise InputError(f"layers/{p}: {reason}")
+    per_layer_masks: dict[str, list] = {p: [] for p in projections}
+
+    def prune_layer(layer, lp, norms):
+        for p in projections:
+            w = get_path(lp, p)
+            mask = leaf_mask(w, method, sparsity, n, m, norms[site_of[p]])
+            per_layer_masks[p].append(np.asarray(mask))
+            lp = with_path(lp, p, apply_mask(w, mask))
+        return lp
+
+    layerwise(model, calib_ids, prune_layer, batch_size, progress, desc="wanda")
+    out, masks = params, {}
+    for p, ms in per_layer_masks.items():
+        mask = stack_leaves(ms)
+        masks["layers/" + p] = mask
+        out = with_path(out, "layers/" + p, apply_mask(get_path(params, "layers/" + p), mask))
+    return (out, masks) if return_masks else out

@@ -1,0 +1,157 @@
+"""Structured pruning: remove whole FFN channels and whole attention heads, giving a smaller dense
+model (a new config and smaller params) that every backend's dense kernels run faster.
+
+Llama family. Every layer keeps the same number of channels / heads (the params are stacked over
+layers, so all layers share one config), but which ones it keeps is chosen per layer:
+  FFN channel j of layer l (gate/up column j, down row j), importance
+    calibrated  rms(act_j) * ||down[j, :]||      act = silu(gate(x)) * up(x), the input of down
+    magnitude   ||gate[:, j]|| * ||up[:, j]|| * ||down[j, :]||
+  query head h (q columns and o rows of the head), importance
+    calibrated  sum over the head's dims i of rms(attn_out_i) * ||o[i, :]||
+    magnitude   ||q[:, head]||_F * ||o[head, :]||_F
+Heads are removed per GQA group: each of the K key/value heads keeps the same number of its
+G = N / K query heads, so the grouping (query head i reads kv head i // G') stays valid and
+k/v are untouched. rms(.) comes from calibration text (`structured_norms`); without it the
+magnitude score is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+import models
+from jaxinfer.errors import InputError
+from jaxinfer.quant.base import QuantizedWeight
+from jaxinfer.sparse.sparsify import check_sparsity, layerwise
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredPlan:
+    """What `prune_structured` keeps: sorted indices per layer."""
+
+    channels: np.ndarray | None  # int [L, F'] kept FFN channels, or None (all kept)
+    heads: np.ndarray | None  # int [L, N'] kept query heads, or None (all kept)
+
+
+def _norm(a, axis) -> np.ndarray:
+    return np.sqrt(np.sum(np.square(np.asarray(a, np.float64)), axis=axis))
+
+
+def channel_scores(layers, norms=None) -> np.ndarray:
+    """Importance of each FFN channel: [L, F] (see the module docstring)."""
+    down = _norm(layers["mlp"]["down"], -1)  # [L, F]
+    if norms is not None:
+        return np.stack([n["down_in"] for n in norms]) * down
+    return _norm(layers["mlp"]["gate"], -2) * _norm(layers["mlp"]["up"], -2) * down
+
+
+def head_scores(layers, n_heads: int, norms=None) -> np.ndarray:
+    """Importance of each query head: [L, N] (see the module docstring)."""
+    o = np.asarray(layers["attn"]["o"], np.float64)  # [L, N*H, D]
+    n_layers, nh, _ = o.shape
+    rows = _norm(o, -1)  # [L, N*H]
+    if norms is not None:
+        per_dim = np.stack([n["o_in"] for n in norms]) * rows
+        return per_dim.reshape(n_layers, n_heads, nh // n_heads).sum(-1)
+    q = np.asarray(layers["attn"]["q"], np.float64)  # [L, D, N*H]
+    q_heads = _norm(q.reshape(n_layers, q.shape[1], n_heads, -1), (1, 3))
+    return q_heads * _norm(rows.reshape(n_layers, n_heads, -1), -1)
+
+
+def removed_count(sparsity: float, size: int, what: str) -> int:
+    """round(sparsity * size), refusing 0 (for sparsity > 0) and size."""
+    k = int(round(sparsity * size))
+    if sparsity > 0 and k == 0:
+        raise InputError(f"{what} sparsity {sparsity} removes nothing of {size}; use at least "
+                         f"{0.5 / size:.3f}")
+    if k >= size:
+        raise InputError(f"{what} sparsity {sparsity} would remove all {size} {what}")
+    return k
+
+
+def plan_structured(config, params, ffn_sparsity: float = 0.0, head_sparsity: float = 0.0,
+                    norms=None) -> StructuredPlan:
+    """Choose the channels and heads to keep (InputError for bad arguments)."""
+    if not isinstance(config, models.LlamaConfig):
+        raise InputError(f"structured pruning supports the Llama family, not "
+                         f"{type(config).__name__}")
+    ffn_sparsity, head_sparsity = check_sparsity(ffn_sparsity), check_sparsity(head_sparsity)
+    layers = params["layers"]
+    for group in ("attn", "mlp"):
+        for name, leaf in layers[group].items():
+            if isinstance(leaf, QuantizedWeight):
+                raise InputError(f"layers/{group}/{name}: is {type(leaf).__name__}; prune "
+                                 "before quantizing")
+    channels = heads = None
+    if ffn_sparsity > 0:
+        k = removed_count(ffn_sparsity, config.d_ff, "FFN channels")
+        scores = channel_scores(layers, norms)
+        order = np.argsort(scores, axis=-1, kind="stable")
+        channels = np.sort(order[:, k:], axis=-1)
+    if head_sparsity > 0:
+        g = config.n_heads // config.n_kv_heads
+        k = removed_count(head_sparsity, g, "heads of each KV group")
+        scores = head_scores(layers, config.n_heads, norms)
+        per_group = scores.reshape(config.n_layers, config.n_kv_heads, g)
+        keep = np.sort(np.argsort(per_group, axis=-1, kind="stable")[..., k:], axis=-1)
+        heads = (keep + g * np.arange(config.n_kv_heads)[:, None]).reshape(config.n_layers, -1)
+    return StructuredPlan(channels=channels, heads=heads)
+
+
+def _take(a, idx: np.ndarray, axis: int, unit: int = 1):
+    """a [L, ...] with `axis` restricted, per layer, to units idx [L, k] of `unit` entries."""
+    a = jnp.asarray(a)
+    axis = axis % a.ndim
+    shape = a.shape
+    split = (*shape[:axis], shape[axis] // unit, unit, *shape[axis + 1:])
+    ix = jnp.asarray(idx).reshape(idx.shape[0], *([1] * (axis - 1)), idx.shape[1],
+                                  *([1] * (len(split) - axis - 1)))
+    out = jnp.take_along_axis(a.reshape(split), ix, axis=axis)
+    return out.reshape(*shape[:axis], idx.shape[1] * unit, *shape[axis + 1:])
+
+
+def apply_structured(config, params, plan: StructuredPlan):
+    """(new config, new params) with only the planned channels and heads."""
+    layers = {k: dict(v) if isinstance(v, dict) else v for k, v in params["layers"].items()}
+    attn, mlp = layers["attn"], layers["mlp"]
+    new = {}
+    if plan.channels is not None:
+        c = plan.channels
+        for name in ("gate", "up"):
+            mlp[name] = _take(mlp[name], c, -1)
+            if name + "_bias" in mlp:
+                mlp[name + "_bias"] = _take(mlp[name + "_bias"], c, -1)
+        mlp["down"] = _take(mlp["down"], c, 1)
+        new["d_ff"] = c.shape[1]
+    if plan.heads is not None:
+        h, hd = plan.heads, config.head_dim
+        attn["q"] = _take(attn["q"], h, -1, hd)
+        if "q_bias" in attn:
+            attn["q_bias"] = _take(attn["q_bias"], h, -1, hd)
+        attn["o"] = _take(attn["o"], h, 1, hd)
+        new["n_heads"] = h.shape[1]
+    return dataclasses.replace(config, **new), {**params, "layers": layers}
+
+
+def structured_norms(model, calib_ids, batch_size: int = 8, progress: bool = True):
+    """Per layer {site: rms of each input feature} of the dense model on calibration windows."""
+    norms = []
+
+    def record(layer, lp, n):
+        norms.append(n)
+        return lp
+
+    layerwise(model, calib_ids, record, batch_size, progress, desc="calibrate")
+    return norms
+
+
+def prune_structured(model, *, ffn_sparsity: float = 0.0, head_sparsity: float = 0.0,
+                     norms=None):
+    """A smaller dense `Model` (new config and params) without the least important FFN channels
+    and query heads. norms: from `structured_norms` (calibrated score) or None (magnitude)."""
+    plan = plan_structured(model.config, model.params, ffn_sparsity, head_sparsity, norms)
+    config, params = apply_structured(model.config, model.params, plan)
+    return dataclasses.replace(model, config=config, params=params)
