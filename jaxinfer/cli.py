@@ -128,6 +128,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--calibration-len", type=int, default=256)
     p.add_argument("--recover-steps", type=int, default=0,
                    help="distillation steps from the dense model after pruning (0: none)")
+    p.add_argument("--recover-samples", type=int, default=256,
+                   help="recovery windows cut from the calibration file (used in turn)")
     p.add_argument("--recover-len", type=int, default=128, help="tokens per recovery window")
     p.add_argument("--recover-batch", type=int, default=2, help="windows per recovery step")
     p.add_argument("--learning-rate", type=float, default=5e-5)
@@ -369,8 +371,9 @@ def cmd_prune(args) -> int:
         method=args.method, sparsity=args.sparsity, n=args.n, m=args.m, score=args.score,
         head_sparsity=args.head_sparsity, calib_samples=args.calibration_samples,
         calib_len=args.calibration_len, recover_steps=args.recover_steps,
-        recover_len=args.recover_len, recover_batch=args.recover_batch,
-        learning_rate=args.learning_rate, mixed_precision=args.mixed_precision, quant=args.quant)
+        recover_samples=args.recover_samples, recover_len=args.recover_len,
+        recover_batch=args.recover_batch, learning_rate=args.learning_rate,
+        mixed_precision=args.mixed_precision, quant=args.quant)
     check_prune_args(settings, args.calibration_file is not None)
     text = None
     if args.calibration_file:

@@ -45,6 +45,7 @@ class PruneSettings:
     calib_samples: int = 32
     calib_len: int = 256
     recover_steps: int = 0
+    recover_samples: int = 256  # windows of recover_len tokens cut from the text for recovery
     recover_len: int = 128
     recover_batch: int = 2
     learning_rate: float = 5e-5
@@ -84,7 +85,7 @@ def check_prune_args(s: PruneSettings, has_text: bool) -> str:
         raise InputError("recovery fine-tuning needs text to distil on (--calibration-file)")
     if s.recover_steps and not s.learning_rate > 0:
         raise InputError(f"learning rate must be > 0, got {s.learning_rate}")
-    for name in ("calib_samples", "calib_len", "recover_len", "recover_batch"):
+    for name in ("calib_samples", "calib_len", "recover_samples", "recover_len", "recover_batch"):
         if getattr(s, name) < 1:
             raise InputError(f"{name.replace('_', ' ')} must be >= 1")
     if s.quant not in (None, "int8"):
@@ -97,7 +98,7 @@ def prune_model(model, settings: PruneSettings, text: str | None = None, progres
     s = settings
     score = check_prune_args(s, text is not None)
     calib = calibration_ids(model, text, s.calib_samples, s.calib_len) if text else None
-    recover_ids = (calibration_ids(model, text, s.calib_samples, s.recover_len)
+    recover_ids = (calibration_ids(model, text, s.recover_samples, s.recover_len)
                    if s.recover_steps else None)
     report: dict = {"method": s.method, "score": score}
     masks = None
