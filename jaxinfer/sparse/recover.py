@@ -18,7 +18,7 @@ float leaf of the student is trained (norms and embeddings included); a student 
 compressed or quantized leaves is refused (recover first, then compress or quantize).
 
 Optimizer: optax.adamw with a linear warmup over the first 10% of the steps (at least one),
-then a constant learning rate (see `make_optimizer`).
+then a cosine decay to a tenth of the learning rate (see `make_optimizer`).
 
 Mixed precision: master weights and optimizer state are float32; the forward and backward
 passes run in bfloat16 (float leaves are cast inside the loss function); logits and the loss
@@ -125,11 +125,16 @@ def apply_masks(params, masks: dict[str, jax.Array]):
 
 def make_optimizer(learning_rate: float, steps: int, weight_decay: float = 0.0):
     """optax.adamw whose learning rate ramps linearly over the first 10% of the steps (at
-    least one), from learning_rate / warmup to learning_rate, then stays constant."""
+    least one), from learning_rate / warmup to learning_rate, then follows a cosine down to
+    learning_rate / 10 at the last step."""
     warmup = max(1, int(steps * WARMUP_FRACTION))
+    decay = max(1, steps - warmup)
 
     def schedule(count):
-        return learning_rate * jnp.minimum(1.0, (count + 1) / warmup)
+        ramp = jnp.minimum(1.0, (count + 1) / warmup)
+        t = jnp.clip((count - warmup) / decay, 0.0, 1.0)
+        cosine = 0.1 + 0.9 * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+        return learning_rate * ramp * jnp.where(count < warmup, 1.0, cosine)
 
     return optax.adamw(schedule, weight_decay=weight_decay)
 
