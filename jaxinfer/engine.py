@@ -115,7 +115,7 @@ def _shard(shard, x):
 
 def _cache_dtype(params):
     """The float dtype of the params (quantized leaves report their original dtype)."""
-    leaves = jax.tree.leaves(params, is_leaf=lambda x: not isinstance(x, dict))
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: not isinstance(x, dict | tuple | list))
     floats = [jnp.dtype(x.dtype) for x in leaves
               if jnp.issubdtype(jnp.dtype(x.dtype), jnp.floating)]
     return floats[0] if floats else jnp.float32

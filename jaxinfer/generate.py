@@ -14,11 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import models
 from jaxinfer import engine
 from jaxinfer.errors import InputError
 from jaxinfer.sampling import Sampling, SamplingArrays
 
 MAX_STOP_IDS = 8  # stop-token slots (static shape); more ids than this is an error
+# Per-layer weight buffers (see `run_params`) are used on CPU while the layer weights take at
+# most this many bytes (they are a second copy of the layers, kept beside model.params).
+UNSTACK_MAX_BYTES = 2 << 30
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -114,6 +118,30 @@ def _pack(req: Request, batch_multiple: int = 1):
     return args, dict(cache_len=p + buf, buf_len=buf, kv_cache=req.kv_cache)
 
 
+def run_params(model):
+    """The params generation runs with.
+
+    On CPU, for a model without a placement, a per-layer copy of the layer weights
+    (`models.unstack_layers`, made once and kept on the model): XLA:CPU copies each layer's
+    slice out of stacked weights at every step under nn.scan, and one buffer per layer avoids
+    that (measured: SmolLM2 batch-16 decode step 94 vs 150 ms, batch 1 26 vs 28 ms; see
+    docs/BENCHMARKS.md). It costs a second copy of the layer weights, so it is only used up to
+    UNSTACK_MAX_BYTES of them. Elsewhere (GPU/TPU, placements): model.params as they are.
+    """
+    params = model.params
+    if getattr(model, "placement", None) is not None or jax.default_backend() != "cpu":
+        return params
+    if isinstance(params.get("layers"), tuple | list):
+        return params
+    if sum(x.nbytes for x in jax.tree.leaves(params["layers"])) > UNSTACK_MAX_BYTES:
+        return params
+    cached = getattr(model, "_run_params", None)
+    if cached is None or cached[0] is not params:
+        cached = (params, models.unstack_layers(params))
+        model._run_params = cached
+    return cached[1]
+
+
 class Run:
     """One generation in progress: prefill on construction, then `advance` chunk by chunk."""
 
@@ -125,9 +153,10 @@ class Run:
         placement = getattr(model, "placement", None)
         self._prefill = placement.prefill if placement else engine.prefill
         self._decode = placement.decode if placement else engine.decode
+        self.params = run_params(model)
         args, sizes = _pack(req, placement.batch_multiple if placement else 1)
         self.t0 = time.perf_counter()
-        self.state = self._prefill(model.params, *args, config=model.config,
+        self.state = self._prefill(self.params, *args, config=model.config,
                                    scan_unroll=scan_unroll, **sizes)
         self.state.length.block_until_ready()
         self.ttft = time.perf_counter() - self.t0
@@ -136,7 +165,7 @@ class Run:
     def advance(self, steps: int) -> None:
         """Run up to `steps` more decode steps on the device."""
         limit = jnp.int32(int(self.state.step) + steps)
-        self.state = self._decode(self.model.params, self.state, limit,
+        self.state = self._decode(self.params, self.state, limit,
                                   config=self.model.config, scan_unroll=self.unroll)
 
     def finished(self) -> bool:

@@ -27,16 +27,16 @@ from models.llama import Llama
 
 __all__ = [
     "GPT2Config", "KVCache", "LlamaConfig", "ModelConfig", "RopeScaling", "abstract_params",
-    "forward", "init_cache", "init_params", "logical_axes", "module_for",
+    "forward", "init_cache", "init_params", "logical_axes", "module_for", "unstack_layers",
 ]
 
 
-def module_for(config: ModelConfig, scan_unroll: int = 1) -> nn.Module:
+def module_for(config: ModelConfig, scan_unroll: int = 1, unstacked: bool = False) -> nn.Module:
     """The Flax module of `config`'s family."""
     if isinstance(config, LlamaConfig):
-        return Llama(config, scan_unroll=scan_unroll)
+        return Llama(config, scan_unroll=scan_unroll, unstacked=unstacked)
     if isinstance(config, GPT2Config):
-        return GPT2(config, scan_unroll=scan_unroll)
+        return GPT2(config, scan_unroll=scan_unroll, unstacked=unstacked)
     raise TypeError(f"unknown model config type {type(config).__name__}")
 
 
@@ -48,9 +48,24 @@ def forward(config: ModelConfig, params, tokens: jax.Array, positions: jax.Array
     attended to nor (meaningfully) scored. With a cache, the new keys/values are written at
     each row's next free slot and attention covers everything cached for that row.
     last_only (static) returns logits for the last column only: [B, 1, V].
+    params["layers"] may also be a tuple of per-layer trees (see `unstack_layers`): the same
+    model, run with one weight buffer per layer instead of nn.scan over stacked ones.
     """
-    module = module_for(config, scan_unroll)
+    unstacked = isinstance(params["layers"], tuple | list)
+    if unstacked:
+        params = {**{k: v for k, v in params.items() if k != "layers"},
+                  **{f"layers_{i}": lp for i, lp in enumerate(params["layers"])}}
+    module = module_for(config, scan_unroll, unstacked)
     return module.apply({"params": params}, tokens, positions, cache, last_only)
+
+
+def unstack_layers(params):
+    """params with the stacked "layers" subtree [L, ...] replaced by a tuple of L per-layer
+    trees (copies; non-array leaves such as quantized weights are sliced child by child)."""
+    layers = params["layers"]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    per_layer = tuple(jax.tree.map(lambda a, i=i: jnp.array(a[i]), layers) for i in range(n))
+    return {**params, "layers": per_layer}
 
 
 def _boxed_params(config: ModelConfig, rng: jax.Array):

@@ -22,6 +22,7 @@ from models.layers import (
     embed_lookup,
     layer_norm,
     linear,
+    run_layers,
     unembed,
     weight,
 )
@@ -99,6 +100,7 @@ class GPT2(nn.Module):
 
     config: GPT2Config
     scan_unroll: int = 1
+    unstacked: bool = False  # params "layers_0".."layers_{L-1}" instead of stacked "layers"
 
     @nn.compact
     def __call__(self, tokens, positions, cache: kvc.KVCache | None = None, last_only=False):
@@ -117,13 +119,9 @@ class GPT2(nn.Module):
         else:
             cache, slots = kvc.write_positions(cache, positions)
             k_pos, cache_kv = cache.pos, cache.layer_buffers()
-        layers = nn.scan(
-            Block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
-            unroll=self.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, name="layers")
-        (x, cache_kv), _ = layers((x, cache_kv), jnp.arange(c.n_layers, dtype=jnp.int32),
-                                  positions, k_pos, slots)
+        x, cache_kv = run_layers(self, Block, c, c.n_layers, (x, cache_kv),
+                                 jnp.arange(c.n_layers, dtype=jnp.int32), positions, k_pos, slots,
+                                 unroll=self.scan_unroll, unstacked=self.unstacked)
         if last_only:
             x = x[:, -1:]
         x = layer_norm(x, weight(self, "ln_f_scale", (c.d_model,), ("embed",), ONES),

@@ -34,6 +34,29 @@ def weight(mod: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, .
     return mod.variable("params", name, make).value
 
 
+def run_layers(mod: nn.Module, block, config, n_layers: int, carry, per_layer, *shared,
+               unroll: int = 1, unstacked: bool = False):
+    """Apply `n_layers` decoder blocks in sequence: carry -> carry.
+
+    per_layer: arrays with a leading L axis (the block gets row i); shared: passed to every
+    layer unchanged. Stacked (default): one `nn.scan` over params "layers" whose leaves carry a
+    leading L axis. Unstacked: a Python loop over blocks "layers_0" .. "layers_{L-1}", one
+    buffer per layer: XLA:CPU then multiplies each layer's weights in place instead of copying
+    the layer's slice out of the stacked buffer at every step (see docs/DESIGN.md).
+    """
+    if not unstacked:
+        scanned = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0,) + (nn.broadcast,) * len(shared), length=n_layers, unroll=unroll,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(config, name="layers", parent=mod)
+        return scanned(carry, per_layer, *shared)[0]
+    for i in range(n_layers):
+        row = jax.tree.map(lambda a, i=i: a[i], per_layer)
+        carry, _ = block(config, name=f"layers_{i}", parent=mod)(carry, row, *shared)
+    return carry
+
+
 def linear(x: jax.Array, w, b=None) -> jax.Array:
     """x [..., in] @ w [in, out] (+ b [out]) -> [..., out].
 

@@ -26,6 +26,7 @@ from models.layers import (
     linear,
     rms_norm,
     rope_inv_freq,
+    run_layers,
     unembed,
     weight,
 )
@@ -113,6 +114,7 @@ class Llama(nn.Module):
 
     config: LlamaConfig
     scan_unroll: int = 1  # layers unrolled per scan iteration (static)
+    unstacked: bool = False  # params "layers_0".."layers_{L-1}" instead of stacked "layers"
 
     @nn.compact
     def __call__(self, tokens, positions, cache: kvc.KVCache | None = None, last_only=False):
@@ -132,12 +134,8 @@ class Llama(nn.Module):
         windows = np.array([NO_WINDOW if w is None else w
                             for w in (c.sliding_windows or (None,) * c.n_layers)], np.int32)
         per_layer = (jnp.arange(c.n_layers, dtype=jnp.int32), jnp.asarray(windows))
-        layers = nn.scan(
-            Block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers,
-            unroll=self.scan_unroll, metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, name="layers")
-        (x, cache_kv), _ = layers((x, cache_kv), per_layer, positions, k_pos, slots)
+        x, cache_kv = run_layers(self, Block, c, c.n_layers, (x, cache_kv), per_layer, positions,
+                                 k_pos, slots, unroll=self.scan_unroll, unstacked=self.unstacked)
         final_norm = weight(self, "final_norm", (c.d_model,), ("embed",), ONES)
         if last_only:
             x = x[:, -1:]

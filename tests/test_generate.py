@@ -639,3 +639,18 @@ def test_greedy_with_repetition_penalty_matches_transformers(tiny_pair, penalty)
                               do_sample=False, max_new_tokens=16, repetition_penalty=penalty,
                               eos_token_id=eos, pad_token_id=0)
         assert c.token_ids == ref[0, len(p):].tolist()
+
+
+def test_cpu_generation_runs_per_layer_weights_with_same_tokens(tiny, monkeypatch):
+    """On CPU, Run uses one buffer per layer (made once per params); stacked gives the same."""
+    from jaxinfer import generate
+
+    params = generate.run_params(tiny)
+    assert isinstance(params["layers"], tuple) and generate.run_params(tiny) is params
+    per_layer = run_ids(tiny, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5)
+    monkeypatch.setattr(generate, "UNSTACK_MAX_BYTES", 0)
+    assert generate.run_params(tiny) is tiny.params
+    stacked = run_ids(tiny, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5)
+    assert [c.token_ids for c in per_layer] == [c.token_ids for c in stacked]
+    for a, b in zip(per_layer, stacked, strict=True):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)

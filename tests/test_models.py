@@ -98,3 +98,21 @@ def test_int8_kv_cache_close_to_float(name):
     half_step = cache.k_scale[0][..., None] / 2 + 1e-6
     diff = jnp.abs(k_deq - fcache.k[0])[:, :, :9]
     assert bool(jnp.all(diff <= half_step[:, :, :9]))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_unstacked_layers_equal_stacked(name):
+    """One weight buffer per layer (models.unstack_layers) is the same model as nn.scan over
+    stacked weights, with and without a cache."""
+    config = CONFIGS[name]
+    params = models.init_params(config, jax.random.key(1))
+    per_layer = models.unstack_layers(params)
+    assert isinstance(per_layer["layers"], tuple) and len(per_layer["layers"]) == config.n_layers
+    tokens = jax.random.randint(jax.random.key(2), (2, 7), 0, config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    np.testing.assert_allclose(forward(config, per_layer, tokens, positions)[0],
+                               forward(config, params, tokens, positions)[0], atol=1e-5)
+    a = forward(config, params, tokens, positions, models.init_cache(config, 2, 8))[1]
+    b = forward(config, per_layer, tokens, positions, models.init_cache(config, 2, 8))[1]
+    np.testing.assert_allclose(a.k, b.k, atol=1e-5)
+    np.testing.assert_allclose(a.v, b.v, atol=1e-5)
