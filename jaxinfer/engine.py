@@ -24,7 +24,7 @@ from jaxinfer.sampling import SamplingArrays, sample
 class DecodeState:
     """Everything the decode loop carries; one row per slot. N is the token buffer length."""
 
-    cache: models.KVCache  # k/v [L, B, S, K, H]
+    cache: models.KVCache  # k [L, B, K, H, S], v [L, B, K, S, H]
     tokens: jax.Array  # [B, N] int32 generated ids (valid up to `length`)
     logprobs: jax.Array  # [B, N] float32 log-probabilities of those ids
     last: jax.Array  # [B] int32 last token, fed at the next step

@@ -50,7 +50,7 @@ class Attention(nn.Module):
             cache_kv = kvc.write_kv(cache_kv, layer, slots, k, v)
             k, v = kvc.read_kv(cache_kv, layer, q.dtype)
         else:
-            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+            k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T], [B, K, T, H]
         out = attend(q, k, v, attention_mask(positions, k_pos, NO_WINDOW))
         wo = weight(self, "o", (d, d), ("heads", "embed"))
         return linear(out, wo, weight(self, "o_bias", (d,), ("embed",), ZEROS)), cache_kv

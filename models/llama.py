@@ -62,7 +62,7 @@ class Attention(nn.Module):
             cache_kv = kvc.write_kv(cache_kv, layer, slots, k, v)
             k, v = kvc.read_kv(cache_kv, layer, q.dtype)
         else:
-            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+            k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T], [B, K, T, H]
         out = attend(q, k, v, attention_mask(positions, k_pos, window))
         wo = weight(self, "o", (n * h, d), ("heads", "embed"))
         bo = weight(self, "o_bias", (d,), ("embed",), ZEROS) if c.o_bias else None

@@ -56,7 +56,8 @@ RULES: Mapping[str, str | None] = {
 }
 
 # Logical axes of the KV cache and of the decode state's per-row arrays.
-CACHE_KV_AXES = ("layers", "batch", "kv_heads", "sequence", "head_dim")  # k, v [L, B, K, S, H]
+# v [L, B, K, S, H] (k is [L, B, K, H, S]: only L, B and K are ever sharded, so one spec fits both)
+CACHE_KV_AXES = ("layers", "batch", "kv_heads", "sequence", "head_dim")
 CACHE_POS_AXES = ("batch", "sequence")  # pos [B, S]
 ROW_AXES = ("batch",)  # [B]
 ROW_SEQ_AXES = ("batch", "sequence")  # prompt / positions [B, P], tokens [B, N]
@@ -251,7 +252,7 @@ def shard_params(params, config, mesh: Mesh, *, rules: Mapping[str, str | None] 
 
 def cache_specs(config, mesh: Mesh, *, rules: Mapping[str, str | None] = RULES,
                 strict: bool = False, report: Report | None = None) -> dict[str, PartitionSpec]:
-    """Specs of the KV cache fields: k/v [L, B, K, S, H] (B on data, K on model when the KV
+    """Specs of the KV cache fields: k [L, B, K, H, S], v [L, B, K, S, H] (B on data, K on model when the KV
     head count divides), pos [B, S], end [B]. The batch is padded to a multiple of `data`."""
     data = mesh_shape(mesh).get(DATA, 1)
     kw = dict(rules=rules, strict=strict, report=report)
@@ -301,7 +302,8 @@ class StateSharding:
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
     def _cache_spec(self, name: str) -> PartitionSpec | None:
-        # k, v [L, B, K, S, H]; k_scale, v_scale of an int8 cache [L, B, K, S] (prefix of kv)
+        # k [L, B, K, H, S], v [L, B, K, S, H]; k_scale, v_scale of an int8 cache [L, B, K, S]
+        # (prefix of kv); only the first three axes are sharded
         if name in ("k", "v", "k_scale", "v_scale"):
             return self.kv
         return {"pos": self.pos, "end": self.rows}.get(name)
