@@ -97,7 +97,8 @@ def prune_model(model, settings: PruneSettings, text: str | None = None, progres
     """(pruned Model, report dict). text: calibration / recovery text (UTF-8 string)."""
     s = settings
     score = check_prune_args(s, text is not None)
-    calib = calibration_ids(model, text, s.calib_samples, s.calib_len) if text else None
+    calib = (calibration_ids(model, text, s.calib_samples, s.calib_len)
+             if score == "wanda" else None)
     recover_ids = (calibration_ids(model, text, s.recover_samples, s.recover_len)
                    if s.recover_steps else None)
     report: dict = {"method": s.method, "score": score}
