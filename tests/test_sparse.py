@@ -330,6 +330,9 @@ def test_cli_prune_saves_a_checkpoint_generate_loads(capsys, tmp_path, smollm2_g
     (["--method", "wanda"], "needs calibration text"),
     (["--method", "structured", "--calibration-file", "CALIB", "--calibration-samples", "999"],
      "calibration text is too short"),
+    # shape checks come before calibration (the short text would fail later)
+    (["--method", "structured", "--head-sparsity", "0.9", "--calibration-file", "CALIB"],
+     "would remove all 3 heads of each KV group"),
 ])
 def test_cli_prune_bad_inputs(capsys, tmp_path, smollm2_gguf_path, extra, message):
     from jaxinfer.cli import main

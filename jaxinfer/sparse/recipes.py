@@ -26,7 +26,7 @@ from jaxinfer.sparse.sparsify import (
     sparsity_report,
     wanda_sparsify,
 )
-from jaxinfer.sparse.structured import prune_structured, structured_norms
+from jaxinfer.sparse.structured import check_structured, prune_structured, structured_norms
 
 METHODS = ("magnitude", "wanda", "nm", "structured")
 SCORES = ("wanda", "magnitude")
@@ -97,6 +97,8 @@ def prune_model(model, settings: PruneSettings, text: str | None = None, progres
     """(pruned Model, report dict). text: calibration / recovery text (UTF-8 string)."""
     s = settings
     score = check_prune_args(s, text is not None)
+    if s.method == "structured":  # shape checks before the calibration pass
+        check_structured(model.config, s.sparsity, s.head_sparsity)
     calib = (calibration_ids(model, text, s.calib_samples, s.calib_len)
              if score == "wanda" else None)
     recover_ids = (calibration_ids(model, text, s.recover_samples, s.recover_len)

@@ -72,13 +72,23 @@ def removed_count(sparsity: float, size: int, what: str) -> int:
     return k
 
 
-def plan_structured(config, params, ffn_sparsity: float = 0.0, head_sparsity: float = 0.0,
-                    norms=None) -> StructuredPlan:
-    """Choose the channels and heads to keep (InputError for bad arguments)."""
+def check_structured(config, ffn_sparsity: float = 0.0, head_sparsity: float = 0.0):
+    """(FFN channels removed, query heads removed per KV group); InputError for a non-Llama
+    config, a fraction outside [0, 1), or one that removes nothing or everything."""
     if not isinstance(config, models.LlamaConfig):
         raise InputError(f"structured pruning supports the Llama family, not "
                          f"{type(config).__name__}")
     ffn_sparsity, head_sparsity = check_sparsity(ffn_sparsity), check_sparsity(head_sparsity)
+    ffn = removed_count(ffn_sparsity, config.d_ff, "FFN channels") if ffn_sparsity else 0
+    g = config.n_heads // config.n_kv_heads
+    heads = removed_count(head_sparsity, g, "heads of each KV group") if head_sparsity else 0
+    return ffn, heads
+
+
+def plan_structured(config, params, ffn_sparsity: float = 0.0, head_sparsity: float = 0.0,
+                    norms=None) -> StructuredPlan:
+    """Choose the channels and heads to keep (InputError for bad arguments)."""
+    n_ffn, n_heads = check_structured(config, ffn_sparsity, head_sparsity)
     layers = params["layers"]
     for group in ("attn", "mlp"):
         for name, leaf in layers[group].items():
@@ -86,17 +96,15 @@ def plan_structured(config, params, ffn_sparsity: float = 0.0, head_sparsity: fl
                 raise InputError(f"layers/{group}/{name}: is {type(leaf).__name__}; prune "
                                  "before quantizing")
     channels = heads = None
-    if ffn_sparsity > 0:
-        k = removed_count(ffn_sparsity, config.d_ff, "FFN channels")
+    if n_ffn:
         scores = channel_scores(layers, norms)
         order = np.argsort(scores, axis=-1, kind="stable")
-        channels = np.sort(order[:, k:], axis=-1)
-    if head_sparsity > 0:
+        channels = np.sort(order[:, n_ffn:], axis=-1)
+    if n_heads:
         g = config.n_heads // config.n_kv_heads
-        k = removed_count(head_sparsity, g, "heads of each KV group")
         scores = head_scores(layers, config.n_heads, norms)
         per_group = scores.reshape(config.n_layers, config.n_kv_heads, g)
-        keep = np.sort(np.argsort(per_group, axis=-1, kind="stable")[..., k:], axis=-1)
+        keep = np.sort(np.argsort(per_group, axis=-1, kind="stable")[..., n_heads:], axis=-1)
         heads = (keep + g * np.arange(config.n_kv_heads)[:, None]).reshape(config.n_layers, -1)
     return StructuredPlan(channels=channels, heads=heads)
 
