@@ -1,4 +1,5 @@
-"""Calibration for GPTQ: token windows of real text, and the inputs each projection sees.
+"""Calibration for GPTQ, Wanda and structured pruning: token windows of real text, and the
+inputs each projection sees.
 
 `calibration_ids(model, text, n_samples, seq_len)` cuts the tokenized text into windows.
 
@@ -10,6 +11,8 @@ replaced in that layer's params by a `HessianRecorder`: a leaf whose `matmul(x)`
 emits x^T x. The recorders are built inside a jitted function, which returns the layer output
 and the per-batch x^T x; those are summed in float64 numpy over all calibration tokens.
 Projections that share an input (q/k/v, gate/up) share one Hessian, computed once.
+`run_layerwise` drives this layer by layer and hands each layer's Hessians to a callback
+(GPTQ quantizes the layer, Wanda prunes it, structured pruning only reads them).
 
 Sites (per layer) and the projections that read them:
   attn_in   rms_norm(x) -> attn/q, attn/k, attn/v       [D, D]
@@ -25,6 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 import models
 from jaxinfer.errors import InputError
@@ -246,16 +250,38 @@ def layer_hessians(config, lp, x, positions, layer: int, batch_size: int = 8):
     return hessians, jnp.concatenate(outs, axis=0)
 
 
-def collect_hessians(model, calib_ids, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
-    """Per layer, {site: mean x^T x} of the float model on the calibration windows (no
-    quantization: every layer's inputs come from the float layers before it)."""
+def run_layerwise(model, calib_ids, visit, *, sequential: bool = True, batch_size: int = 8,
+                  progress: bool = True, desc: str = "calibrate") -> None:
+    """Run a Llama-family model's layers one at a time over calibration windows.
+
+    For each layer: record the Hessians of its input sites on the current inputs x [n, T, D],
+    then call `visit(layer, lp, hessians) -> lp2`, where lp is the layer's params (float32) and
+    lp2 the params the layer continues with (quantized, pruned, or lp itself). sequential: the
+    next layer's inputs are lp2's outputs (one more pass over the layer); otherwise lp's
+    outputs, recorded in the same pass as the Hessians.
+    """
     config, params = model.config, model.params
     check_family(config)
     tokens, positions = as_token_batch(calib_ids, config)
     x = embed_tokens(config, params, tokens)
+    for layer in tqdm(range(config.n_layers), desc=desc, unit="layer", delay=1,
+                      disable=not progress):
+        lp = layer_params(params, layer, float32=True)
+        hessians, y = layer_hessians(config, lp, x, positions, layer, batch_size)
+        lp2 = visit(layer, lp, hessians)
+        del hessians
+        x = run_layer(config, lp2, x, positions, layer, batch_size) if sequential else y
+
+
+def collect_hessians(model, calib_ids, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
+    """Per layer, {site: mean x^T x} of the float model on the calibration windows (no
+    quantization: every layer's inputs come from the float layers before it)."""
     out = []
-    for layer in range(config.n_layers):
-        hs, x = layer_hessians(config, layer_params(params, layer, float32=True), x, positions,
-                               layer, batch_size)
-        out.append({site: h.mean() for site, h in hs.items()})
+
+    def visit(layer, lp, hessians):
+        out.append({site: h.mean() for site, h in hessians.items()})
+        return lp
+
+    run_layerwise(model, calib_ids, visit, sequential=False, batch_size=batch_size,
+                  progress=False)
     return out

@@ -34,21 +34,10 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from jaxinfer.errors import InputError
 from jaxinfer.quant.base import IN_OUT, QuantizedWeight, float_dtype_name, stack_leaves
-from jaxinfer.quant.calibration import (
-    SITES,
-    as_token_batch,
-    check_family,
-    embed_tokens,
-    get_path,
-    layer_hessians,
-    layer_params,
-    run_layer,
-    with_path,
-)
+from jaxinfer.quant.calibration import SITES, check_family, get_path, run_layerwise, with_path
 from jaxinfer.quant.int4 import Int4Weight
 from jaxinfer.quant.packing import pack_nibbles
 from jaxinfer.quant.schemes import Int4
@@ -270,13 +259,9 @@ def gptq_quantize(model, calib_ids, *, group_size: int = 128, symmetric: bool = 
             if leaf.shape[-2] % group_size:
                 raise InputError(f"layers/{path}: int4 group size {group_size} does not divide "
                                  f"the input dimension {leaf.shape[-2]}")
-    tokens, positions = as_token_batch(calib_ids, config)
-    x = embed_tokens(config, params, tokens)
     per_path: dict[str, list[Int4Weight]] = {p: [] for paths in SITES.values() for p in paths}
-    for layer in tqdm(range(config.n_layers), desc="gptq", unit="layer", delay=1,
-                      disable=not progress):
-        lp = layer_params(params, layer, float32=True)
-        hessians, y = layer_hessians(config, lp, x, positions, layer, batch_size)
+
+    def quantize_layer(layer, lp, hessians):
         qlp = lp
         for site, paths in SITES.items():
             ws = [np.asarray(get_path(lp, p), np.float64) for p in paths]
@@ -295,8 +280,10 @@ def gptq_quantize(model, calib_ids, *, group_size: int = 128, symmetric: bool = 
                 leaf = part.leaf(group_size, float_dtype_name(get_path(layers, path).dtype))
                 per_path[path].append(leaf)
                 qlp = with_path(qlp, path, leaf)
-        del hessians
-        x = run_layer(config, qlp, x, positions, layer, batch_size) if sequential else y
+        return qlp
+
+    run_layerwise(model, calib_ids, quantize_layer, sequential=sequential,
+                  batch_size=batch_size, progress=progress, desc="gptq")
     out = params
     for path, leaves in per_path.items():
         out = with_path(out, "layers/" + path, stack_leaves(leaves))

@@ -22,21 +22,10 @@ from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from jaxinfer.errors import InputError
-from jaxinfer.quant.base import QuantizedWeight, stack_leaves
-from jaxinfer.quant.calibration import (
-    SITES,
-    as_token_batch,
-    check_family,
-    embed_tokens,
-    get_path,
-    layer_hessians,
-    layer_params,
-    run_layer,
-    with_path,
-)
+from jaxinfer.quant.base import IN_OUT, QuantizedWeight, stack_leaves
+from jaxinfer.quant.calibration import SITES, get_path, run_layerwise, with_path
 from jaxinfer.quant.nm import NMSparseWeight, check_nm
 from jaxinfer.quant.transform import (
     DEFAULT_PATTERNS,
@@ -85,7 +74,7 @@ def select(params, rules=None) -> list[str]:
                                      "quantizing or compressing")
                 if not is_matrix(path, leaf):
                     continue
-                if matrix_layout(path) != "in_out":
+                if matrix_layout(path) != IN_OUT:
                     raise InputError(f"{path}: embedding tables are not pruned (only "
                                      "[in, out] projections)")
                 hits[p].append(path)
@@ -188,30 +177,6 @@ def site_norms(hessians) -> dict[str, np.ndarray]:
     return {site: np.sqrt(np.maximum(np.diag(h.mean()), 0.0)) for site, h in hessians.items()}
 
 
-def layerwise(model, calib_ids, prune_layer, batch_size: int = 8, progress: bool = True,
-              desc: str = "calibrate"):
-    """Run the model's layers one at a time on calibration windows, feeding each layer the
-    outputs of the layers before it as returned by `prune_layer(layer, lp, norms) -> lp`.
-
-    lp: that layer's float32 params (a dict); norms: {site: [in]} of its inputs.
-    Returns the list of per-layer params prune_layer returned.
-    """
-    config, params = model.config, model.params
-    check_family(config)
-    tokens, positions = as_token_batch(calib_ids, config)
-    x = embed_tokens(config, params, tokens)
-    out = []
-    for layer in tqdm(range(config.n_layers), desc=desc, unit="layer", delay=1,
-                      disable=not progress):
-        lp = layer_params(params, layer, float32=True)
-        hessians, _ = layer_hessians(config, lp, x, positions, layer, batch_size)
-        lp = prune_layer(layer, lp, site_norms(hessians))
-        del hessians
-        x = run_layer(config, lp, x, positions, layer, batch_size)
-        out.append(lp)
-    return out
-
-
 def wanda_sparsify(model, calib_ids, *, sparsity: float | None = None, n: int | None = None,
                    m: int | None = None, batch_size: int = 8, progress: bool = True,
                    return_masks: bool = False):
@@ -233,7 +198,8 @@ def wanda_sparsify(model, calib_ids, *, sparsity: float | None = None, n: int | 
                 raise InputError(f"layers/{p}: {reason}")
     per_layer_masks: dict[str, list] = {p: [] for p in projections}
 
-    def prune_layer(layer, lp, norms):
+    def prune_layer(layer, lp, hessians):
+        norms = site_norms(hessians)
         for p in projections:
             w = get_path(lp, p)
             mask = leaf_mask(w, method, sparsity, n, m, norms[site_of[p]])
@@ -241,7 +207,8 @@ def wanda_sparsify(model, calib_ids, *, sparsity: float | None = None, n: int | 
             lp = with_path(lp, p, apply_mask(w, mask))
         return lp
 
-    layerwise(model, calib_ids, prune_layer, batch_size, progress, desc="wanda")
+    run_layerwise(model, calib_ids, prune_layer, batch_size=batch_size, progress=progress,
+                  desc="wanda")
     out, masks = params, {}
     for p, ms in per_layer_masks.items():
         mask = stack_leaves(ms)

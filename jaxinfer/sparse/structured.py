@@ -25,7 +25,8 @@ import numpy as np
 import models
 from jaxinfer.errors import InputError
 from jaxinfer.quant.base import QuantizedWeight
-from jaxinfer.sparse.sparsify import check_sparsity, layerwise
+from jaxinfer.quant.calibration import run_layerwise
+from jaxinfer.sparse.sparsify import check_sparsity, site_norms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,11 +149,12 @@ def structured_norms(model, calib_ids, batch_size: int = 8, progress: bool = Tru
     """Per layer {site: rms of each input feature} of the dense model on calibration windows."""
     norms = []
 
-    def record(layer, lp, n):
-        norms.append(n)
+    def record(layer, lp, hessians):
+        norms.append(site_norms(hessians))
         return lp
 
-    layerwise(model, calib_ids, record, batch_size, progress, desc="calibrate")
+    run_layerwise(model, calib_ids, record, sequential=False, batch_size=batch_size,
+                  progress=progress)
     return norms
 
 
