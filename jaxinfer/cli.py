@@ -302,14 +302,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def read_text_file(path: str) -> str:
+    """The UTF-8 text of a file given on the command line (InputError if unreadable)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{Path(path)}: cannot read as UTF-8 text ({e})") from None
+
+
 def cmd_eval(args) -> int:
     from jaxinfer.evaluate import perplexity
 
-    path = Path(args.text_file)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read as UTF-8 text ({e})") from None
+    text = read_text_file(args.text_file)
     if args.context < 2 or not 1 <= args.stride <= args.context or args.batch_size < 1:
         raise InputError("need --context >= 2, 1 <= --stride <= --context and --batch-size >= 1")
     placement = setup_parallel(args)
@@ -343,10 +347,7 @@ def cmd_quantize(args) -> int:
             raise InputError("--method gptq applies to --quant int4")
         if not args.calibration_file:
             raise InputError("--method gptq needs --calibration-file")
-        try:
-            text = Path(args.calibration_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"{args.calibration_file}: cannot read as UTF-8 text ({e})") from None
+        text = read_text_file(args.calibration_file)
         args.calibration = dict(method="gptq", calibration_text=text,
                                 calib_samples=args.calibration_samples,
                                 calib_len=args.calibration_len)
@@ -375,12 +376,7 @@ def cmd_prune(args) -> int:
         recover_batch=args.recover_batch, learning_rate=args.learning_rate,
         mixed_precision=args.mixed_precision, quant=args.quant)
     check_prune_args(settings, args.calibration_file is not None)
-    text = None
-    if args.calibration_file:
-        try:
-            text = Path(args.calibration_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"{args.calibration_file}: cannot read as UTF-8 text ({e})") from None
+    text = read_text_file(args.calibration_file) if args.calibration_file else None
     t = time.perf_counter()
     model = jaxinfer.load(args.model, dtype=args.dtype)
     pruned, report = prune_model(model, settings, text)
