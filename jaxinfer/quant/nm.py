@@ -34,9 +34,8 @@ from jaxinfer.quant.base import (
     repeat_front,
     split_axis,
 )
+from jaxinfer.quant.int8 import quantize_channels
 from jaxinfer.quant.packing import pack_nibbles, unpack_nibbles
-
-QMAX = 127
 
 
 def check_nm(n: int, m: int, n_in: int | None = None) -> str | None:
@@ -105,16 +104,12 @@ class NMSparseWeight(QuantizedWeight):
         return leaf.to_int8() if int8 else leaf
 
     def to_int8(self) -> NMSparseWeight:
-        """The same sparsity pattern with int8 values and per-output-channel float32 scales."""
+        """The same sparsity pattern with int8 values and per-output-channel float32 scales
+        (the kept values quantized like an `Int8Weight`; ValueError for NaN or infinity)."""
         if self.scales is not None:
             return self
-        v = self.values.astype(jnp.float32)
-        if not bool(jnp.all(jnp.isfinite(v))):
-            raise ValueError("weights contain NaN or infinity")
-        scales = jnp.max(jnp.abs(v), axis=-2) / QMAX
-        safe = jnp.where(scales == 0, 1.0, scales)
-        q = jnp.clip(jnp.round(v / safe[..., None, :]), -QMAX, QMAX).astype(jnp.int8)
-        return self.replace(values=q, scales=scales)
+        values, scales = quantize_channels(self.values, IN_OUT)
+        return self.replace(values=values, scales=scales)
 
     # ------------------------------------------------------------------ QuantizedWeight API
     @property
@@ -167,7 +162,8 @@ class NMSparseWeight(QuantizedWeight):
         want = (*v.shape[:-2], v.shape[-2] // 2, v.shape[-1])
         if i.dtype != jnp.uint8 or tuple(i.shape) != want:
             raise ValueError(f"indices must be uint8 {want}, got {i.dtype} {tuple(i.shape)}")
-        if bool(np.any((np.asarray(i) & 0x0F) >= self.m) or np.any((np.asarray(i) >> 4) >= self.m)):
+        packed = np.asarray(i)
+        if bool(np.any(np.maximum(packed & 0x0F, packed >> 4) >= self.m)):
             raise ValueError(f"indices must lie in [0, {self.m})")
         if self.scales is None:
             float_dtype_name(v.dtype)
