@@ -46,6 +46,7 @@ import models
 from jaxinfer.errors import InputError
 from jaxinfer.model import Model
 from jaxinfer.quant.transform import iter_leaves
+from jaxinfer.sparse.masks import apply_mask
 
 WARMUP_FRACTION = 0.1  # of the steps, for the linear learning-rate warmup
 
@@ -118,7 +119,7 @@ def apply_masks(params, masks: dict[str, jax.Array]):
     """
     def fn(key_path, x):
         m = masks.get(_path(key_path))
-        return x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype))
+        return x if m is None else apply_mask(x, m)
 
     return jax.tree_util.tree_map_with_path(fn, params)
 
