@@ -11,6 +11,17 @@ from jaxinfer.generate import Request, Run
 from jaxinfer.sampling import Sampling
 
 
+def publish(header: str, *tables: list[str], out: str | None = None) -> str:
+    """Print a benchmark report (header, then each Markdown table given as its lines) and,
+    when `out` is given, write it to that file too. Returns the report."""
+    text = header + "\n\n" + "\n\n".join("\n".join(t) for t in tables) + "\n"
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return text
+
+
 def english_text() -> str:
     """Real English text every Python install has: the CPython documentation topics."""
     from pydoc_data.topics import topics

@@ -16,7 +16,7 @@ import sys
 import time
 
 import jaxinfer
-from jaxinfer.bench import prompt_ids, run_bench
+from jaxinfer.bench import prompt_ids, publish, run_bench
 from jaxinfer.loading import resolve_source
 
 
@@ -86,11 +86,7 @@ def main() -> None:
               f"{__import__('os').cpu_count()} cores. Prompt {args.prompt_len} tokens, "
               f"{args.new_tokens} new tokens, greedy.\nTTFT of a 512-token prompt (jaxinfer, batch 1, "
               f"after compilation): {long['ttft_s']} s")
-    text = header + "\n\n" + "\n".join(rows) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(header, rows, out=args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import platform
 import time
 
 import jaxinfer
-from jaxinfer.bench import english_text, run_bench
+from jaxinfer.bench import english_text, publish, run_bench
 from jaxinfer.evaluate import perplexity
 from jaxinfer.quant import load_gguf_packed
 from jaxinfer.quant.recipes import quantize_model
@@ -85,11 +85,7 @@ def main() -> None:
     header = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, CPU (XLA:CPU). "
               f"Perplexity: {len(ids)} tokens of held-out pydoc_data.topics text, context 512, "
               f"stride 256. Decode: greedy, prompt 64, {args.new_tokens} new tokens.")
-    text = header + "\n\n" + "\n".join(rows) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(header, rows, out=args.out)
 
 
 if __name__ == "__main__":

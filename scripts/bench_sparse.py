@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import sparse as jsparse
 
 import jaxinfer
-from jaxinfer.bench import english_text, run_bench
+from jaxinfer.bench import english_text, publish, run_bench
 from jaxinfer.evaluate import perplexity
 from jaxinfer.quant import NMSparseWeight
 from jaxinfer.sparse import PruneSettings, prune_model, sparsify
@@ -116,11 +116,7 @@ def main() -> None:
               "tokens. Calibration (Wanda and structured scores): 32 windows x 256 tokens; "
               f"recovery: {args.recover_steps} steps x 2 windows x 128 tokens, lr 1e-4, "
               "distilled from the dense model.")
-    out = header + "\n\n" + "\n".join(rows) + "\n\n" + "\n".join(micro()) + "\n"
-    print(out)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(out)
+    publish(header, rows, micro(), out=args.out)
 
 
 if __name__ == "__main__":
