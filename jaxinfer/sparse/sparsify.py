@@ -95,6 +95,13 @@ def leaf_mask(w, method: str, sparsity: float | None, n: int | None, m: int | No
     return unstructured_mask(scores, pruned_count(sparsity, w.shape[-2]))
 
 
+def _check_nm_fits(path: str, w, n: int, m: int) -> None:
+    """InputError naming `path` unless n:m fits the matrix w [..., in, out]."""
+    reason = check_nm(n, m, int(w.shape[-2]))
+    if reason:
+        raise InputError(f"{path}: {reason}")
+
+
 def _check_args(method, sparsity, n, m, norms):
     if method not in METHODS:
         raise InputError(f"unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
@@ -127,9 +134,7 @@ def sparsify(params, rules=None, *, method: str = "magnitude", sparsity: float |
     for path in paths:
         w = get_path(params, path)
         if method == "nm":
-            reason = check_nm(n, m, int(w.shape[-2]))
-            if reason:
-                raise InputError(f"{path}: {reason}")
+            _check_nm_fits(path, w, n, m)
         nv = norms.get(path)
         if method == "wanda" and nv is None:
             raise InputError(f"{path}: no input norms given for Wanda")
@@ -188,14 +193,9 @@ def wanda_sparsify(model, calib_ids, *, sparsity: float | None = None, n: int | 
     params = model.params
     projections = [p for paths in SITES.values() for p in paths]
     site_of = {p: site for site, paths in SITES.items() for p in paths}
-    for p in projections:
-        leaf = get_path(params["layers"], p)
-        if isinstance(leaf, QuantizedWeight):
-            raise InputError(f"layers/{p}: is {type(leaf).__name__}; prune before quantizing")
+    for path in select(params, [f"layers/{p}" for p in projections]):
         if method == "nm":
-            reason = check_nm(n, m, int(leaf.shape[-2]))
-            if reason:
-                raise InputError(f"layers/{p}: {reason}")
+            _check_nm_fits(path, get_path(params, path), n, m)
     per_layer_masks: dict[str, list] = {p: [] for p in projections}
 
     def prune_layer(layer, lp, hessians):
