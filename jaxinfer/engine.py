@@ -24,7 +24,7 @@ from jaxinfer.sampling import SamplingArrays, sample
 class DecodeState:
     """Everything the decode loop carries; one row per slot. N is the token buffer length."""
 
-    cache: models.KVCache  # k [L, B, K, H, S], v [L, B, K, S, H]
+    cache: models.KVCache  # k [L, B, K, H, S], v [L, B, K, S, H] (or per-layer tuples)
     tokens: jax.Array  # [B, N] int32 generated ids (valid up to `length`)
     logprobs: jax.Array  # [B, N] float32 log-probabilities of those ids
     last: jax.Array  # [B] int32 last token, fed at the next step
@@ -70,7 +70,8 @@ def prefill(params, prompt: jax.Array, positions: jax.Array, sampling: SamplingA
     """
     b = prompt.shape[0]
     dtype = jnp.int8 if kv_cache == "int8" else _cache_dtype(params)
-    cache = _shard(shard, models.init_cache(config, b, cache_len, dtype))
+    per_layer = isinstance(params["layers"], tuple | list)  # the cache follows the params
+    cache = _shard(shard, models.init_cache(config, b, cache_len, dtype, per_layer=per_layer))
     logits, cache = models.forward(config, params, prompt, positions, cache, last_only=True,
                                    scan_unroll=scan_unroll)
     rows = jnp.arange(b)[:, None]

@@ -101,15 +101,30 @@ def filter_logits(logits: jax.Array, s: SamplingArrays) -> jax.Array:
     return jnp.where(keep, scaled, neg)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax(x, -1) (first index of the maximum, NaN counts as maximal) as int32.
+
+    Written as max, compare and a float min over indices: XLA:CPU runs its variadic argmax
+    reduction ~5x slower (2 ms vs 0.35 ms for [16, 49152] logits per decode step).
+    """
+    v = x.shape[-1]
+    hit = (x == jnp.max(x, axis=-1, keepdims=True)) | jnp.isnan(x)
+    if v > 2**24:  # float32 indices stop being exact
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    index = jnp.arange(v, dtype=jnp.float32)
+    return jnp.min(jnp.where(hit, index, jnp.float32(v)), axis=-1).astype(jnp.int32)
+
+
 def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, step: jax.Array):
     """Next tokens [B] and their log-probabilities [B] under the raw model distribution.
 
     logits [B, V] float32; seen bool [B, V] (tokens for the repetition penalty); step: the
     index of the token being drawn, folded into each row's seed so draws are reproducible.
     """
-    raw_logp = jax.nn.log_softmax(logits, axis=-1)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    raw = logits
     logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
-    greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_tok = first_argmax(logits)
 
     def draw(_):
         filtered = filter_logits(logits, s)
@@ -118,5 +133,5 @@ def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, step: jax.Arra
         return jnp.where(s.temperature > 0, drawn, greedy_tok)
 
     tokens = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy_tok, None)
-    logp = jnp.take_along_axis(raw_logp, tokens[:, None], axis=-1)[:, 0]
+    logp = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - lse
     return tokens, logp

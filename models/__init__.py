@@ -27,7 +27,8 @@ from models.llama import Llama
 
 __all__ = [
     "GPT2Config", "KVCache", "LlamaConfig", "ModelConfig", "RopeScaling", "abstract_params",
-    "forward", "init_cache", "init_params", "logical_axes", "module_for", "unstack_layers",
+    "forward", "init_cache", "init_params", "logical_axes", "module_for", "tied_table",
+    "unstack_layers",
 ]
 
 
@@ -57,6 +58,13 @@ def forward(config: ModelConfig, params, tokens: jax.Array, positions: jax.Array
                   **{f"layers_{i}": lp for i, lp in enumerate(params["layers"])}}
     module = module_for(config, scan_unroll, unstacked)
     return module.apply({"params": params}, tokens, positions, cache, last_only)
+
+
+def tied_table(config: ModelConfig) -> str | None:
+    """Name of the embedding table the LM head multiplies by (tied embeddings), or None."""
+    if isinstance(config, GPT2Config):
+        return "wte"
+    return "embed" if config.tie_embeddings else None
 
 
 def unstack_layers(params):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models import cache as kvc
 from models.config import GPT2Config
@@ -120,7 +121,7 @@ class GPT2(nn.Module):
             cache, slots = kvc.write_positions(cache, positions)
             k_pos, cache_kv = cache.pos, cache.layer_buffers()
         x, cache_kv = run_layers(self, Block, c, c.n_layers, (x, cache_kv),
-                                 jnp.arange(c.n_layers, dtype=jnp.int32), positions, k_pos, slots,
+                                 np.arange(c.n_layers, dtype=np.int32), positions, k_pos, slots,
                                  unroll=self.scan_unroll, unstacked=self.unstacked)
         if last_only:
             x = x[:, -1:]

@@ -38,8 +38,9 @@ def run_layers(mod: nn.Module, block, config, n_layers: int, carry, per_layer, *
                unroll: int = 1, unstacked: bool = False):
     """Apply `n_layers` decoder blocks in sequence: carry -> carry.
 
-    per_layer: arrays with a leading L axis (the block gets row i); shared: passed to every
-    layer unchanged. Stacked (default): one `nn.scan` over params "layers" whose leaves carry a
+    per_layer: arrays with a leading L axis (the block gets row i; numpy arrays stay static
+    in the unstacked loop, so a block may index per-layer tuples with them); shared: passed
+    to every layer unchanged. Stacked (default): one `nn.scan` over params "layers" whose leaves carry a
     leading L axis. Unstacked: a Python loop over blocks "layers_0" .. "layers_{L-1}", one
     buffer per layer: XLA:CPU then multiplies each layer's weights in place instead of copying
     the layer's slice out of the stacked buffer at every step (see docs/DESIGN.md).

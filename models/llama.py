@@ -133,7 +133,7 @@ class Llama(nn.Module):
             k_pos, cache_kv = cache.pos, cache.layer_buffers()
         windows = np.array([NO_WINDOW if w is None else w
                             for w in (c.sliding_windows or (None,) * c.n_layers)], np.int32)
-        per_layer = (jnp.arange(c.n_layers, dtype=jnp.int32), jnp.asarray(windows))
+        per_layer = (np.arange(c.n_layers, dtype=np.int32), windows)
         x, cache_kv = run_layers(self, Block, c, c.n_layers, (x, cache_kv), per_layer, positions,
                                  k_pos, slots, unroll=self.scan_unroll, unstacked=self.unstacked)
         final_norm = weight(self, "final_norm", (c.d_model,), ("embed",), ONES)

@@ -24,7 +24,7 @@ from jaxinfer import engine, text
 from jaxinfer.errors import CheckpointError, InputError
 from jaxinfer.generate import Request, Run, generate_ids
 from jaxinfer.model import Model
-from jaxinfer.sampling import Sampling, SamplingArrays, filter_logits
+from jaxinfer.sampling import Sampling, SamplingArrays, filter_logits, first_argmax
 
 MAX_NEW = 48
 CHAT_PROMPTS = [
@@ -582,6 +582,14 @@ def test_top_p_one_is_off():
     assert bool(jnp.all(jnp.isfinite(filter_logits(logits, arrays))))
 
 
+def test_first_argmax_equals_jnp_argmax():
+    """Ties resolve to the first index and NaN counts as the maximum, as jnp.argmax does."""
+    x = jnp.round(jax.random.normal(jax.random.key(1), (64, 3000)) * 2)  # many ties
+    x = x.at[3, 17].set(jnp.nan).at[5, :].set(-jnp.inf).at[6, 2999].set(100.0)
+    np.testing.assert_array_equal(first_argmax(x), jnp.argmax(x, axis=-1))
+    assert first_argmax(x).dtype == jnp.int32
+
+
 def test_load_missing_path_raises_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError):
         jaxinfer.load(tmp_path / "no-such-model.gguf", progress=False)
@@ -647,6 +655,9 @@ def test_cpu_generation_runs_per_layer_weights_with_same_tokens(tiny, monkeypatc
 
     params = generate.run_params(tiny)
     assert isinstance(params["layers"], tuple) and generate.run_params(tiny) is params
+    run = Run(tiny, Request(prompts=RAGGED, sampling=[Sampling()], max_new_tokens=2,
+                            stop_token_ids=()))
+    assert run.state.cache.per_layer and len(run.state.cache.k) == tiny.config.n_layers
     per_layer = run_ids(tiny, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5)
     monkeypatch.setattr(generate, "UNSTACK_MAX_BYTES", 0)
     assert generate.run_params(tiny) is tiny.params
