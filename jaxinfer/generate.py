@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from jaxinfer import engine
+from jaxinfer import engine, kernels
 from jaxinfer.errors import InputError
 from jaxinfer.sampling import Sampling, SamplingArrays
 
@@ -119,27 +119,32 @@ def _pack(req: Request, batch_multiple: int = 1):
 
 
 def run_params(model):
-    """The params generation runs with.
+    """The params generation runs with (made once per params and kept on the model).
 
-    On CPU, for a model without a placement, a per-layer copy of the layer weights
-    (`models.unstack_layers`, made once and kept on the model): XLA:CPU copies each layer's
-    slice out of stacked weights at every step under nn.scan, and one buffer per layer avoids
-    that (measured: SmolLM2 batch-16 decode step 94 vs 150 ms, batch 1 26 vs 28 ms; see
-    docs/BENCHMARKS.md). It costs a second copy of the layer weights, so it is only used up to
-    UNSTACK_MAX_BYTES of them. Elsewhere (GPU/TPU, placements): model.params as they are.
+    On CPU, for a model without a placement:
+    - a per-layer copy of the layer weights (`models.unstack_layers`): XLA:CPU copies each
+      layer's slice out of stacked weights at every step under nn.scan, and one buffer per
+      layer avoids that (measured: SmolLM2 batch-16 decode step 94 vs 150 ms, batch 1 26 vs
+      28 ms; see docs/BENCHMARKS.md). It is a second copy of the layer weights, so only made
+      up to UNSTACK_MAX_BYTES of them;
+    - float32 matmul weights wrapped for the native batched-decode kernel
+      (`jaxinfer.kernels.native_params`; the tied embedding is kept transposed, one more copy
+      of it) where that kernel is available.
+    Elsewhere (GPU/TPU, placements): model.params as they are.
     """
     params = model.params
     if getattr(model, "placement", None) is not None or jax.default_backend() != "cpu":
         return params
-    if isinstance(params.get("layers"), tuple | list):
-        return params
-    if sum(x.nbytes for x in jax.tree.leaves(params["layers"])) > UNSTACK_MAX_BYTES:
-        return params
     cached = getattr(model, "_run_params", None)
-    if cached is None or cached[0] is not params:
-        cached = (params, models.unstack_layers(params))
-        model._run_params = cached
-    return cached[1]
+    if cached is not None and cached[0] is params:
+        return cached[1]
+    run = params
+    stacked = not isinstance(params.get("layers"), tuple | list)
+    if stacked and sum(x.nbytes for x in jax.tree.leaves(params["layers"])) <= UNSTACK_MAX_BYTES:
+        run = models.unstack_layers(params)
+    run = kernels.native_params(run, models.tied_table(model.config))
+    model._run_params = (params, run)
+    return run
 
 
 class Run:

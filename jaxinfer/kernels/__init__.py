@@ -1,0 +1,206 @@
+"""Native CPU kernels behind the dispatching matmul (`models.layers.linear`).
+
+`matmul.cc` is a float32 matmul for decode steps (a few rows against weights packed in
+48-column panels, AVX-512, XLA's intra-op thread pool), called as an XLA FFI custom call.
+It is compiled on first use with the system C++ compiler (`c++`, about 4 s) into the cache
+directory, keyed by source, compiler flags, jaxlib and Python versions and CPU flags, and
+loaded with ctypes. Where it cannot run (not x86-64 Linux with AVX-512F, no compiler,
+`JAXINFER_NATIVE=0`) `available()` is False and every caller keeps XLA's own dot: the
+kernel is a speed-up, never a requirement.
+
+`native_params(params, tied)` replaces float32 2-D weights by packed `NativeWeight` leaves
+(and a tied embedding by `NativeEmbedding`, the packed LM head); their matmul runs the kernel
+for up to MAX_ROWS rows and XLA's dot otherwise. Why packed: XLA:CPU's dot streams weights
+and computes in turn, while the kernel reads each contiguous panel once with prefetching
+(measured in docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("matmul.cc")
+TARGET = "jaxinfer_matmul_f32"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+MAX_ROWS = 64  # more rows (prefill) run XLA's dot on the unpacked weights
+
+_STATE: dict[str, object] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _library_path() -> Path:
+    from jaxinfer.loading.fetch import cache_dir
+
+    import jaxlib
+
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
+                 _cpu_flags().encode(), sys.version.encode()):
+        key.update(part)
+    return cache_dir() / "kernels" / f"matmul-{key.hexdigest()[:16]}.so"
+
+
+def build() -> Path:
+    """Compile matmul.cc (once; later calls reuse the cached library). Returns its path.
+
+    RuntimeError with the compiler's message if compilation fails.
+    """
+    lib = _library_path()
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    cmd = [os.environ.get("CXX", "c++"), *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE),
+           "-o", tmp]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp, lib)  # atomic: a library in the cache is always complete
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def available() -> bool:
+    """True once the kernel is built, loaded and registered with XLA for the CPU platform."""
+    if "ok" in _STATE:
+        return bool(_STATE["ok"])
+    ok = False
+    if os.environ.get("JAXINFER_NATIVE", "1") == "0":
+        pass
+    elif platform.system() != "Linux" or platform.machine() != "x86_64" \
+            or "avx512f" not in _cpu_flags().split():
+        pass
+    else:
+        try:
+            lib = ctypes.cdll.LoadLibrary(str(build()))
+            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferMatmulF32),
+                                        platform="cpu")
+            ok = True
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            warnings.warn(f"native CPU matmul unavailable, using XLA's dot: {e}", stacklevel=2)
+    _STATE["ok"] = ok
+    return ok
+
+
+STRIP = 48  # columns per packed panel (kStrip in matmul.cc)
+
+
+def pack(w: jax.Array) -> jax.Array:
+    """w [K, N] -> panels [ceil(N / STRIP), K, STRIP] (columns zero padded to whole panels)."""
+    k, n = w.shape
+    p = -(-n // STRIP)
+    w = jnp.pad(w, ((0, 0), (0, p * STRIP - n)))
+    return jnp.asarray(w.reshape(k, p, STRIP).transpose(1, 0, 2))
+
+
+def unpack(panels: jax.Array, n: int) -> jax.Array:
+    """panels [P, K, STRIP] -> w [K, n]."""
+    p, k, s = panels.shape
+    return panels.transpose(1, 0, 2).reshape(k, p * s)[:, :n]
+
+
+def matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
+    """x [M, K] @ W [K, n] -> [M, n] float32, W given packed (see `pack`); needs `available()`."""
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(x, panels)
+
+
+def _dot(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
+    """x [..., K] @ W [K, n]: the kernel for 1..MAX_ROWS float32 rows (decode), XLA's dot on
+    the unpacked weights otherwise (prefill, where a copy of W is cheap next to the dot)."""
+    rows = int(np.prod(x.shape[:-1]))
+    if x.dtype != jnp.float32 or rows > MAX_ROWS:
+        return x @ unpack(panels, n).astype(x.dtype)
+    return matmul(x.reshape(rows, x.shape[-1]), panels, n).reshape(*x.shape[:-1], n)
+
+
+@flax.struct.dataclass
+class NativeWeight:
+    """A float32 weight W [K, n] kept packed for the kernel: panels [ceil(n / 48), K, 48]."""
+
+    panels: jax.Array
+    n: int = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def from_array(cls, w: jax.Array) -> NativeWeight:
+        return cls(panels=pack(w), n=int(w.shape[1]))
+
+    shape = property(lambda self: (self.panels.shape[1], self.n))
+    dtype = property(lambda self: self.panels.dtype)
+    nbytes = property(lambda self: self.panels.nbytes)
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        """x [..., K] -> [..., n]."""
+        return _dot(x, self.panels, self.n)
+
+
+@flax.struct.dataclass
+class NativeEmbedding:
+    """A tied embedding table [V, D] kept as the packed LM head: panels of table^T, so
+    x @ table^T runs the kernel; rows for the lookup are gathered from the panels."""
+
+    panels: jax.Array
+    n: int = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def from_table(cls, table: jax.Array) -> NativeEmbedding:
+        return cls(panels=pack(table.T), n=int(table.shape[0]))
+
+    shape = property(lambda self: (self.n, self.panels.shape[1]))
+    dtype = property(lambda self: self.panels.dtype)
+    nbytes = property(lambda self: self.panels.nbytes)
+
+    def take_rows(self, tokens: jax.Array) -> jax.Array:
+        """tokens [...] -> [..., D]."""
+        return self.panels[tokens // STRIP, :, tokens % STRIP]
+
+    def matmul_transposed(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> logits [..., V]."""
+        return _dot(x, self.panels, self.n)
+
+
+def native_params(params, tied_key: str | None):
+    """params with every float32 2-D weight wrapped in NativeWeight and the tied embedding
+    `tied_key` (if any) replaced by a transposed NativeEmbedding copy. Other leaves unchanged.
+    Returns params itself when the kernel is unavailable."""
+    if not available():
+        return params
+
+    def wrap(path, leaf):
+        if not isinstance(leaf, jax.Array) or leaf.ndim != 2 or leaf.dtype != jnp.float32:
+            return leaf
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        if name == tied_key:
+            return NativeEmbedding.from_table(leaf)
+        if name.split("/")[0] in ("embed", "wte", "wpe"):
+            return leaf  # looked up, never multiplied
+        return NativeWeight.from_array(leaf)
+
+    return jax.tree_util.tree_map_with_path(
+        wrap, params, is_leaf=lambda x: not isinstance(x, dict | tuple | list))

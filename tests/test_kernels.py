@@ -1,0 +1,151 @@
+"""The native CPU matmul (jaxinfer.kernels): exact enough against float64, dispatch, params
+wrapping, and generation with it equal to generation without it."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from jaxinfer import generate, kernels
+from jaxinfer.generate import Request, generate_ids
+from jaxinfer.model import Model
+from jaxinfer.quant import Int8Weight
+from jaxinfer.sampling import Sampling
+
+CAN_BUILD = (platform.system() == "Linux" and platform.machine() == "x86_64"
+             and "avx512f" in kernels._cpu_flags().split() and shutil.which("c++") is not None)
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 Linux, AVX-512F and c++")
+
+
+CONFIGS = {
+    "llama_tied": models.LlamaConfig.tiny(tie_embeddings=True),
+    "llama_untied": models.LlamaConfig.tiny(),
+    "gpt2": models.GPT2Config.tiny(),
+}
+
+
+@pytest.fixture(params=list(CONFIGS))
+def tiny(request):
+    config = CONFIGS[request.param]
+    return Model(config=config, params=models.init_params(config, jax.random.key(0)),
+                 tokenizer=None, source=request.param, eos_token_ids=())
+
+
+@needs_kernel
+def test_kernel_builds_and_registers():
+    assert kernels.available()
+    lib = kernels.build()
+    mtime = lib.stat().st_mtime_ns
+    assert kernels.build() == lib and lib.stat().st_mtime_ns == mtime  # cached, not rebuilt
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 16, 17, 64])
+@pytest.mark.parametrize("k,n", [(7, 1), (64, 47), (64, 48), (100, 49), (576, 1536), (33, 200)])
+def test_matmul_matches_float64(m, k, n):
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x = rng.standard_normal((m, k), np.float32)
+    w = rng.standard_normal((k, n), np.float32)
+    got = np.asarray(jax.jit(kernels.matmul, static_argnums=2)(x, kernels.pack(w), n))
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    assert got.shape == (m, n)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(ref).max() + 1e-6)
+
+
+@needs_kernel
+def test_native_weight_dispatch_by_rows():
+    """Up to MAX_ROWS rows run the custom call, prefill-sized inputs XLA's dot on the
+    unpacked weights; both give x @ w."""
+    w = jax.random.normal(jax.random.key(0), (48, 80))
+    leaf = kernels.NativeWeight.from_array(w)
+    assert leaf.shape == w.shape and leaf.panels.shape == (2, 48, kernels.STRIP)
+    np.testing.assert_array_equal(kernels.unpack(leaf.panels, 80), w)
+    for shape, native in [((1, 1, 48), True), ((4, 1, 48), True), ((2, 3, 48), True),
+                          ((kernels.MAX_ROWS + 1, 48), False)]:
+        x = jax.random.normal(jax.random.key(1), shape)
+        text = jax.jit(leaf.matmul).lower(x).as_text()
+        assert (kernels.TARGET in text) == native, shape
+        np.testing.assert_allclose(jax.jit(leaf.matmul)(x), x @ w, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_native_embedding_rows_and_head():
+    table = jax.random.normal(jax.random.key(2), (50, 24))
+    emb = kernels.NativeEmbedding.from_table(table)
+    tokens = jnp.array([[3, 0, 49], [7, 7, 1]])
+    np.testing.assert_array_equal(emb.take_rows(tokens), table[tokens])
+    x = jax.random.normal(jax.random.key(3), (2, 1, 24))
+    np.testing.assert_allclose(jax.jit(emb.matmul_transposed)(x), x @ table.T, atol=1e-5)
+    assert emb.shape == table.shape
+
+
+@needs_kernel
+def test_native_params_wraps_matmul_weights_only(tiny):
+    params = models.unstack_layers(tiny.params)
+    mlp = params["layers"][0]["mlp"]
+    name = "up" if "up" in mlp else "fc"
+    mlp[name] = Int8Weight.from_float(mlp[name])
+    table = models.tied_table(tiny.config)
+    wrapped = kernels.native_params(params, table)
+    flat = {jax.tree_util.keystr(p, simple=True, separator="/"): x for p, x in
+            jax.tree_util.tree_flatten_with_path(
+                wrapped, is_leaf=lambda x: not isinstance(x, dict | tuple | list))[0]}
+    for path, leaf in flat.items():
+        original = params
+        for part in path.split("/"):
+            original = original[int(part) if isinstance(original, tuple) else part]
+        if path == table:
+            assert isinstance(leaf, kernels.NativeEmbedding)
+            np.testing.assert_array_equal(kernels.unpack(leaf.panels, leaf.n), original.T)
+        elif path == f"layers/0/mlp/{name}":
+            assert leaf is original  # quantized leaves are left alone
+        elif getattr(original, "ndim", 0) == 2 and path.split("/")[0] not in ("embed", "wpe"):
+            assert isinstance(leaf, kernels.NativeWeight), path
+            np.testing.assert_array_equal(kernels.unpack(leaf.panels, leaf.n), original)
+        else:
+            assert leaf is original, path
+
+
+@needs_kernel
+def test_generation_with_kernel_equals_without(tiny, monkeypatch):
+    """Greedy tokens identical and log-probs within float32 rounding, batch of 5 ragged rows."""
+    prompts = [[1 + i, 5, 9, 2 + 3 * i][: 2 + i % 3] for i in range(5)]
+    req = Request(prompts=prompts, sampling=[Sampling()], max_new_tokens=10, stop_token_ids=())
+    tiny._run_params = None
+    params = generate.run_params(tiny)
+    assert isinstance(params["layers"][0]["attn"]["o"], kernels.NativeWeight)
+    with_kernel = generate_ids(tiny, req, logprobs=True)
+    monkeypatch.setitem(kernels._STATE, "ok", False)
+    tiny._run_params = None
+    assert not isinstance(generate.run_params(tiny)["layers"][0]["attn"]["o"],
+                          kernels.NativeWeight)
+    without = generate_ids(tiny, req, logprobs=True)
+    tiny._run_params = None
+    for a, b in zip(with_kernel, without, strict=True):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_unavailable_kernel_falls_back_to_xla(monkeypatch, tmp_path):
+    """A failing compiler gives a warning, available() False and params left as they are."""
+    monkeypatch.setattr(kernels, "_STATE", {})
+    monkeypatch.setattr(kernels, "_library_path", lambda: Path(tmp_path) / "k" / "m.so")
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "avx512f")
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv("CXX", "false")
+    with pytest.warns(UserWarning, match="native CPU matmul unavailable"):
+        assert not kernels.available()
+    assert list((Path(tmp_path) / "k").iterdir()) == []  # nothing half-written left behind
+    params = {"layers": {"q": jnp.ones((4, 4))}}
+    assert kernels.native_params(params, None) is params
+    monkeypatch.setattr(kernels, "_STATE", {})
+    monkeypatch.setenv("JAXINFER_NATIVE", "0")
+    assert not kernels.available()
