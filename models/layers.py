@@ -151,26 +151,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     q [B, T, N, H]; keys k [B, K, H, S] (slots last), values v [B, K, S, H], N % K == 0;
     mask bool [B, T, S] -> [B, T, N * H].
     Scores and softmax in float32. A query that sees no key gets a uniform average (no NaN).
-    Batched decode (one query per row, several rows) uses multiply-and-reduce, which XLA:CPU
-    runs faster than a batched dot for these small per-head shapes; everything else uses
-    einsum (faster for a single row, and for prefill).
+    Two batched dots (einsum): with keys slots-last, XLA:CPU runs them 2-4x faster than a
+    multiply-and-reduce for batched decode (measured, docs/BENCHMARKS.md).
     """
     b, t, n, h = q.shape
     kv = k.shape[1]
     qg = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    k = k.astype(q.dtype)
-    if t == 1 and b > 1:  # reduce over H, vectorised along S
-        scores = jnp.sum(qg[:, :, :, 0, :, None].astype(jnp.float32)
-                         * k[:, :, None].astype(jnp.float32), axis=3)
-        scores = scores[:, :, :, None, :]  # [B, K, G, 1, S]
-    else:
-        scores = jnp.einsum("bkgth,bkhs->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkgth,bkhs->bkgts", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(h)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    if t == 1 and b > 1:
-        out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None].astype(jnp.float32), axis=3)
-        out = out[:, :, :, None, :]  # [B, K, G, 1, H]
-    else:
-        out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n * h).astype(q.dtype)

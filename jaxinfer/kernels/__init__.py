@@ -51,9 +51,9 @@ def _cpu_flags() -> str:
 
 
 def _library_path() -> Path:
-    from jaxinfer.loading.fetch import cache_dir
-
     import jaxlib
+
+    from jaxinfer.loading.fetch import cache_dir
 
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
@@ -186,8 +186,9 @@ class NativeEmbedding:
 
 
 def native_params(params, tied_key: str | None):
-    """params with every float32 2-D weight wrapped in NativeWeight and the tied embedding
-    `tied_key` (if any) replaced by a transposed NativeEmbedding copy. Other leaves unchanged.
+    """params with every float32 2-D matmul weight (top level or in per-layer trees, see
+    `models.unstack_layers`) packed as NativeWeight and the tied embedding `tied_key` (if any)
+    packed as NativeEmbedding. Other leaves, and stacked layers, unchanged.
     Returns params itself when the kernel is unavailable."""
     if not available():
         return params
@@ -196,9 +197,12 @@ def native_params(params, tied_key: str | None):
         if not isinstance(leaf, jax.Array) or leaf.ndim != 2 or leaf.dtype != jnp.float32:
             return leaf
         name = jax.tree_util.keystr(path, simple=True, separator="/")
+        parts = name.split("/")
+        if parts[0] == "layers" and not parts[1].isdigit():
+            return leaf  # stacked layers [L, ...]: 2-D leaves there are per-layer vectors
         if name == tied_key:
             return NativeEmbedding.from_table(leaf)
-        if name.split("/")[0] in ("embed", "wte", "wpe"):
+        if parts[0] in ("embed", "wte", "wpe"):
             return leaf  # looked up, never multiplied
         return NativeWeight.from_array(leaf)
 
