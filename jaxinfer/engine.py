@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import models
+from jaxinfer import kernels
 from jaxinfer.sampling import SamplingArrays, sample
 
 
@@ -71,7 +72,8 @@ def prefill(params, prompt: jax.Array, positions: jax.Array, sampling: SamplingA
     b = prompt.shape[0]
     dtype = jnp.int8 if kv_cache == "int8" else _cache_dtype(params)
     per_layer = isinstance(params["layers"], tuple | list)  # the cache follows the params
-    cache = _shard(shard, models.init_cache(config, b, cache_len, dtype, per_layer=per_layer))
+    cache = _shard(shard, models.init_cache(config, b, cache_len, dtype, per_layer=per_layer,
+                                            attention=kernels.attention_for(params, dtype)))
     logits, cache = models.forward(config, params, prompt, positions, cache, last_only=True,
                                    scan_unroll=scan_unroll)
     rows = jnp.arange(b)[:, None]

@@ -7,6 +7,8 @@ attention masks are built from positions alone (-1 marks an empty slot or a padd
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,10 @@ class KVCache:
     out [.., S, H] (docs/BENCHMARKS.md).
     An int8 cache stores k, v as int8 with one float32 scale per token and head in
     k_scale, v_scale [L, B, K, S]; a float cache has them None.
+
+    attention (static, optional): a kernel the model calls for single-token steps instead of
+    its own attention (see models.layers.cached_attention); the runtime sets it (a native
+    CPU kernel), the model never imports it.
     """
 
     k: jax.Array
@@ -36,6 +42,7 @@ class KVCache:
     end: jax.Array
     k_scale: jax.Array | None = None
     v_scale: jax.Array | None = None
+    attention: Callable | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def quantized(self) -> bool:
@@ -55,11 +62,11 @@ class KVCache:
 
 
 def init_cache(config, batch: int, max_len: int, dtype=jnp.float32, *,
-               per_layer: bool = False) -> KVCache:
+               per_layer: bool = False, attention: Callable | None = None) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` tokens each.
 
     dtype int8 makes a quantized cache (per token and head scales). per_layer: one buffer per
-    layer (tuples of L arrays) instead of stacked [L, ...] arrays.
+    layer (tuples of L arrays) instead of stacked [L, ...] arrays. attention: see KVCache.
     """
     n = config.n_layers
 
@@ -77,6 +84,7 @@ def init_cache(config, batch: int, max_len: int, dtype=jnp.float32, *,
         end=jnp.zeros((batch,), jnp.int32),
         k_scale=zeros(batch, kv, max_len, dtype=jnp.float32) if quantized else None,
         v_scale=zeros(batch, kv, max_len, dtype=jnp.float32) if quantized else None,
+        attention=attention,
     )
 
 

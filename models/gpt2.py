@@ -9,6 +9,8 @@ Parameters (2-D weights [in, out]; per-layer leaves have a leading L axis):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,8 +20,7 @@ from models import cache as kvc
 from models.config import GPT2Config
 from models.layers import (
     NO_WINDOW,
-    attend,
-    attention_mask,
+    cached_attention,
     embed_lookup,
     layer_norm,
     linear,
@@ -36,6 +37,7 @@ class Attention(nn.Module):
     """Causal multi-head self-attention with a fused qkv projection."""
 
     config: GPT2Config
+    kernel: Callable | None = None  # decode attention kernel (see KVCache.attention)
 
     @nn.compact
     def __call__(self, x, positions, k_pos, layer, slots, cache_kv):
@@ -52,7 +54,8 @@ class Attention(nn.Module):
             k, v = kvc.read_kv(cache_kv, layer, q.dtype)
         else:
             k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T], [B, K, T, H]
-        out = attend(q, k, v, attention_mask(positions, k_pos, NO_WINDOW))
+        out = cached_attention(q, k, v, positions, k_pos, NO_WINDOW, slots,
+                               self.kernel if cache_kv is not None else None)
         wo = weight(self, "o", (d, d), ("heads", "embed"))
         return linear(out, wo, weight(self, "o_bias", (d,), ("embed",), ZEROS)), cache_kv
 
@@ -77,6 +80,7 @@ class Block(nn.Module):
     """One GPT-2 layer; scanned over the L axis by `GPT2`."""
 
     config: GPT2Config
+    kernel: Callable | None = None
 
     @nn.compact
     def __call__(self, carry, layer, positions, k_pos, slots):
@@ -89,7 +93,7 @@ class Block(nn.Module):
             bias = weight(self, name + "_bias", (c.d_model,), ("embed",), ZEROS)
             return layer_norm(y, scale, bias, c.norm_eps)
 
-        a, cache_kv = Attention(c, name="attn")(ln("ln1", x), positions, k_pos, layer, slots,
+        a, cache_kv = Attention(c, self.kernel, name="attn")(ln("ln1", x), positions, k_pos, layer, slots,
                                                 cache_kv)
         x = x + a
         x = x + MLP(c, name="mlp")(ln("ln2", x))
@@ -122,7 +126,8 @@ class GPT2(nn.Module):
             k_pos, cache_kv = cache.pos, cache.layer_buffers()
         x, cache_kv = run_layers(self, Block, c, c.n_layers, (x, cache_kv),
                                  np.arange(c.n_layers, dtype=np.int32), positions, k_pos, slots,
-                                 unroll=self.scan_unroll, unstacked=self.unstacked)
+                                 unroll=self.scan_unroll, unstacked=self.unstacked,
+                                 kernel=None if cache is None else cache.attention)
         if last_only:
             x = x[:, -1:]
         x = layer_norm(x, weight(self, "ln_f_scale", (c.d_model,), ("embed",), ONES),

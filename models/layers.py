@@ -35,7 +35,7 @@ def weight(mod: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, .
 
 
 def run_layers(mod: nn.Module, block, config, n_layers: int, carry, per_layer, *shared,
-               unroll: int = 1, unstacked: bool = False):
+               unroll: int = 1, unstacked: bool = False, **block_attrs):
     """Apply `n_layers` decoder blocks in sequence: carry -> carry.
 
     per_layer: arrays with a leading L axis (the block gets row i; numpy arrays stay static
@@ -44,17 +44,19 @@ def run_layers(mod: nn.Module, block, config, n_layers: int, carry, per_layer, *
     leading L axis. Unstacked: a Python loop over blocks "layers_0" .. "layers_{L-1}", one
     buffer per layer: XLA:CPU then multiplies each layer's weights in place instead of copying
     the layer's slice out of the stacked buffer at every step (see docs/DESIGN.md).
+    block_attrs: extra (static) attributes of every block module.
     """
     if not unstacked:
         scanned = nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
             in_axes=(0,) + (nn.broadcast,) * len(shared), length=n_layers, unroll=unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(config, name="layers", parent=mod)
+        )(config, name="layers", parent=mod, **block_attrs)
         return scanned(carry, per_layer, *shared)[0]
     for i in range(n_layers):
         row = jax.tree.map(lambda a, i=i: a[i], per_layer)
-        carry, _ = block(config, name=f"layers_{i}", parent=mod)(carry, row, *shared)
+        carry, _ = block(config, name=f"layers_{i}", parent=mod, **block_attrs)(carry, row,
+                                                                               *shared)
     return carry
 
 
@@ -143,6 +145,17 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window) -> jax.Array:
     q = q_pos[:, :, None]
     k = k_pos[:, None, :]
     return (k >= 0) & (k <= q) & (q - k < window)
+
+
+def cached_attention(q, k, v, positions, k_pos, window, slots, kernel=None) -> jax.Array:
+    """`attend` with the mask of `attention_mask(positions, k_pos, window)`.
+
+    kernel (optional; see KVCache.attention): runs single-token steps (T == 1) instead, called
+    as kernel(q, k, v, positions, k_pos, window, slots) with the same shapes and result.
+    """
+    if kernel is not None and q.shape[1] == 1:
+        return kernel(q, k, v, positions, k_pos, window, slots)
+    return attend(q, k, v, attention_mask(positions, k_pos, window))
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

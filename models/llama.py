@@ -10,6 +10,8 @@ Parameters (2-D projection weights are [in, out]; every per-layer leaf has a lea
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,8 +22,7 @@ from models.config import LlamaConfig
 from models.layers import (
     NO_WINDOW,
     apply_rope,
-    attend,
-    attention_mask,
+    cached_attention,
     embed_lookup,
     linear,
     rms_norm,
@@ -39,6 +40,7 @@ class Attention(nn.Module):
     """Self-attention of one layer with RoPE, GQA and an optional cache write."""
 
     config: LlamaConfig
+    kernel: Callable | None = None  # decode attention kernel (see KVCache.attention)
 
     @nn.compact
     def __call__(self, x, positions, k_pos, window, layer, slots, cache_kv):
@@ -63,7 +65,8 @@ class Attention(nn.Module):
             k, v = kvc.read_kv(cache_kv, layer, q.dtype)
         else:
             k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T], [B, K, T, H]
-        out = attend(q, k, v, attention_mask(positions, k_pos, window))
+        out = cached_attention(q, k, v, positions, k_pos, window, slots,
+                               self.kernel if cache_kv is not None else None)
         wo = weight(self, "o", (n * h, d), ("heads", "embed"))
         bo = weight(self, "o_bias", (d,), ("embed",), ZEROS) if c.o_bias else None
         return linear(out, wo, bo), cache_kv
@@ -93,6 +96,7 @@ class Block(nn.Module):
     """One pre-norm decoder layer; scanned over the L axis by `Llama`."""
 
     config: LlamaConfig
+    kernel: Callable | None = None
 
     @nn.compact
     def __call__(self, carry, per_layer, positions, k_pos, slots):
@@ -102,7 +106,7 @@ class Block(nn.Module):
         layer, window = per_layer
         attn_norm = weight(self, "attn_norm", (c.d_model,), ("embed",), ONES)
         mlp_norm = weight(self, "mlp_norm", (c.d_model,), ("embed",), ONES)
-        a, cache_kv = Attention(c, name="attn")(
+        a, cache_kv = Attention(c, self.kernel, name="attn")(
             rms_norm(x, attn_norm, c.norm_eps), positions, k_pos, window, layer, slots, cache_kv)
         x = x + a
         x = x + MLP(c, name="mlp")(rms_norm(x, mlp_norm, c.norm_eps))
@@ -135,7 +139,8 @@ class Llama(nn.Module):
                             for w in (c.sliding_windows or (None,) * c.n_layers)], np.int32)
         per_layer = (np.arange(c.n_layers, dtype=np.int32), windows)
         x, cache_kv = run_layers(self, Block, c, c.n_layers, (x, cache_kv), per_layer, positions,
-                                 k_pos, slots, unroll=self.scan_unroll, unstacked=self.unstacked)
+                                 k_pos, slots, unroll=self.scan_unroll, unstacked=self.unstacked,
+                                 kernel=None if cache is None else cache.attention)
         final_norm = weight(self, "final_norm", (c.d_model,), ("embed",), ONES)
         if last_only:
             x = x[:, -1:]

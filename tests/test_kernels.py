@@ -149,3 +149,30 @@ def test_unavailable_kernel_falls_back_to_xla(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_STATE", {})
     monkeypatch.setenv("JAXINFER_NATIVE", "0")
     assert not kernels.available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [1 << 30, 5])
+@pytest.mark.parametrize("n,k,h,s", [(9, 3, 64, 192), (4, 4, 16, 7), (8, 1, 128, 40)])
+def test_decode_attention_matches_attend(n, k, h, s, window):
+    """Same output as models.layers.attend with the position mask: ragged rows, left padding
+    (position -1 slots), unused slots, a sliding window, and a row that sees no key at all."""
+    from models.layers import attend, attention_mask
+
+    b = 5
+    keys = jax.random.split(jax.random.key(s + n), 3)
+    q = jax.random.normal(keys[0], (b, 1, n, h))
+    kc = jax.random.normal(keys[1], (b, k, h, s))
+    vc = jax.random.normal(keys[2], (b, k, s, h))
+    used = np.array([s, 1, max(1, s // 2), s - 1, 3])
+    k_pos = np.full((b, s), -1, np.int32)
+    for row in range(b):
+        pad = row % 3 if used[row] > 3 else 0  # left padding inside the used slots
+        k_pos[row, pad:used[row]] = np.arange(used[row] - pad)
+    k_pos[4, :3] = -1  # row 4: every used slot is padding -> no visible key
+    q_pos = np.maximum(k_pos.max(axis=1), 0)[:, None].astype(np.int32)
+    slots = (used - 1)[:, None].astype(np.int32)
+    got = jax.jit(kernels.decode_attention, static_argnums=5)(
+        q, kc, vc, jnp.asarray(q_pos), jnp.asarray(k_pos), window, jnp.asarray(slots))
+    want = attend(q, kc, vc, attention_mask(jnp.asarray(q_pos), jnp.asarray(k_pos), window))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

@@ -1,7 +1,8 @@
 """Native CPU kernels behind the dispatching matmul (`models.layers.linear`).
 
-`matmul.cc` is a float32 matmul for decode steps (a few rows against weights packed in
-48-column panels, AVX-512, XLA's intra-op thread pool), called as an XLA FFI custom call.
+`cpu.cc` holds two float32 kernels for decode steps (AVX-512, XLA's intra-op thread pool),
+called as XLA FFI custom calls: a matmul of a few rows against weights packed in 48-column
+panels, and single-token attention over the KV cache that reads only the used slots.
 It is compiled on first use with the system C++ compiler (`c++`, about 4 s) into the cache
 directory, keyed by source, compiler flags, jaxlib and Python versions and CPU flags, and
 loaded with ctypes. Where it cannot run (not x86-64 Linux with AVX-512F, no compiler,
@@ -32,8 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("matmul.cc")
+SOURCE = Path(__file__).with_name("cpu.cc")
 TARGET = "jaxinfer_matmul_f32"
+ATTEND_TARGET = "jaxinfer_attend_f32"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 MAX_ROWS = 64  # more rows (prefill) run XLA's dot on the unpacked weights
 
@@ -59,11 +61,11 @@ def _library_path() -> Path:
     for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
                  _cpu_flags().encode(), sys.version.encode()):
         key.update(part)
-    return cache_dir() / "kernels" / f"matmul-{key.hexdigest()[:16]}.so"
+    return cache_dir() / "kernels" / f"cpu-{key.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
-    """Compile matmul.cc (once; later calls reuse the cached library). Returns its path.
+    """Compile cpu.cc (once; later calls reuse the cached library). Returns its path.
 
     RuntimeError with the compiler's message if compilation fails.
     """
@@ -100,6 +102,8 @@ def available() -> bool:
         try:
             lib = ctypes.cdll.LoadLibrary(str(build()))
             jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferMatmulF32),
+                                        platform="cpu")
+            jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.JaxinferAttendF32),
                                         platform="cpu")
             ok = True
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
@@ -183,6 +187,38 @@ class NativeEmbedding:
     def matmul_transposed(self, x: jax.Array) -> jax.Array:
         """x [..., D] -> logits [..., V]."""
         return _dot(x, self.panels, self.n)
+
+
+def decode_attention(q, k, v, positions, k_pos, window, slots) -> jax.Array:
+    """The KVCache.attention kernel: one new token per row attends over its cache.
+
+    q [B, 1, N, H], k [B, K, H, S], v [B, K, S, H], positions [B, 1], k_pos [B, S], window
+    (int), slots [B, 1] (the slot just written: slots up to it are the used ones)
+    -> [B, 1, N * H], as models.layers.attend with the same mask. Float32 with H a multiple
+    of 16 (at most 256) runs the kernel; anything else models.layers' own attention.
+    """
+    from models.layers import attend, attention_mask
+
+    b, _, n, h = q.shape
+    ok = (h % 16 == 0 and h <= 256 and
+          all(a.dtype == jnp.float32 for a in (q, k, v)))
+    if not ok:
+        return attend(q, k, v, attention_mask(positions, k_pos, window))
+    out = jax.ShapeDtypeStruct((b, n, h), jnp.float32)
+    i32 = jnp.int32
+    res = jax.ffi.ffi_call(ATTEND_TARGET, out)(
+        q[:, 0], k, v, positions[:, 0].astype(i32), k_pos.astype(i32),
+        jnp.reshape(jnp.asarray(window, i32), (1,)), slots[:, 0].astype(i32) + 1)
+    return res.reshape(b, 1, n * h)
+
+
+def attention_for(params, dtype):
+    """The decode attention kernel for a cache of `dtype` next to `params`: decode_attention
+    when params were prepared by native_params (the kernels are built and registered) and the
+    cache is float32, else None (the model's own attention)."""
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, NativeWeight | NativeEmbedding))
+    native = any(isinstance(x, NativeWeight | NativeEmbedding) for x in leaves)
+    return decode_attention if native and jnp.dtype(dtype) == jnp.float32 else None
 
 
 def native_params(params, tied_key: str | None):
