@@ -160,20 +160,30 @@ void AttendOne(const float* q, const float* k, const float* v, const int32_t* kp
   const __m512i qp = _mm512_set1_epi32(qpos), win = _mm512_set1_epi32(window);
   __m512 vmax = _mm512_set1_ps(-INFINITY);
   bool any = false;
-  for (int64_t s0 = 0; s0 < used; s0 += 16) {
-    const __mmask16 in = Tail(used - s0);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t h = 0; h < H; ++h) {
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(q[h]), _mm512_maskz_loadu_ps(in, k + h * S + s0), acc);
+  for (int64_t s0 = 0; s0 < used; s0 += 64) {  // four independent 16-slot accumulators
+    __mmask16 in[4];
+    __m512 acc[4];
+    for (int j = 0; j < 4; ++j) {
+      in[j] = Tail(used - s0 - 16 * j);
+      acc[j] = _mm512_setzero_ps();
     }
-    const __m512i p = _mm512_maskz_loadu_epi32(in, kpos + s0);
-    __mmask16 vis = in & _mm512_cmpge_epi32_mask(p, _mm512_setzero_si512()) &
-                    _mm512_cmple_epi32_mask(p, qp) &
-                    _mm512_cmplt_epi32_mask(_mm512_sub_epi32(qp, p), win);
-    acc = _mm512_mul_ps(acc, _mm512_set1_ps(scale));
-    _mm512_storeu_ps(scores + s0, _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), acc));
-    vmax = _mm512_mask_max_ps(vmax, vis, vmax, acc);
-    any |= vis != 0;
+    for (int64_t h = 0; h < H; ++h) {
+      const __m512 qh = _mm512_set1_ps(q[h]);
+      for (int j = 0; j < 4; ++j) {
+        acc[j] = _mm512_fmadd_ps(qh, _mm512_maskz_loadu_ps(in[j], k + h * S + s0 + 16 * j), acc[j]);
+      }
+    }
+    for (int j = 0; j < 4; ++j) {
+      if (!in[j]) break;
+      const __m512i p = _mm512_maskz_loadu_epi32(in[j], kpos + s0 + 16 * j);
+      const __mmask16 vis = in[j] & _mm512_cmpge_epi32_mask(p, _mm512_setzero_si512()) &
+                            _mm512_cmple_epi32_mask(p, qp) &
+                            _mm512_cmplt_epi32_mask(_mm512_sub_epi32(qp, p), win);
+      const __m512 sc = _mm512_mul_ps(acc[j], _mm512_set1_ps(scale));
+      _mm512_storeu_ps(scores + s0 + 16 * j, _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), sc));
+      vmax = _mm512_mask_max_ps(vmax, vis, vmax, sc);
+      any |= vis != 0;
+    }
   }
   const int64_t hv = H / 16;
   __m512 o[16];
@@ -230,7 +240,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi
   ParallelFor(pool, B * K, [&](int64_t item) {
     const int64_t b = item / K, kh = item % K;
     const int64_t n_used = std::min<int64_t>(std::max<int32_t>(us[b], 0), S);
-    std::vector<float> scores(S + 16);
+    thread_local std::vector<float> scores;
+    scores.resize(S + 64);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t head = kh * G + g;
       AttendOne(qs + (b * N + head) * H, ks + (b * K + kh) * H * S, vs + (b * K + kh) * S * H,
