@@ -50,19 +50,25 @@ def _timed_run(model, req: Request, new_tokens: int):
 
 
 def run_bench(model, *, batch_size: int, prompt_len: int, new_tokens: int,
-              kv_cache: str = "float") -> dict:
+              kv_cache: str = "float", repeats: int = 1) -> dict:
     """Greedy generation of `new_tokens` per row (stop tokens off) after a warm-up run.
 
     Returns ttft_s (prefill + first token), prefill and decode tokens/s, compile_s (extra time
-    of the first run, i.e. compilation), peak_rss_mb and weight_bytes.
+    of the first run, i.e. compilation), peak_rss_mb and weight_bytes. With repeats > 1 the
+    timed run is repeated: times are medians, decode_tokens_per_s_runs lists every run.
     """
     ids = prompt_ids(model, prompt_len)
     req = Request(prompts=[ids] * batch_size, sampling=[Sampling()] * batch_size,
                   max_new_tokens=new_tokens, stop_token_ids=(), kv_cache=kv_cache)
     cold_prefill, cold_decode, _ = _timed_run(model, req, new_tokens)
-    prefill_s, decode_s, run = _timed_run(model, req, new_tokens)
-    assert int(run.state.length[0]) == new_tokens
+    runs = [_timed_run(model, req, new_tokens) for _ in range(max(1, repeats))]
+    assert all(int(r[2].state.length[0]) == new_tokens for r in runs)
+    prefill_s = float(np.median([r[0] for r in runs]))
+    decode_s = float(np.median([r[1] for r in runs]))
     decode_tokens = batch_size * (new_tokens - 1)
+    extra = {}
+    if repeats > 1 and new_tokens > 1:
+        extra["decode_tokens_per_s_runs"] = [round(decode_tokens / r[1], 2) for r in runs]
     return {
         "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "kv_cache": kv_cache,
@@ -72,4 +78,5 @@ def run_bench(model, *, batch_size: int, prompt_len: int, new_tokens: int,
         "compile_s": round(max(0.0, cold_prefill + cold_decode - prefill_s - decode_s), 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "weight_bytes": model.weight_bytes,
+        **extra,
     }
