@@ -20,11 +20,11 @@ from models import cache as kvc
 from models.config import GPT2Config
 from models.layers import (
     NO_WINDOW,
-    cached_attention,
     embed_lookup,
     layer_norm,
     linear,
     run_layers,
+    self_attention,
     unembed,
     weight,
 )
@@ -49,13 +49,8 @@ class Attention(nn.Module):
         bias = weight(self, "qkv_bias", (3 * d,), ("qkv",), ZEROS)
         q, k, v = jnp.split(linear(x, w, bias), 3, axis=-1)
         q, k, v = (a.reshape(b, t, n, h) for a in (q, k, v))
-        if cache_kv is not None:
-            cache_kv = kvc.write_kv(cache_kv, layer, slots, k, v)
-            k, v = kvc.read_kv(cache_kv, layer, q.dtype)
-        else:
-            k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T], [B, K, T, H]
-        out = cached_attention(q, k, v, positions, k_pos, NO_WINDOW, slots,
-                               self.kernel if cache_kv is not None else None)
+        out, cache_kv = self_attention(q, k, v, positions, k_pos, NO_WINDOW, layer, slots,
+                                       cache_kv, self.kernel)
         wo = weight(self, "o", (d, d), ("heads", "embed"))
         return linear(out, wo, weight(self, "o_bias", (d,), ("embed",), ZEROS)), cache_kv
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import cache as kvc
 from models.config import RopeScaling
 
 # A window larger than any context: "no sliding window".
@@ -147,15 +148,28 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window) -> jax.Array:
     return (k >= 0) & (k <= q) & (q - k < window)
 
 
-def cached_attention(q, k, v, positions, k_pos, window, slots, kernel=None) -> jax.Array:
-    """`attend` with the mask of `attention_mask(positions, k_pos, window)`.
+def self_attention(q, k, v, positions, k_pos, window, layer, slots, cache_kv, kernel=None):
+    """Attention of the new tokens, with the cache if there is one.
 
-    kernel (optional; see KVCache.attention): runs single-token steps (T == 1) instead, called
-    as kernel(q, k, v, positions, k_pos, window, slots) with the same shapes and result.
+    q [B, T, N, H]; k, v [B, T, K, H] (new, after RoPE); positions [B, T]; k_pos: the key
+    positions (cache.pos with a cache, else positions); cache_kv: the carried cache buffers
+    (KVCache.layer_buffers) or None. Returns (out [B, T, N * H], updated cache_kv or None).
+    Without a cache, attends over k, v alone; with one, writes k, v at `slots` [B, T] and
+    attends over everything cached. kernel (optional, KVCache.attention) takes single-token
+    steps on per-layer float buffers instead, writing and attending in one call:
+    kernel(q, k, v, k_buf, v_buf, positions, k_pos, window, slots) -> (out, k_buf, v_buf).
     """
-    if kernel is not None and q.shape[1] == 1:
-        return kernel(q, k, v, positions, k_pos, window, slots)
-    return attend(q, k, v, attention_mask(positions, k_pos, window))
+    if cache_kv is None:
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T], [B, K, T, H]
+        return attend(q, k, v, attention_mask(positions, k_pos, window)), None
+    ck, cv, ks, _ = cache_kv
+    if kernel is not None and q.shape[1] == 1 and isinstance(ck, tuple) and ks is None:
+        i = int(layer)
+        out, kb, vb = kernel(q, k, v, ck[i], cv[i], positions, k_pos, window, slots)
+        return out, (ck[:i] + (kb,) + ck[i + 1:], cv[:i] + (vb,) + cv[i + 1:], None, None)
+    cache_kv = kvc.write_kv(cache_kv, layer, slots, k, v)
+    k, v = kvc.read_kv(cache_kv, layer, q.dtype)
+    return attend(q, k, v, attention_mask(positions, k_pos, window)), cache_kv
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

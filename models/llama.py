@@ -22,12 +22,12 @@ from models.config import LlamaConfig
 from models.layers import (
     NO_WINDOW,
     apply_rope,
-    cached_attention,
     embed_lookup,
     linear,
     rms_norm,
     rope_inv_freq,
     run_layers,
+    self_attention,
     unembed,
     weight,
 )
@@ -60,13 +60,8 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(h, c.rope_theta, c.rope_scaling)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        if cache_kv is not None:
-            cache_kv = kvc.write_kv(cache_kv, layer, slots, k, v)
-            k, v = kvc.read_kv(cache_kv, layer, q.dtype)
-        else:
-            k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T], [B, K, T, H]
-        out = cached_attention(q, k, v, positions, k_pos, window, slots,
-                               self.kernel if cache_kv is not None else None)
+        out, cache_kv = self_attention(q, k, v, positions, k_pos, window, layer, slots, cache_kv,
+                                       self.kernel)
         wo = weight(self, "o", (n * h, d), ("heads", "embed"))
         bo = weight(self, "o_bias", (d,), ("embed",), ZEROS) if c.o_bias else None
         return linear(out, wo, bo), cache_kv

@@ -154,25 +154,35 @@ def test_unavailable_kernel_falls_back_to_xla(monkeypatch, tmp_path):
 @needs_kernel
 @pytest.mark.parametrize("window", [1 << 30, 5])
 @pytest.mark.parametrize("n,k,h,s", [(9, 3, 64, 192), (4, 4, 16, 7), (8, 1, 128, 40)])
-def test_decode_attention_matches_attend(n, k, h, s, window):
-    """Same output as models.layers.attend with the position mask: ragged rows, left padding
-    (position -1 slots), unused slots, a sliding window, and a row that sees no key at all."""
+def test_decode_attention_matches_write_and_attend(n, k, h, s, window):
+    """Same cache contents and output as models.cache's write plus models.layers.attend with
+    the position mask: ragged rows, left padding (position -1 slots), unused slots, a sliding
+    window, a row that sees no key at all, and a slot out of range (dropped)."""
+    from models.cache import write_keys, write_layer
     from models.layers import attend, attention_mask
 
-    b = 5
-    keys = jax.random.split(jax.random.key(s + n), 3)
+    b = 6
+    keys = jax.random.split(jax.random.key(s + n), 5)
     q = jax.random.normal(keys[0], (b, 1, n, h))
-    kc = jax.random.normal(keys[1], (b, k, h, s))
-    vc = jax.random.normal(keys[2], (b, k, s, h))
-    used = np.array([s, 1, max(1, s // 2), s - 1, 3])
+    k_new = jax.random.normal(keys[1], (b, 1, k, h))
+    v_new = jax.random.normal(keys[2], (b, 1, k, h))
+    kc = jax.random.normal(keys[3], (b, k, h, s))
+    vc = jax.random.normal(keys[4], (b, k, s, h))
+    used = np.array([s, 1, max(1, s // 2), s - 1, 3, s])
     k_pos = np.full((b, s), -1, np.int32)
     for row in range(b):
         pad = row % 3 if used[row] > 3 else 0  # left padding inside the used slots
         k_pos[row, pad:used[row]] = np.arange(used[row] - pad)
     k_pos[4, :3] = -1  # row 4: every used slot is padding -> no visible key
-    q_pos = np.maximum(k_pos.max(axis=1), 0)[:, None].astype(np.int32)
+    q_pos = jnp.asarray(np.maximum(k_pos.max(axis=1), 0)[:, None].astype(np.int32))
     slots = (used - 1)[:, None].astype(np.int32)
-    got = jax.jit(kernels.decode_attention, static_argnums=5)(
-        q, kc, vc, jnp.asarray(q_pos), jnp.asarray(k_pos), window, jnp.asarray(slots))
-    want = attend(q, kc, vc, attention_mask(jnp.asarray(q_pos), jnp.asarray(k_pos), window))
+    slots[5] = s  # row 5: no free slot, the write is dropped
+    slots, k_pos = jnp.asarray(slots), jnp.asarray(k_pos)
+    want_k = write_keys(kc, None, slots, k_new)
+    want_v = write_layer(vc, None, slots, v_new)
+    want = attend(q, want_k, want_v, attention_mask(q_pos, k_pos, window))
+    got, got_k, got_v = jax.jit(kernels.decode_attention, static_argnums=7)(
+        q, k_new, v_new, kc, vc, q_pos, k_pos, window, slots)
+    np.testing.assert_array_equal(got_k, want_k)
+    np.testing.assert_array_equal(got_v, want_v)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

@@ -189,27 +189,33 @@ class NativeEmbedding:
         return _dot(x, self.panels, self.n)
 
 
-def decode_attention(q, k, v, positions, k_pos, window, slots) -> jax.Array:
-    """The KVCache.attention kernel: one new token per row attends over its cache.
+def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots):
+    """The KVCache.attention kernel: each row's new token is written into this layer's cache
+    and attends over the row's used slots, in one call (the buffers are updated in place).
 
-    q [B, 1, N, H], k [B, K, H, S], v [B, K, S, H], positions [B, 1], k_pos [B, S], window
-    (int), slots [B, 1] (the slot just written: slots up to it are the used ones)
-    -> [B, 1, N * H], as models.layers.attend with the same mask. Float32 with H a multiple
-    of 16 (at most 256) runs the kernel; anything else models.layers' own attention.
+    q [B, 1, N, H]; k, v [B, 1, K, H] (new, after RoPE); k_buf [B, K, H, S], v_buf
+    [B, K, S, H]; positions [B, 1]; k_pos [B, S]; window (int); slots [B, 1] (where the new
+    token goes) -> (out [B, 1, N * H], k_buf, v_buf), as models.cache's write and
+    models.layers.attend. Float32 with H a multiple of 16 (at most 256) runs the kernel;
+    anything else XLA.
     """
+    from models.cache import write_keys, write_layer
     from models.layers import attend, attention_mask
 
     b, _, n, h = q.shape
-    ok = (h % 16 == 0 and h <= 256 and
-          all(a.dtype == jnp.float32 for a in (q, k, v)))
-    if not ok:
-        return attend(q, k, v, attention_mask(positions, k_pos, window))
-    out = jax.ShapeDtypeStruct((b, n, h), jnp.float32)
+    if not (h % 16 == 0 and h <= 256 and
+            all(a.dtype == jnp.float32 for a in (q, k, v, k_buf, v_buf))):
+        k_buf = write_keys(k_buf, None, slots, k)
+        v_buf = write_layer(v_buf, None, slots, v)
+        return attend(q, k_buf, v_buf, attention_mask(positions, k_pos, window)), k_buf, v_buf
     i32 = jnp.int32
-    res = jax.ffi.ffi_call(ATTEND_TARGET, out)(
-        q[:, 0], k, v, positions[:, 0].astype(i32), k_pos.astype(i32),
-        jnp.reshape(jnp.asarray(window, i32), (1,)), slots[:, 0].astype(i32) + 1)
-    return res.reshape(b, 1, n * h)
+    shapes = (jax.ShapeDtypeStruct((b, n, h), jnp.float32),
+              jax.ShapeDtypeStruct(k_buf.shape, jnp.float32),
+              jax.ShapeDtypeStruct(v_buf.shape, jnp.float32))
+    out, k_buf, v_buf = jax.ffi.ffi_call(ATTEND_TARGET, shapes, input_output_aliases={0: 1, 1: 2})(
+        k_buf, v_buf, q[:, 0], k[:, 0], v[:, 0], positions[:, 0].astype(i32), k_pos.astype(i32),
+        jnp.reshape(jnp.asarray(window, i32), (1,)), slots[:, 0].astype(i32))
+    return out.reshape(b, 1, n * h), k_buf, v_buf
 
 
 def attention_for(params, dtype):

@@ -215,37 +215,54 @@ void AttendOne(const float* q, const float* k, const float* v, const int32_t* kp
   for (int64_t j = 0; j < hv; ++j) _mm512_storeu_ps(out + 16 * j, _mm512_mul_ps(o[j], inv));
 }
 
-// q [B, N, H], k [B, K, H, S], v [B, K, S, H], qpos [B], kpos [B, S], window [1], used [B]
-// -> out [B, N, H]. H must be a multiple of 16, at most 256.
-ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                  ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qpos,
+// Writes one new token per row into this layer's cache, then attends:
+// k [B, K, H, S], v [B, K, S, H] (aliased with the results k_out, v_out: updated in place),
+// q [B, N, H], k_new, v_new [B, K, H], qpos [B], kpos [B, S], window [1], slot [B] (where the
+// new token goes; slots up to it are the used ones) -> out [B, N, H], k_out, v_out.
+// H must be a multiple of 16, at most 256.
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                  ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
+                  ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::S32> qpos,
                   ffi::Buffer<ffi::S32> kpos, ffi::Buffer<ffi::S32> window,
-                  ffi::Buffer<ffi::S32> used, ffi::ResultBuffer<ffi::F32> out) {
+                  ffi::Buffer<ffi::S32> slot, ffi::ResultBuffer<ffi::F32> out,
+                  ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[0] ||
       qd[1] % kd[1] != 0 || kd[2] != qd[2] || qd[2] % 16 != 0 || qd[2] > 256 ||
       vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[3] || vd[3] != kd[2] ||
-      kpos.dimensions()[1] != kd[3] || window.element_count() != 1) {
+      kpos.dimensions()[1] != kd[3] || window.element_count() != 1 ||
+      k_new.element_count() != kd[0] * kd[1] * kd[2] ||
+      v_new.element_count() != kd[0] * kd[1] * kd[2]) {
     return ffi::Error::InvalidArgument("jaxinfer_attend_f32: unexpected shapes");
   }
   const int64_t B = qd[0], N = qd[1], H = qd[2], K = kd[1], S = kd[3], G = N / K;
+  float* ks = k_out->typed_data();
+  float* vs = v_out->typed_data();
+  if (ks != k.typed_data()) std::copy_n(k.typed_data(), k.element_count(), ks);
+  if (vs != v.typed_data()) std::copy_n(v.typed_data(), v.element_count(), vs);
   const float* qs = q.typed_data();
-  const float* ks = k.typed_data();
-  const float* vs = v.typed_data();
+  const float* kn = k_new.typed_data();
+  const float* vn = v_new.typed_data();
   const int32_t* qp = qpos.typed_data();
   const int32_t* kp = kpos.typed_data();
-  const int32_t* us = used.typed_data();
+  const int32_t* sl = slot.typed_data();
   const int32_t win = window.typed_data()[0];
   float* os = out->typed_data();
   ParallelFor(pool, B * K, [&](int64_t item) {
     const int64_t b = item / K, kh = item % K;
-    const int64_t n_used = std::min<int64_t>(std::max<int32_t>(us[b], 0), S);
+    float* kb = ks + item * H * S;
+    float* vb = vs + item * S * H;
+    if (sl[b] >= 0 && sl[b] < S) {  // out of range: dropped, as the XLA write does
+      for (int64_t h = 0; h < H; ++h) kb[h * S + sl[b]] = kn[item * H + h];
+      std::copy_n(vn + item * H, H, vb + sl[b] * H);
+    }
+    const int64_t n_used = std::min<int64_t>(std::max<int32_t>(sl[b] + 1, 0), S);
     thread_local std::vector<float> scores;
     scores.resize(S + 64);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t head = kh * G + g;
-      AttendOne(qs + (b * N + head) * H, ks + (b * K + kh) * H * S, vs + (b * K + kh) * S * H,
-                kp + b * S, qp[b], win, n_used, S, H, scores.data(), os + (b * N + head) * H);
+      AttendOne(qs + (b * N + head) * H, kb, vb, kp + b * S, qp[b], win, n_used, S, H,
+                scores.data(), os + (b * N + head) * H);
     }
   });
   return ffi::Error::Success();
@@ -266,8 +283,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttendF32, Attend,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
