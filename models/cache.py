@@ -128,8 +128,13 @@ def _write(write, buf, layer, slots, new):
     per-layer tuple (layer None there: no L axis)."""
     if not isinstance(buf, tuple):
         return write(buf, layer, slots, new)
+    return replace_layer(buf, layer, write(buf[int(layer)], None, slots, new))
+
+
+def replace_layer(buf: tuple, layer, new: jax.Array) -> tuple:
+    """A per-layer tuple of buffers with entry `layer` replaced by `new`."""
     i = int(layer)
-    return buf[:i] + (write(buf[i], None, slots, new),) + buf[i + 1:]
+    return buf[:i] + (new,) + buf[i + 1:]
 
 
 def read_kv(bufs, layer, dtype) -> tuple[jax.Array, jax.Array]:

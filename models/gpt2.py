@@ -88,8 +88,8 @@ class Block(nn.Module):
             bias = weight(self, name + "_bias", (c.d_model,), ("embed",), ZEROS)
             return layer_norm(y, scale, bias, c.norm_eps)
 
-        a, cache_kv = Attention(c, self.kernel, name="attn")(ln("ln1", x), positions, k_pos, layer, slots,
-                                                cache_kv)
+        a, cache_kv = Attention(c, self.kernel, name="attn")(ln("ln1", x), positions, k_pos,
+                                                             layer, slots, cache_kv)
         x = x + a
         x = x + MLP(c, name="mlp")(ln("ln2", x))
         return (x, cache_kv), None

@@ -164,9 +164,9 @@ def self_attention(q, k, v, positions, k_pos, window, layer, slots, cache_kv, ke
         return attend(q, k, v, attention_mask(positions, k_pos, window)), None
     ck, cv, ks, _ = cache_kv
     if kernel is not None and q.shape[1] == 1 and isinstance(ck, tuple) and ks is None:
-        i = int(layer)
-        out, kb, vb = kernel(q, k, v, ck[i], cv[i], positions, k_pos, window, slots)
-        return out, (ck[:i] + (kb,) + ck[i + 1:], cv[:i] + (vb,) + cv[i + 1:], None, None)
+        out, kb, vb = kernel(q, k, v, ck[int(layer)], cv[int(layer)], positions, k_pos, window,
+                             slots)
+        return out, (kvc.replace_layer(ck, layer, kb), kvc.replace_layer(cv, layer, vb), None, None)
     cache_kv = kvc.write_kv(cache_kv, layer, slots, k, v)
     k, v = kvc.read_kv(cache_kv, layer, q.dtype)
     return attend(q, k, v, attention_mask(positions, k_pos, window)), cache_kv

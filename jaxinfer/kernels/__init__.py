@@ -112,7 +112,7 @@ def available() -> bool:
     return ok
 
 
-STRIP = 48  # columns per packed panel (kStrip in matmul.cc)
+STRIP = 48  # columns per packed panel (kStrip in cpu.cc)
 
 
 def pack(w: jax.Array) -> jax.Array:
