@@ -73,6 +73,31 @@ def linear(x: jax.Array, w, b=None) -> jax.Array:
     return y
 
 
+def linear_many(x: jax.Array, ws: list, bs: list) -> list[jax.Array]:
+    """[linear(x, w, b) for w, b in zip(ws, bs)]: several projections of one input x [..., in].
+
+    Weights of one type that can run together (a `matmul_many(x, others)` method) do so, in
+    one call; the biases are added after.
+    """
+    first = ws[0]
+    if hasattr(first, "matmul_many") and all(type(w) is type(first) for w in ws):
+        ys = first.matmul_many(x, list(ws[1:]))
+        return [y if b is None else y + b.astype(y.dtype) for y, b in zip(ys, bs, strict=True)]
+    return [linear(x, w, b) for w, b in zip(ws, bs, strict=True)]
+
+
+def swiglu(x: jax.Array, gate, up, gate_bias=None, up_bias=None) -> jax.Array:
+    """silu(x @ gate + gate_bias) * (x @ up + up_bias): x [..., in] -> [..., hidden].
+
+    Without biases, a gate weight with a `glu(x, up)` method (and an up weight of the same
+    type) computes the whole product in one call.
+    """
+    if (gate_bias is None and up_bias is None and hasattr(gate, "glu")
+            and type(up) is type(gate)):
+        return gate.glu(x, up)
+    return jax.nn.silu(linear(x, gate, gate_bias)) * linear(x, up, up_bias)
+
+
 def embed_lookup(table, tokens: jax.Array) -> jax.Array:
     """Rows of table [V, D] for tokens [B, T] -> [B, T, D]."""
     if isinstance(table, jax.Array | np.ndarray):
@@ -125,12 +150,17 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
     raise ValueError(f"unknown RoPE scaling kind {scaling.kind!r}")
 
 
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, H/2] (float32) of the RoPE angles for positions [B, T]."""
+    pos = jnp.maximum(positions, 0).astype(jnp.float32)
+    freqs = pos[:, :, None] * jnp.asarray(inv_freq)[None, None, :]
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotate x [B, T, N, H] by positions [B, T] (half-split layout, as Hugging Face Llama)."""
-    pos = jnp.maximum(positions, 0).astype(jnp.float32)
-    freqs = pos[:, :, None] * jnp.asarray(inv_freq)[None, None, :]  # [B, T, H/2]
-    cos = jnp.cos(freqs)[:, :, None, :]
-    sin = jnp.sin(freqs)[:, :, None, :]
+    cos, sin = rope_tables(positions, inv_freq)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -148,25 +178,32 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window) -> jax.Array:
     return (k >= 0) & (k <= q) & (q - k < window)
 
 
-def self_attention(q, k, v, positions, k_pos, window, layer, slots, cache_kv, kernel=None):
+def self_attention(q, k, v, positions, k_pos, window, layer, slots, cache_kv, kernel=None,
+                   inv_freq=None):
     """Attention of the new tokens, with the cache if there is one.
 
-    q [B, T, N, H]; k, v [B, T, K, H] (new, after RoPE); positions [B, T]; k_pos: the key
-    positions (cache.pos with a cache, else positions); cache_kv: the carried cache buffers
-    (KVCache.layer_buffers) or None. Returns (out [B, T, N * H], updated cache_kv or None).
+    q [B, T, N, H]; k, v [B, T, K, H] (new; q and k before RoPE, rotated here by positions
+    when inv_freq [H/2] is given); positions [B, T]; k_pos: the key positions (cache.pos with
+    a cache, else positions); cache_kv: the carried cache buffers (KVCache.layer_buffers) or
+    None. Returns (out [B, T, N * H], updated cache_kv or None).
     Without a cache, attends over k, v alone; with one, writes k, v at `slots` [B, T] and
     attends over everything cached. kernel (optional, KVCache.attention) takes single-token
-    steps on per-layer float buffers instead, writing and attending in one call:
-    kernel(q, k, v, k_buf, v_buf, positions, k_pos, window, slots) -> (out, k_buf, v_buf).
+    steps on per-layer float buffers instead, rotating, writing and attending in one call:
+    kernel(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv_freq)
+    -> (out, k_buf, v_buf).
     """
+    if cache_kv is not None:
+        ck, cv, ks, _ = cache_kv
+        if kernel is not None and q.shape[1] == 1 and isinstance(ck, tuple) and ks is None:
+            out, kb, vb = kernel(q, k, v, ck[int(layer)], cv[int(layer)], positions, k_pos,
+                                 window, slots, inv_freq)
+            return out, (kvc.replace_layer(ck, layer, kb), kvc.replace_layer(cv, layer, vb),
+                         None, None)
+    if inv_freq is not None:
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     if cache_kv is None:
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, K, H, T], [B, K, T, H]
         return attend(q, k, v, attention_mask(positions, k_pos, window)), None
-    ck, cv, ks, _ = cache_kv
-    if kernel is not None and q.shape[1] == 1 and isinstance(ck, tuple) and ks is None:
-        out, kb, vb = kernel(q, k, v, ck[int(layer)], cv[int(layer)], positions, k_pos, window,
-                             slots)
-        return out, (kvc.replace_layer(ck, layer, kb), kvc.replace_layer(cv, layer, vb), None, None)
     cache_kv = kvc.write_kv(cache_kv, layer, slots, k, v)
     k, v = kvc.read_kv(cache_kv, layer, q.dtype)
     return attend(q, k, v, attention_mask(positions, k_pos, window)), cache_kv

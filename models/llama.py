@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,13 +20,14 @@ from models import cache as kvc
 from models.config import LlamaConfig
 from models.layers import (
     NO_WINDOW,
-    apply_rope,
     embed_lookup,
     linear,
+    linear_many,
     rms_norm,
     rope_inv_freq,
     run_layers,
     self_attention,
+    swiglu,
     unembed,
     weight,
 )
@@ -49,19 +49,18 @@ class Attention(nn.Module):
         d, n, kv, h = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         b, t, _ = x.shape
 
-        def proj(name, out, out_axis, bias):
+        def proj(name, out, out_axis):
             w = weight(self, name, (d, out), ("embed", out_axis))
-            bb = weight(self, name + "_bias", (out,), (out_axis,), ZEROS) if bias else None
-            return linear(x, w, bb)
+            bb = weight(self, name + "_bias", (out,), (out_axis,), ZEROS) if c.qkv_bias else None
+            return w, bb
 
-        q = proj("q", n * h, "heads", c.qkv_bias).reshape(b, t, n, h)
-        k = proj("k", kv * h, "kv_heads", c.qkv_bias).reshape(b, t, kv, h)
-        v = proj("v", kv * h, "kv_heads", c.qkv_bias).reshape(b, t, kv, h)
+        (wq, bq), (wk, bk), (wv, bv) = (proj("q", n * h, "heads"), proj("k", kv * h, "kv_heads"),
+                                        proj("v", kv * h, "kv_heads"))
+        q, k, v = linear_many(x, [wq, wk, wv], [bq, bk, bv])
+        q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kv, h), v.reshape(b, t, kv, h)
         inv_freq = rope_inv_freq(h, c.rope_theta, c.rope_scaling)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
         out, cache_kv = self_attention(q, k, v, positions, k_pos, window, layer, slots, cache_kv,
-                                       self.kernel)
+                                       self.kernel, inv_freq)
         wo = weight(self, "o", (n * h, d), ("heads", "embed"))
         bo = weight(self, "o_bias", (d,), ("embed",), ZEROS) if c.o_bias else None
         return linear(out, wo, bo), cache_kv
@@ -82,9 +81,10 @@ class MLP(nn.Module):
             bb = weight(self, name + "_bias", shape[1:], axes[1:], ZEROS) if c.mlp_bias else None
             return w, bb
 
-        gate = linear(x, *proj("gate", (c.d_model, c.d_ff), ("embed", "mlp")))
-        up = linear(x, *proj("up", (c.d_model, c.d_ff), ("embed", "mlp")))
-        return linear(jax.nn.silu(gate) * up, *proj("down", (c.d_ff, c.d_model), ("mlp", "embed")))
+        (wg, bg), (wu, bu) = (proj("gate", (c.d_model, c.d_ff), ("embed", "mlp")),
+                              proj("up", (c.d_model, c.d_ff), ("embed", "mlp")))
+        hidden = swiglu(x, wg, wu, bg, bu)
+        return linear(hidden, *proj("down", (c.d_ff, c.d_model), ("mlp", "embed")))
 
 
 class Block(nn.Module):

@@ -60,6 +60,63 @@ def test_matmul_matches_float64(m, k, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("m", [1, 8, 16, 17])
+def test_matmul_many_and_glu_match_float64(m):
+    """Several projections of one x in one call, and the fused SwiGLU gate silu(x Wg) * (x Wu),
+    against float64 (weights with ragged last panels, rows over one register block)."""
+    rng = np.random.default_rng(m)
+    k, ns = 200, [96, 7, 130]
+    x = rng.standard_normal((m, k), np.float32)
+    ws = [rng.standard_normal((k, n), np.float32) for n in ns]
+    got = jax.jit(lambda x, *p: kernels.matmul_many(x, list(p), ns))(
+        x, *[kernels.pack(w) for w in ws])
+    x64 = x.astype(np.float64)
+    for y, w in zip(got, ws, strict=True):
+        ref = x64 @ w
+        np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(ref).max())
+    for n in (130, 1536):
+        wg, wu = (rng.standard_normal((k, n), np.float32) for _ in range(2))
+        got = jax.jit(kernels.glu, static_argnums=3)(x, kernels.pack(wg), kernels.pack(wu), n)
+        g, u = x64 @ wg, x64 @ wu
+        ref = g / (1 + np.exp(-g)) * u
+        assert got.shape == (m, n)
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@needs_kernel
+def test_linear_many_and_swiglu_dispatch():
+    """models.layers.linear_many / swiglu: packed weights run one custom call (biases added
+    after), plain arrays and mixed weight types the unfused ops; all give the same numbers."""
+    from models.layers import linear, linear_many, swiglu
+
+    keys = jax.random.split(jax.random.key(3), 6)
+    ws = [jax.random.normal(keys[i], (64, n)) for i, n in enumerate((64, 32, 32))]
+    bs = [None, jax.random.normal(keys[3], (32,)), None]
+    packed = [kernels.NativeWeight.from_array(w) for w in ws]
+    for rows in (4, kernels.MAX_ROWS + 1):
+        x = jax.random.normal(keys[4], (1, rows, 64))
+        want = [linear(x, w, b) for w, b in zip(ws, bs, strict=True)]
+        for weights, target in [(packed, kernels.MANY_TARGET), (ws, None),
+                                ([packed[0], ws[1], packed[2]], None)]:
+            fn = jax.jit(lambda x, weights=weights: linear_many(x, weights, bs))
+            text = fn.lower(x).as_text()
+            assert (target is not None and rows <= kernels.MAX_ROWS) == (
+                kernels.MANY_TARGET in text)
+            for y, w in zip(fn(x), want, strict=True):
+                np.testing.assert_allclose(y, w, rtol=1e-5, atol=1e-5)
+        g, u = ws[1], jax.random.normal(keys[5], (64, 32))
+        want = jax.nn.silu(x @ g) * (x @ u)
+        pg, pu = kernels.NativeWeight.from_array(g), kernels.NativeWeight.from_array(u)
+        for args, fused in [((pg, pu), True), ((g, u), False), ((pg, u), False),
+                            ((pg, pu, bs[1]), False)]:
+            fn = jax.jit(lambda x, args=args: swiglu(x, *args))
+            assert (kernels.GLU_TARGET in fn.lower(x).as_text()) == (
+                fused and rows <= kernels.MAX_ROWS)
+            ref = want if len(args) == 2 else jax.nn.silu(x @ g + bs[1]) * (x @ u)
+            np.testing.assert_allclose(fn(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 def test_native_weight_dispatch_by_rows():
     """Up to MAX_ROWS rows run the custom call, prefill-sized inputs XLA's dot on the
     unpacked weights; both give x @ w."""
@@ -152,15 +209,19 @@ def test_unavailable_kernel_falls_back_to_xla(monkeypatch, tmp_path):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("window", [1 << 30, 5])
-@pytest.mark.parametrize("n,k,h,s", [(9, 3, 64, 192), (4, 4, 16, 7), (8, 1, 128, 40)])
-def test_decode_attention_matches_write_and_attend(n, k, h, s, window):
-    """Same cache contents and output as models.cache's write plus models.layers.attend with
-    the position mask: ragged rows, left padding (position -1 slots), unused slots, a sliding
-    window, a row that sees no key at all, and a slot out of range (dropped)."""
+@pytest.mark.parametrize("n,k,h,s", [(9, 3, 64, 192), (4, 4, 16, 7), (8, 1, 128, 40),
+                                     (10, 2, 80, 70)])
+def test_decode_attention_matches_write_and_attend(n, k, h, s, window, rope):
+    """Same cache contents and output as RoPE, models.cache's write and models.layers.attend
+    with the position mask: groups of 1, 4, 5 and 8 query heads per KV head, ragged rows, left
+    padding (position -1 slots), unused slots, a sliding window, a row that sees no key at
+    all, and a slot out of range (dropped)."""
     from models.cache import write_keys, write_layer
-    from models.layers import attend, attention_mask
+    from models.layers import apply_rope, attend, attention_mask, rope_inv_freq
 
+    assert kernels.available()
     b = 6
     keys = jax.random.split(jax.random.key(s + n), 5)
     q = jax.random.normal(keys[0], (b, 1, n, h))
@@ -178,11 +239,15 @@ def test_decode_attention_matches_write_and_attend(n, k, h, s, window):
     slots = (used - 1)[:, None].astype(np.int32)
     slots[5] = s  # row 5: no free slot, the write is dropped
     slots, k_pos = jnp.asarray(slots), jnp.asarray(k_pos)
-    want_k = write_keys(kc, None, slots, k_new)
+    inv_freq = rope_inv_freq(h, 10000.0, None) if rope else None
+    q_rot, k_rot = ((apply_rope(q, q_pos, inv_freq), apply_rope(k_new, q_pos, inv_freq))
+                    if rope else (q, k_new))
+    want_k = write_keys(kc, None, slots, k_rot)
     want_v = write_layer(vc, None, slots, v_new)
-    want = attend(q, want_k, want_v, attention_mask(q_pos, k_pos, window))
-    got, got_k, got_v = jax.jit(kernels.decode_attention, static_argnums=7)(
-        q, k_new, v_new, kc, vc, q_pos, k_pos, window, slots)
+    want = attend(q_rot, want_k, want_v, attention_mask(q_pos, k_pos, window))
+    fn = jax.jit(lambda q, kn, vn, kc, vc, qp, kp, sl: kernels.decode_attention(
+        q, kn, vn, kc, vc, qp, kp, window, sl, inv_freq))
+    got, got_k, got_v = fn(q, k_new, v_new, kc, vc, q_pos, k_pos, slots)
     np.testing.assert_array_equal(got_k, want_k)
     np.testing.assert_array_equal(got_v, want_v)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

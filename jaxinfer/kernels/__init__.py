@@ -35,8 +35,13 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("cpu.cc")
 TARGET = "jaxinfer_matmul_f32"
+MANY_TARGET = "jaxinfer_matmul_many_f32"
+GLU_TARGET = "jaxinfer_glu_f32"
 ATTEND_TARGET = "jaxinfer_attend_f32"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+# XLA FFI target name -> symbol in cpu.cc
+_SYMBOLS = {TARGET: "JaxinferMatmulF32", MANY_TARGET: "JaxinferMatmulManyF32",
+            GLU_TARGET: "JaxinferGluF32", ATTEND_TARGET: "JaxinferAttendF32"}
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
 MAX_ROWS = 64  # more rows (prefill) run XLA's dot on the unpacked weights
 
 _STATE: dict[str, object] = {}
@@ -101,10 +106,9 @@ def available() -> bool:
     else:
         try:
             lib = ctypes.cdll.LoadLibrary(str(build()))
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxinferMatmulF32),
-                                        platform="cpu")
-            jax.ffi.register_ffi_target(ATTEND_TARGET, jax.ffi.pycapsule(lib.JaxinferAttendF32),
-                                        platform="cpu")
+            for target, symbol in _SYMBOLS.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                            platform="cpu")
             ok = True
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             warnings.warn(f"native CPU matmul unavailable, using XLA's dot: {e}", stacklevel=2)
@@ -135,11 +139,29 @@ def matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     return jax.ffi.ffi_call(TARGET, out)(x, panels)
 
 
+def matmul_many(x: jax.Array, panels: list[jax.Array], ns: list[int]) -> list[jax.Array]:
+    """[x @ W_j] for several packed weights of one x [M, K], in one call -> [M, n_j] each."""
+    outs = [jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32) for n in ns]
+    return list(jax.ffi.ffi_call(MANY_TARGET, outs)(x, *panels))
+
+
+def glu(x: jax.Array, gate: jax.Array, up: jax.Array, n: int) -> jax.Array:
+    """silu(x @ Wg) * (x @ Wu) for x [M, K], both packed with n columns, in one call -> [M, n]."""
+    return jax.ffi.ffi_call(GLU_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(
+        x, gate, up)
+
+
+def _kernel_rows(x: jax.Array) -> int | None:
+    """Rows of x [..., K] when the kernel takes them (float32, 1..MAX_ROWS), else None."""
+    rows = int(np.prod(x.shape[:-1]))
+    return rows if x.dtype == jnp.float32 and rows <= MAX_ROWS else None
+
+
 def _dot(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     """x [..., K] @ W [K, n]: the kernel for 1..MAX_ROWS float32 rows (decode), XLA's dot on
     the unpacked weights otherwise (prefill, where a copy of W is cheap next to the dot)."""
-    rows = int(np.prod(x.shape[:-1]))
-    if x.dtype != jnp.float32 or rows > MAX_ROWS:
+    rows = _kernel_rows(x)
+    if rows is None:
         return x @ unpack(panels, n).astype(x.dtype)
     return matmul(x.reshape(rows, x.shape[-1]), panels, n).reshape(*x.shape[:-1], n)
 
@@ -162,6 +184,23 @@ class NativeWeight:
     def matmul(self, x: jax.Array) -> jax.Array:
         """x [..., K] -> [..., n]."""
         return _dot(x, self.panels, self.n)
+
+    def matmul_many(self, x: jax.Array, others: list[NativeWeight]) -> list[jax.Array]:
+        """[x @ W for W in (self, *others)] in one call: x [..., K] -> [..., n] each."""
+        ws = [self, *others]
+        rows = _kernel_rows(x)
+        if rows is None:
+            return [w.matmul(x) for w in ws]
+        ys = matmul_many(x.reshape(rows, x.shape[-1]), [w.panels for w in ws], [w.n for w in ws])
+        return [y.reshape(*x.shape[:-1], w.n) for y, w in zip(ys, ws, strict=True)]
+
+    def glu(self, x: jax.Array, up: NativeWeight) -> jax.Array:
+        """silu(x @ self) * (x @ up) in one call: x [..., K] -> [..., n]."""
+        rows = _kernel_rows(x)
+        if rows is None or up.n != self.n:
+            return jax.nn.silu(self.matmul(x)) * up.matmul(x)
+        y = glu(x.reshape(rows, x.shape[-1]), self.panels, up.panels, self.n)
+        return y.reshape(*x.shape[:-1], self.n)
 
 
 @flax.struct.dataclass
@@ -189,31 +228,40 @@ class NativeEmbedding:
         return _dot(x, self.panels, self.n)
 
 
-def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots):
-    """The KVCache.attention kernel: each row's new token is written into this layer's cache
-    and attends over the row's used slots, in one call (the buffers are updated in place).
+def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv_freq=None):
+    """The KVCache.attention kernel: each row's new token is rotated by RoPE (when inv_freq
+    [H/2] is given), written into this layer's cache and attends over the row's used slots,
+    in one call (the buffers are updated in place).
 
-    q [B, 1, N, H]; k, v [B, 1, K, H] (new, after RoPE); k_buf [B, K, H, S], v_buf
+    q [B, 1, N, H]; k, v [B, 1, K, H] (new, q and k before RoPE); k_buf [B, K, H, S], v_buf
     [B, K, S, H]; positions [B, 1]; k_pos [B, S]; window (int); slots [B, 1] (where the new
-    token goes) -> (out [B, 1, N * H], k_buf, v_buf), as models.cache's write and
-    models.layers.attend. Float32 with H a multiple of 16 (at most 256) runs the kernel;
+    token goes) -> (out [B, 1, N * H], k_buf, v_buf), as models.layers.self_attention's XLA
+    path. Float32 with H a multiple of 16 (at most 256) runs the kernel (once `available()`);
     anything else XLA.
     """
     from models.cache import write_keys, write_layer
-    from models.layers import attend, attention_mask
+    from models.layers import apply_rope, attend, attention_mask, rope_tables
 
     b, _, n, h = q.shape
-    if not (h % 16 == 0 and h <= 256 and
+    if not (h % 16 == 0 and h <= 256 and available() and
             all(a.dtype == jnp.float32 for a in (q, k, v, k_buf, v_buf))):
+        if inv_freq is not None:
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k_buf = write_keys(k_buf, None, slots, k)
         v_buf = write_layer(v_buf, None, slots, v)
         return attend(q, k_buf, v_buf, attention_mask(positions, k_pos, window)), k_buf, v_buf
+    if inv_freq is None:  # no rotation: cos 1, sin 0
+        rope = jnp.concatenate([jnp.ones((b, h // 2)), jnp.zeros((b, h // 2))], axis=-1)
+    else:
+        cos, sin = rope_tables(positions, inv_freq)
+        rope = jnp.concatenate([cos[:, 0], sin[:, 0]], axis=-1)
     i32 = jnp.int32
     shapes = (jax.ShapeDtypeStruct((b, n, h), jnp.float32),
               jax.ShapeDtypeStruct(k_buf.shape, jnp.float32),
               jax.ShapeDtypeStruct(v_buf.shape, jnp.float32))
     out, k_buf, v_buf = jax.ffi.ffi_call(ATTEND_TARGET, shapes, input_output_aliases={0: 1, 1: 2})(
-        k_buf, v_buf, q[:, 0], k[:, 0], v[:, 0], positions[:, 0].astype(i32), k_pos.astype(i32),
+        k_buf, v_buf, q[:, 0], k[:, 0], v[:, 0], rope.astype(jnp.float32),
+        positions[:, 0].astype(i32), k_pos.astype(i32),
         jnp.reshape(jnp.asarray(window, i32), (1,)), slots[:, 0].astype(i32))
     return out.reshape(b, 1, n * h), k_buf, v_buf
 

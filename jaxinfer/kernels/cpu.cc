@@ -1,5 +1,6 @@
-// Decode-step kernels for AVX-512 CPUs, as XLA FFI calls: a float32 matmul against packed
-// weights, and single-query attention over the KV cache.
+// Decode-step kernels for AVX-512 CPUs, as XLA FFI calls: float32 matmuls against packed
+// weights (one weight, several weights of one input, the fused SwiGLU gate), and
+// single-query attention over the KV cache with RoPE and the cache write folded in.
 //
 // Work is shared between the calling thread and XLA's intra-op thread pool through an atomic
 // counter (ParallelFor); the caller never waits for an item nobody has claimed, so a busy pool
@@ -10,6 +11,8 @@
 // read once from memory while up to kRows rows of x (packed k-major) are multiplied against it
 // in registers. Row-major [K, N] weights stream badly here (a power-of-two row
 // stride maps a panel onto a few cache sets), which is why the weights are packed once.
+// More than kRows rows read a panel again from L2 per block of rows; those extra passes pull
+// the next panel into L2 meanwhile, so the stream from memory overlaps the arithmetic.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -34,15 +37,24 @@ constexpr int64_t kStrip = 16 * kCols;  // S: columns per panel
 constexpr int64_t kAhead = 16;  // panel rows prefetched ahead
 
 // y[r, n0 + j] = sum_k x[r, k] * panel[k, j] for R rows; xp is x packed [K][kRows].
+// pf (optional): panel rows to bring into L2 meanwhile, one every `every` steps of k (the next
+// panel, while this one is read from L2 again for more rows: the memory stream never stops).
 template <int R>
-void Block(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0) {
+void Block(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0,
+           const float* pf, int64_t every) {
   __m512 acc[R][kCols];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < kCols; ++c) acc[r][c] = _mm512_setzero_ps();
   const float* wk = panel;
+  int64_t count = 0;
   for (int64_t k = 0; k < K; ++k, wk += kStrip) {
     for (int c = 0; c < kCols; ++c) {
       _mm_prefetch(reinterpret_cast<const char*>(wk + kAhead * kStrip + 16 * c), _MM_HINT_T0);
+    }
+    if (pf != nullptr && ++count == every) {
+      count = 0;
+      for (int c = 0; c < kCols; ++c) _mm_prefetch(reinterpret_cast<const char*>(pf + 16 * c), _MM_HINT_T1);
+      pf += kStrip;
     }
     __m512 wv[kCols];
     for (int c = 0; c < kCols; ++c) wv[c] = _mm512_loadu_ps(wk + 16 * c);
@@ -59,7 +71,8 @@ void Block(const float* xp, const float* panel, float* y, int64_t K, int64_t N, 
   }
 }
 
-using BlockFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t);
+using BlockFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t,
+                        const float*, int64_t);
 
 template <int... R>
 constexpr auto MakeTable(std::integer_sequence<int, R...>) {
@@ -95,39 +108,6 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> 
   while (p->done.load(std::memory_order_acquire) < n) _mm_pause();
 }
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                  ffi::ResultBuffer<ffi::F32> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kStrip ||
-      xd[1] != wd[1] || yd[0] != xd[0] || yd[1] > wd[0] * kStrip ||
-      yd[1] <= (wd[0] - 1) * kStrip) {
-    return ffi::Error::InvalidArgument(
-        "jaxinfer_matmul_f32: expected x [M, K], w [ceil(N / 48), K, 48], y [M, N]");
-  }
-  const int64_t m = xd[0], k = xd[1], n = yd[1], panels = wd[0];
-  const float* xs = x.typed_data();
-  const float* ws = w.typed_data();
-  float* ys = y->typed_data();
-  std::vector<float> packed(((m + kRows - 1) / kRows) * k * kRows, 0.0f);  // [blocks][K][kRows]
-  for (int64_t r = 0; r < m; ++r) {
-    float* dst = packed.data() + (r / kRows) * k * kRows + r % kRows;
-    for (int64_t i = 0; i < k; ++i) dst[i * kRows] = xs[r * k + i];
-  }
-  const int64_t chunk = std::max<int64_t>(1, panels / (4 * std::max<int64_t>(1, pool.num_threads())));
-  ParallelFor(pool, (panels + chunk - 1) / chunk, [&](int64_t c) {
-    for (int64_t p = c * chunk; p < std::min(panels, (c + 1) * chunk); ++p) {
-      for (int64_t r0 = 0; r0 < m; r0 += kRows) {
-        kBlocks[std::min(kRows, m - r0) - 1](packed.data() + (r0 / kRows) * k * kRows,
-                                             ws + p * k * kStrip, ys + r0 * n, k, n, p * kStrip);
-      }
-    }
-  });
-  return ffi::Error::Success();
-}
-
-// ---------------------------------------------------------------------------------------------
-// Attention of one new token per row over the cache.
-
 // exp(x) for 16 lanes (Cephes expf polynomial, ~1 ulp), x clamped to [-87.3, 88.7].
 inline __m512 Exp(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
@@ -149,28 +129,176 @@ inline __mmask16 Tail(int64_t left) {
   return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
 }
 
-// One query q [H] against keys k [H, S] (slots last) and values v [S, H] of one KV head.
-// Slots s < used whose position p satisfies 0 <= p <= qpos and qpos - p < window are visible.
-// out [H] = softmax(q.k / sqrt(H)) v over visible slots; with none visible, the mean of v over
-// all S slots (what a softmax over all-equal masked scores gives).
-void AttendOne(const float* q, const float* k, const float* v, const int32_t* kpos,
-               int32_t qpos, int32_t window, int64_t used, int64_t S, int64_t H, float* scores,
-               float* out) {
+// x [M, K] row-major -> packed [ceil(M / kRows)][K][kRows] (rows past M zero).
+std::vector<float> PackRows(const float* xs, int64_t m, int64_t k) {
+  std::vector<float> packed(((m + kRows - 1) / kRows) * k * kRows, 0.0f);
+  for (int64_t r = 0; r < m; ++r) {
+    float* dst = packed.data() + (r / kRows) * k * kRows + r % kRows;
+    for (int64_t i = 0; i < k; ++i) dst[i * kRows] = xs[r * k + i];
+  }
+  return packed;
+}
+
+// One projection y [M, n] = x @ W, W packed as `panels` panels [K, kStrip].
+struct Proj {
+  const float* w;
+  float* y;
+  int64_t n, panels;
+};
+
+// silu(g) * u for 16 lanes: g / (1 + exp(-g)) * u.
+inline __m512 SiluMul(__m512 g, __m512 u) {
+  const __m512 e = Exp(_mm512_sub_ps(_mm512_setzero_ps(), g));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
+// Runs every panel of every projection on the pool, `chunk` panels per work item.
+// glu: projs is one (gate, up) pair of equal n, and gate's y receives silu(x @ Wg) * (x @ Wu).
+void RunProjections(ffi::ThreadPool& pool, const float* xs, int64_t m, int64_t k,
+                    const std::vector<Proj>& projs, bool glu) {
+  const std::vector<float> packed = PackRows(xs, m, k);
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t total = 0;
+  for (const Proj& p : projs) total += glu ? 0 : p.panels;
+  if (glu) total = projs[0].panels;
+  const int64_t chunk = std::max<int64_t>(1, total / (2 * threads));  // 2 items per thread
+  std::vector<std::pair<int64_t, int64_t>> items;  // (projection, first panel)
+  for (size_t j = 0; j < (glu ? 1 : projs.size()); ++j)
+    for (int64_t p = 0; p < projs[j].panels; p += chunk) items.emplace_back(j, p);
+  ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
+    const Proj& pr = projs[items[i].first];
+    const int64_t pend = std::min(pr.panels, items[i].second + chunk);
+    alignas(64) float tmp[2][kRows * kStrip];
+    const int64_t passes = (m + kRows - 1) / kRows, part = k / passes;
+    for (int64_t p = items[i].second; p < pend; ++p) {
+      for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+        const int64_t rows = std::min(kRows, m - r0);
+        const float* xp = packed.data() + (r0 / kRows) * k * kRows;
+        // With several passes over this panel, pass j brings part j of the next one to L2.
+        const bool pf = passes > 1 && p + 1 < pend;
+        const int64_t pf_at = (p + 1) * k * kStrip + (r0 / kRows) * part * kStrip;
+        if (!glu) {
+          kBlocks[rows - 1](xp, pr.w + p * k * kStrip, pr.y + r0 * pr.n, k, pr.n, p * kStrip,
+                            pf ? pr.w + pf_at : nullptr, passes);
+          continue;
+        }
+        for (int j = 0; j < 2; ++j) {
+          kBlocks[rows - 1](xp, projs[j].w + p * k * kStrip, tmp[j], k, kStrip, 0,
+                            pf ? projs[j].w + pf_at : nullptr, passes);
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          for (int c = 0; c < kCols; ++c) {
+            const __mmask16 mk = Tail(pr.n - p * kStrip - 16 * c);
+            const __m512 g = _mm512_load_ps(tmp[0] + r * kStrip + 16 * c);
+            const __m512 u = _mm512_load_ps(tmp[1] + r * kStrip + 16 * c);
+            _mm512_mask_storeu_ps(pr.y + (r0 + r) * pr.n + p * kStrip + 16 * c, mk, SiluMul(g, u));
+          }
+      }
+    }
+  });
+}
+
+// True when w is packed panels [P, K, kStrip] for y [M, n] with x [M, K].
+bool PackedFits(const ffi::Buffer<ffi::F32>& w, int64_t k, int64_t m, int64_t ym, int64_t n) {
+  const auto wd = w.dimensions();
+  return wd.size() == 3 && wd[2] == kStrip && wd[1] == k && ym == m && n <= wd[0] * kStrip &&
+         n > (wd[0] - 1) * kStrip;
+}
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || !PackedFits(w, xd[1], xd[0], yd[0], yd[1])) {
+    return ffi::Error::InvalidArgument(
+        "jaxinfer_matmul_f32: expected x [M, K], w [ceil(N / 48), K, 48], y [M, N]");
+  }
+  RunProjections(pool, x.typed_data(), xd[0], xd[1],
+                 {Proj{w.typed_data(), y->typed_data(), yd[1], w.dimensions()[0]}}, false);
+  return ffi::Error::Success();
+}
+
+// Several projections of one x in one call: x [M, K], w_1 .. w_J (packed) -> y_1 .. y_J.
+ffi::Error MatmulMany(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws,
+                      ffi::RemainingRets ys) {
+  const auto xd = x.dimensions();
+  if (xd.size() != 2 || ws.size() != ys.size() || ws.size() == 0) {
+    return ffi::Error::InvalidArgument("jaxinfer_matmul_many_f32: expected x [M, K], J weights, J results");
+  }
+  std::vector<Proj> projs;
+  for (size_t j = 0; j < ws.size(); ++j) {
+    auto w = ws.get<ffi::Buffer<ffi::F32>>(j);
+    auto y = ys.get<ffi::Buffer<ffi::F32>>(j);
+    if (!w.has_value() || !y.has_value()) return ffi::Error::InvalidArgument("jaxinfer_matmul_many_f32: float32 buffers expected");
+    const auto yd = (*y)->dimensions();
+    if (yd.size() != 2 || !PackedFits(*w, xd[1], xd[0], yd[0], yd[1])) {
+      return ffi::Error::InvalidArgument(
+          "jaxinfer_matmul_many_f32: expected w [ceil(N / 48), K, 48], y [M, N] for x [M, K]");
+    }
+    projs.push_back(Proj{w->typed_data(), (*y)->typed_data(), yd[1], w->dimensions()[0]});
+  }
+  RunProjections(pool, x.typed_data(), xd[0], xd[1], projs, false);
+  return ffi::Error::Success();
+}
+
+// The SwiGLU gate in one call: y [M, N] = silu(x @ Wg) * (x @ Wu), both packed.
+ffi::Error Glu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wg,
+               ffi::Buffer<ffi::F32> wu, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || !PackedFits(wg, xd[1], xd[0], yd[0], yd[1]) ||
+      !PackedFits(wu, xd[1], xd[0], yd[0], yd[1])) {
+    return ffi::Error::InvalidArgument(
+        "jaxinfer_glu_f32: expected x [M, K], wg and wu [ceil(N / 48), K, 48], y [M, N]");
+  }
+  const int64_t panels = wg.dimensions()[0];
+  RunProjections(pool, x.typed_data(), xd[0], xd[1],
+                 {Proj{wg.typed_data(), y->typed_data(), yd[1], panels},
+                  Proj{wu.typed_data(), y->typed_data(), yd[1], panels}}, true);
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention of one new token per row over the cache.
+
+// Rotates x [H] by the row's RoPE table cs [H] (cos [H/2], then sin [H/2]) into out [H]
+// (half-split layout): out = (x1 cos - x2 sin, x2 cos + x1 sin).
+void Rotate(const float* x, const float* cs, int64_t H, float* out) {
+  const int64_t half = H / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float c = cs[i], s = cs[half + i], x1 = x[i], x2 = x[half + i];
+    out[i] = x1 * c - x2 * s;
+    out[half + i] = x2 * c + x1 * s;
+  }
+}
+
+constexpr int kHeads = 4;  // query heads attended together (one pass over K and V for all)
+
+// NQ query heads q [NQ][H] of one KV head against keys k [H, S] (slots last) and values
+// v [S, H]. Slots s < used whose position p satisfies 0 <= p <= qpos and qpos - p < window are
+// visible. out [NQ][H] = softmax(q.k / sqrt(H)) v over visible slots; with none visible, the
+// mean of v over all S slots (what a softmax over all-equal masked scores gives).
+// scores: scratch [NQ][stride], stride >= used rounded up to 64.
+template <int NQ>
+void AttendHeads(const float* q, const float* k, const float* v, const int32_t* kpos,
+                 int32_t qpos, int32_t window, int64_t used, int64_t S, int64_t H,
+                 float* scores, int64_t stride, float* out) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   const __m512i qp = _mm512_set1_epi32(qpos), win = _mm512_set1_epi32(window);
-  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  __m512 vmax[NQ];
+  for (int g = 0; g < NQ; ++g) vmax[g] = _mm512_set1_ps(-INFINITY);
   bool any = false;
-  for (int64_t s0 = 0; s0 < used; s0 += 64) {  // four independent 16-slot accumulators
+  for (int64_t s0 = 0; s0 < used; s0 += 64) {  // 4 x 16 slots for NQ heads per pass over k
     __mmask16 in[4];
-    __m512 acc[4];
+    __m512 acc[NQ][4];
     for (int j = 0; j < 4; ++j) {
       in[j] = Tail(used - s0 - 16 * j);
-      acc[j] = _mm512_setzero_ps();
+      for (int g = 0; g < NQ; ++g) acc[g][j] = _mm512_setzero_ps();
     }
     for (int64_t h = 0; h < H; ++h) {
-      const __m512 qh = _mm512_set1_ps(q[h]);
-      for (int j = 0; j < 4; ++j) {
-        acc[j] = _mm512_fmadd_ps(qh, _mm512_maskz_loadu_ps(in[j], k + h * S + s0 + 16 * j), acc[j]);
+      __m512 kv[4];
+      for (int j = 0; j < 4; ++j) kv[j] = _mm512_maskz_loadu_ps(in[j], k + h * S + s0 + 16 * j);
+      for (int g = 0; g < NQ; ++g) {
+        const __m512 qh = _mm512_set1_ps(q[g * H + h]);
+        for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_fmadd_ps(qh, kv[j], acc[g][j]);
       }
     }
     for (int j = 0; j < 4; ++j) {
@@ -179,60 +307,85 @@ void AttendOne(const float* q, const float* k, const float* v, const int32_t* kp
       const __mmask16 vis = in[j] & _mm512_cmpge_epi32_mask(p, _mm512_setzero_si512()) &
                             _mm512_cmple_epi32_mask(p, qp) &
                             _mm512_cmplt_epi32_mask(_mm512_sub_epi32(qp, p), win);
-      const __m512 sc = _mm512_mul_ps(acc[j], _mm512_set1_ps(scale));
-      _mm512_storeu_ps(scores + s0 + 16 * j, _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), sc));
-      vmax = _mm512_mask_max_ps(vmax, vis, vmax, sc);
       any |= vis != 0;
+      for (int g = 0; g < NQ; ++g) {
+        const __m512 sc = _mm512_mul_ps(acc[g][j], _mm512_set1_ps(scale));
+        _mm512_storeu_ps(scores + g * stride + s0 + 16 * j,
+                         _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), sc));
+        vmax[g] = _mm512_mask_max_ps(vmax[g], vis, vmax[g], sc);
+      }
     }
   }
-  const int64_t hv = H / 16;
-  __m512 o[16];
-  for (int64_t j = 0; j < hv; ++j) o[j] = _mm512_setzero_ps();
   if (!any) {
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t j = 0; j < hv; ++j) o[j] = _mm512_add_ps(o[j], _mm512_loadu_ps(v + s * H + 16 * j));
-    for (int64_t j = 0; j < hv; ++j)
-      _mm512_storeu_ps(out + 16 * j, _mm512_div_ps(o[j], _mm512_set1_ps(static_cast<float>(S))));
+    for (int64_t j = 0; j < H; j += 16) {
+      __m512 o = _mm512_setzero_ps();
+      for (int64_t s = 0; s < S; ++s) o = _mm512_add_ps(o, _mm512_loadu_ps(v + s * H + j));
+      o = _mm512_div_ps(o, _mm512_set1_ps(static_cast<float>(S)));
+      for (int g = 0; g < NQ; ++g) _mm512_storeu_ps(out + g * H + j, o);
+    }
     return;
   }
-  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-  __m512 vsum = _mm512_setzero_ps();
-  for (int64_t s0 = 0; s0 < used; s0 += 16) {
-    const __mmask16 in = Tail(used - s0);
-    const __m512 sc = _mm512_maskz_loadu_ps(in, scores + s0);
-    const __mmask16 vis = in & _mm512_cmp_ps_mask(sc, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-    const __m512 e = _mm512_maskz_mov_ps(vis, Exp(_mm512_sub_ps(sc, mx)));
-    _mm512_mask_storeu_ps(scores + s0, in, e);
-    vsum = _mm512_add_ps(vsum, e);
+  __m512 inv[NQ];
+  for (int g = 0; g < NQ; ++g) {  // probabilities (unnormalised), masked slots exactly 0
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax[g]));
+    __m512 vsum = _mm512_setzero_ps();
+    float* sg = scores + g * stride;
+    for (int64_t s0 = 0; s0 < used; s0 += 16) {
+      const __mmask16 in = Tail(used - s0);
+      const __m512 sc = _mm512_maskz_loadu_ps(in, sg + s0);
+      const __mmask16 vis = in & _mm512_cmp_ps_mask(sc, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(vis, Exp(_mm512_sub_ps(sc, mx)));
+      _mm512_mask_storeu_ps(sg + s0, in, e);
+      vsum = _mm512_add_ps(vsum, e);
+    }
+    inv[g] = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
   }
-  for (int64_t s = 0; s < used; ++s) {
-    const float w = scores[s];
-    if (w == 0.0f) continue;
-    const __m512 wb = _mm512_set1_ps(w);
-    for (int64_t j = 0; j < hv; ++j) o[j] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(v + s * H + 16 * j), o[j]);
+  for (int64_t j0 = 0; j0 < H; j0 += 64) {  // 64 output columns of NQ heads per pass over v
+    const int64_t nv = std::min<int64_t>(4, (H - j0) / 16);
+    __m512 o[NQ][4];
+    for (int g = 0; g < NQ; ++g)
+      for (int j = 0; j < 4; ++j) o[g][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < used; ++s) {
+      __m512 vv[4];
+      for (int j = 0; j < 4; ++j)
+        vv[j] = j < nv ? _mm512_loadu_ps(v + s * H + j0 + 16 * j) : _mm512_setzero_ps();
+      for (int g = 0; g < NQ; ++g) {
+        const __m512 w = _mm512_set1_ps(scores[g * stride + s]);
+        for (int j = 0; j < 4; ++j) o[g][j] = _mm512_fmadd_ps(w, vv[j], o[g][j]);
+      }
+    }
+    for (int g = 0; g < NQ; ++g)
+      for (int j = 0; j < nv; ++j)
+        _mm512_storeu_ps(out + g * H + j0 + 16 * j, _mm512_mul_ps(o[g][j], inv[g]));
   }
-  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
-  for (int64_t j = 0; j < hv; ++j) _mm512_storeu_ps(out + 16 * j, _mm512_mul_ps(o[j], inv));
 }
 
-// Writes one new token per row into this layer's cache, then attends:
+using HeadsFn = void (*)(const float*, const float*, const float*, const int32_t*, int32_t,
+                         int32_t, int64_t, int64_t, int64_t, float*, int64_t, float*);
+constexpr HeadsFn kHeadsFns[kHeads] = {&AttendHeads<1>, &AttendHeads<2>, &AttendHeads<3>,
+                                       &AttendHeads<4>};
+
+// Rotates each row's new token by RoPE, writes it into this layer's cache, then attends:
 // k [B, K, H, S], v [B, K, S, H] (aliased with the results k_out, v_out: updated in place),
-// q [B, N, H], k_new, v_new [B, K, H], qpos [B], kpos [B, S], window [1], slot [B] (where the
-// new token goes; slots up to it are the used ones) -> out [B, N, H], k_out, v_out.
-// H must be a multiple of 16, at most 256.
+// q [B, N, H], k_new, v_new [B, K, H] (before RoPE), rope [B, H] (cos [H/2], then sin [H/2], of
+// the row's position: cos 1 and sin 0 for none), qpos [B], kpos [B, S], window [1], slot [B]
+// (where the new token goes; slots up to it are the used ones) -> out [B, N, H], k_out, v_out.
+// H must be even and a multiple of 16, at most 256.
 ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                   ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
-                  ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::S32> qpos,
-                  ffi::Buffer<ffi::S32> kpos, ffi::Buffer<ffi::S32> window,
-                  ffi::Buffer<ffi::S32> slot, ffi::ResultBuffer<ffi::F32> out,
-                  ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out) {
+                  ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> rope,
+                  ffi::Buffer<ffi::S32> qpos, ffi::Buffer<ffi::S32> kpos,
+                  ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> slot,
+                  ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_out,
+                  ffi::ResultBuffer<ffi::F32> v_out) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[0] ||
       qd[1] % kd[1] != 0 || kd[2] != qd[2] || qd[2] % 16 != 0 || qd[2] > 256 ||
       vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[3] || vd[3] != kd[2] ||
       kpos.dimensions()[1] != kd[3] || window.element_count() != 1 ||
       k_new.element_count() != kd[0] * kd[1] * kd[2] ||
-      v_new.element_count() != kd[0] * kd[1] * kd[2]) {
+      v_new.element_count() != kd[0] * kd[1] * kd[2] ||
+      rope.element_count() != qd[0] * qd[2]) {
     return ffi::Error::InvalidArgument("jaxinfer_attend_f32: unexpected shapes");
   }
   const int64_t B = qd[0], N = qd[1], H = qd[2], K = kd[1], S = kd[3], G = N / K;
@@ -243,26 +396,33 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
   const float* qs = q.typed_data();
   const float* kn = k_new.typed_data();
   const float* vn = v_new.typed_data();
+  const float* cs = rope.typed_data();
   const int32_t* qp = qpos.typed_data();
   const int32_t* kp = kpos.typed_data();
   const int32_t* sl = slot.typed_data();
   const int32_t win = window.typed_data()[0];
   float* os = out->typed_data();
+  const int64_t stride = (S + 63) / 64 * 64;
   ParallelFor(pool, B * K, [&](int64_t item) {
     const int64_t b = item / K, kh = item % K;
     float* kb = ks + item * H * S;
     float* vb = vs + item * S * H;
+    thread_local std::vector<float> scratch;
+    scratch.resize(kHeads * stride + (G + 1) * H);
+    float* scores = scratch.data();
+    float* rq = scores + kHeads * stride;  // rotated q [G][H], then rotated k [H]
     if (sl[b] >= 0 && sl[b] < S) {  // out of range: dropped, as the XLA write does
-      for (int64_t h = 0; h < H; ++h) kb[h * S + sl[b]] = kn[item * H + h];
+      float* rk = rq + G * H;
+      Rotate(kn + item * H, cs + b * H, H, rk);
+      for (int64_t h = 0; h < H; ++h) kb[h * S + sl[b]] = rk[h];
       std::copy_n(vn + item * H, H, vb + sl[b] * H);
     }
+    for (int64_t g = 0; g < G; ++g) Rotate(qs + (b * N + kh * G + g) * H, cs + b * H, H, rq + g * H);
     const int64_t n_used = std::min<int64_t>(std::max<int32_t>(sl[b] + 1, 0), S);
-    thread_local std::vector<float> scores;
-    scores.resize(S + 64);
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t head = kh * G + g;
-      AttendOne(qs + (b * N + head) * H, kb, vb, kp + b * S, qp[b], win, n_used, S, H,
-                scores.data(), os + (b * N + head) * H);
+    for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
+      const int64_t nq = std::min<int64_t>(kHeads, G - g0);
+      kHeadsFns[nq - 1](rq + g0 * H, kb, vb, kp + b * S, qp[b], win, n_used, S, H, scores,
+                        stride, os + (b * N + kh * G + g0) * H);
     }
   });
   return ffi::Error::Success();
@@ -277,9 +437,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferMatmulF32, Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferMatmulManyF32, MatmulMany,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferGluF32, Glu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttendF32, Attend,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
