@@ -1,8 +1,9 @@
 """Native CPU kernels behind the dispatching matmul (`models.layers.linear`).
 
-`cpu.cc` holds two float32 kernels for decode steps (AVX-512, XLA's intra-op thread pool),
-called as XLA FFI custom calls: a matmul of a few rows against weights packed in 48-column
-panels, and single-token attention over the KV cache that reads only the used slots.
+`cpu.cc` holds float32 kernels (AVX-512, XLA's intra-op thread pool), called as XLA FFI
+custom calls: a matmul against weights packed in 48-column panels (also several weights of
+one input, and the SwiGLU gate, in one call), and single-token attention over the KV cache
+that rotates q and k (RoPE), writes the new token and reads only the used slots.
 It is compiled on first use with the system C++ compiler (`c++`, about 4 s) into the cache
 directory, keyed by source, compiler flags, jaxlib and Python versions and CPU flags, and
 loaded with ctypes. Where it cannot run (not x86-64 Linux with AVX-512F, no compiler,
@@ -11,7 +12,8 @@ kernel is a speed-up, never a requirement.
 
 `native_params(params, tied)` replaces float32 2-D weights by packed `NativeWeight` leaves
 (and a tied embedding by `NativeEmbedding`, the packed LM head); their matmul runs the kernel
-for up to MAX_ROWS rows and XLA's dot otherwise. Why packed: XLA:CPU's dot streams weights
+for float32 inputs (decode steps and prefill alike) and XLA's dot on the unpacked weights for
+other dtypes. Why packed: XLA:CPU's dot streams weights
 and computes in turn, while the kernel reads each contiguous panel once with prefetching
 (measured in docs/BENCHMARKS.md).
 """
@@ -42,7 +44,6 @@ ATTEND_TARGET = "jaxinfer_attend_f32"
 _SYMBOLS = {TARGET: "JaxinferMatmulF32", MANY_TARGET: "JaxinferMatmulManyF32",
             GLU_TARGET: "JaxinferGluF32", ATTEND_TARGET: "JaxinferAttendF32"}
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
-MAX_ROWS = 64  # more rows (prefill) run XLA's dot on the unpacked weights
 
 _STATE: dict[str, object] = {}
 
@@ -133,33 +134,42 @@ def unpack(panels: jax.Array, n: int) -> jax.Array:
     return panels.transpose(1, 0, 2).reshape(k, p * s)[:, :n]
 
 
+def _require() -> None:
+    """Builds and registers the kernels on first use; an error where they cannot run."""
+    if not available():
+        raise RuntimeError("the native CPU kernels are unavailable here (see kernels.available)")
+
+
 def matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
     """x [M, K] @ W [K, n] -> [M, n] float32, W given packed (see `pack`); needs `available()`."""
+    _require()
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
     return jax.ffi.ffi_call(TARGET, out)(x, panels)
 
 
 def matmul_many(x: jax.Array, panels: list[jax.Array], ns: list[int]) -> list[jax.Array]:
     """[x @ W_j] for several packed weights of one x [M, K], in one call -> [M, n_j] each."""
+    _require()
     outs = [jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32) for n in ns]
     return list(jax.ffi.ffi_call(MANY_TARGET, outs)(x, *panels))
 
 
 def glu(x: jax.Array, gate: jax.Array, up: jax.Array, n: int) -> jax.Array:
     """silu(x @ Wg) * (x @ Wu) for x [M, K], both packed with n columns, in one call -> [M, n]."""
+    _require()
     return jax.ffi.ffi_call(GLU_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(
         x, gate, up)
 
 
 def _kernel_rows(x: jax.Array) -> int | None:
-    """Rows of x [..., K] when the kernel takes them (float32, 1..MAX_ROWS), else None."""
+    """Rows of x [..., K] when the kernel takes them (float32, at least one row), else None."""
     rows = int(np.prod(x.shape[:-1]))
-    return rows if x.dtype == jnp.float32 and rows <= MAX_ROWS else None
+    return rows if x.dtype == jnp.float32 and rows > 0 else None
 
 
 def _dot(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
-    """x [..., K] @ W [K, n]: the kernel for 1..MAX_ROWS float32 rows (decode), XLA's dot on
-    the unpacked weights otherwise (prefill, where a copy of W is cheap next to the dot)."""
+    """x [..., K] @ W [K, n]: the kernel for float32 rows, XLA's dot on the unpacked weights
+    otherwise."""
     rows = _kernel_rows(x)
     if rows is None:
         return x @ unpack(panels, n).astype(x.dtype)
