@@ -34,7 +34,8 @@ namespace {
 constexpr int64_t kRows = 8;    // rows of x per register block
 constexpr int64_t kCols = 3;    // zmm registers per row of a block
 constexpr int64_t kStrip = 16 * kCols;  // S: columns per panel
-constexpr int64_t kAhead = 16;  // panel rows prefetched ahead
+constexpr int64_t kAhead = 16;  // panel rows prefetched ahead into L1
+constexpr int64_t kFar = 128;   // and into L2: more bytes in flight, faster streaming
 
 // y[r, n0 + j] = sum_k x[r, k] * panel[k, j] for R rows; xp is x packed [K][kRows].
 // pf (optional): panel rows to bring into L2 meanwhile, one every `every` steps of k (the next
@@ -50,6 +51,7 @@ void Block(const float* xp, const float* panel, float* y, int64_t K, int64_t N, 
   for (int64_t k = 0; k < K; ++k, wk += kStrip) {
     for (int c = 0; c < kCols; ++c) {
       _mm_prefetch(reinterpret_cast<const char*>(wk + kAhead * kStrip + 16 * c), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wk + kFar * kStrip + 16 * c), _MM_HINT_T1);
     }
     if (pf != nullptr && ++count == every) {
       count = 0;
@@ -411,6 +413,14 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
     scratch.resize(kHeads * stride + (G + 1) * H);
     float* scores = scratch.data();
     float* rq = scores + kHeads * stride;  // rotated q [G][H], then rotated k [H]
+    const int64_t n_used = std::min<int64_t>(std::max<int32_t>(sl[b] + 1, 0), S);
+    // Ask for this item's keys and values now: many strided rows of keys are more streams
+    // than the hardware prefetcher follows.
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t s0 = 0; s0 < n_used; s0 += 16)
+        _mm_prefetch(reinterpret_cast<const char*>(kb + h * S + s0), _MM_HINT_T1);
+    for (int64_t i = 0; i < n_used * H; i += 16)
+      _mm_prefetch(reinterpret_cast<const char*>(vb + i), _MM_HINT_T1);
     if (sl[b] >= 0 && sl[b] < S) {  // out of range: dropped, as the XLA write does
       float* rk = rq + G * H;
       Rotate(kn + item * H, cs + b * H, H, rk);
@@ -418,7 +428,6 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
       std::copy_n(vn + item * H, H, vb + sl[b] * H);
     }
     for (int64_t g = 0; g < G; ++g) Rotate(qs + (b * N + kh * G + g) * H, cs + b * H, H, rq + g * H);
-    const int64_t n_used = std::min<int64_t>(std::max<int32_t>(sl[b] + 1, 0), S);
     for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
       const int64_t nq = std::min<int64_t>(kHeads, G - g0);
       kHeadsFns[nq - 1](rq + g0 * H, kb, vb, kp + b * S, qp[b], win, n_used, S, H, scores,
