@@ -144,6 +144,35 @@ def test_native_embedding_rows_and_head():
     assert emb.shape == table.shape
 
 
+@pytest.mark.parametrize("rope", [False, True])
+def test_decode_attention_fallback_is_rope_write_and_attend(rope):
+    """Where the kernel does not apply (H not a multiple of 16), decode_attention is the XLA
+    path: RoPE, the cache write and attend, bit for bit."""
+    from models.cache import write_keys, write_layer
+    from models.layers import apply_rope, attend, attention_mask, rope_inv_freq
+
+    b, n, k, h, s = 2, 4, 2, 8, 10
+    keys = jax.random.split(jax.random.key(5), 5)
+    q = jax.random.normal(keys[0], (b, 1, n, h))
+    k_new, v_new = (jax.random.normal(keys[i], (b, 1, k, h)) for i in (1, 2))
+    kc, vc = jax.random.normal(keys[3], (b, k, h, s)), jax.random.normal(keys[4], (b, k, s, h))
+    pos = jnp.array([[4], [2]], jnp.int32)
+    k_pos = jnp.where(jnp.arange(s)[None] <= pos, jnp.arange(s)[None], -1)
+    inv_freq = rope_inv_freq(h, 10000.0, None) if rope else None
+
+    def reference(q, kn, vn, kc, vc):
+        if rope:
+            q, kn = apply_rope(q, pos, inv_freq), apply_rope(kn, pos, inv_freq)
+        kc, vc = write_keys(kc, None, pos, kn), write_layer(vc, None, pos, vn)
+        return attend(q, kc, vc, attention_mask(pos, k_pos, 5)), kc, vc
+
+    got = jax.jit(lambda *a: kernels.decode_attention(*a[:5], pos, k_pos, 5, pos, inv_freq))(
+        q, k_new, v_new, kc, vc)
+    want = jax.jit(reference)(q, k_new, v_new, kc, vc)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+
+
 @needs_kernel
 def test_native_params_wraps_matmul_weights_only(tiny):
     params = models.unstack_layers(tiny.params)

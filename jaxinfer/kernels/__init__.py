@@ -249,17 +249,15 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
     path. Float32 with H a multiple of 16 (at most 256) runs the kernel (once `available()`);
     anything else XLA.
     """
-    from models.cache import write_keys, write_layer
-    from models.layers import apply_rope, attend, attention_mask, rope_tables
+    from models.layers import rope_tables, self_attention
 
     b, _, n, h = q.shape
     if not (h % 16 == 0 and h <= 256 and available() and
             all(a.dtype == jnp.float32 for a in (q, k, v, k_buf, v_buf))):
-        if inv_freq is not None:
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        k_buf = write_keys(k_buf, None, slots, k)
-        v_buf = write_layer(v_buf, None, slots, v)
-        return attend(q, k_buf, v_buf, attention_mask(positions, k_pos, window)), k_buf, v_buf
+        # The model's own XLA path, on this layer's buffers as a one-layer cache.
+        out, (kb, vb, _, _) = self_attention(q, k, v, positions, k_pos, window, 0, slots,
+                                             ((k_buf,), (v_buf,), None, None), None, inv_freq)
+        return out, kb[0], vb[0]
     if inv_freq is None:  # no rotation: cos 1, sin 0
         rope = jnp.concatenate([jnp.ones((b, h // 2)), jnp.zeros((b, h // 2))], axis=-1)
     else:

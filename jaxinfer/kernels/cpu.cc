@@ -160,12 +160,12 @@ void RunProjections(ffi::ThreadPool& pool, const float* xs, int64_t m, int64_t k
                     const std::vector<Proj>& projs, bool glu) {
   const std::vector<float> packed = PackRows(xs, m, k);
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const size_t listed = glu ? 1 : projs.size();  // a GLU pair is walked as its gate's panels
   int64_t total = 0;
-  for (const Proj& p : projs) total += glu ? 0 : p.panels;
-  if (glu) total = projs[0].panels;
+  for (size_t j = 0; j < listed; ++j) total += projs[j].panels;
   const int64_t chunk = std::max<int64_t>(1, total / (2 * threads));  // 2 items per thread
   std::vector<std::pair<int64_t, int64_t>> items;  // (projection, first panel)
-  for (size_t j = 0; j < (glu ? 1 : projs.size()); ++j)
+  for (size_t j = 0; j < listed; ++j)
     for (int64_t p = 0; p < projs[j].panels; p += chunk) items.emplace_back(j, p);
   ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
     const Proj& pr = projs[items[i].first];
@@ -224,13 +224,16 @@ ffi::Error MatmulMany(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
                       ffi::RemainingRets ys) {
   const auto xd = x.dimensions();
   if (xd.size() != 2 || ws.size() != ys.size() || ws.size() == 0) {
-    return ffi::Error::InvalidArgument("jaxinfer_matmul_many_f32: expected x [M, K], J weights, J results");
+    return ffi::Error::InvalidArgument(
+        "jaxinfer_matmul_many_f32: expected x [M, K], J weights, J results");
   }
   std::vector<Proj> projs;
   for (size_t j = 0; j < ws.size(); ++j) {
     auto w = ws.get<ffi::Buffer<ffi::F32>>(j);
     auto y = ys.get<ffi::Buffer<ffi::F32>>(j);
-    if (!w.has_value() || !y.has_value()) return ffi::Error::InvalidArgument("jaxinfer_matmul_many_f32: float32 buffers expected");
+    if (!w.has_value() || !y.has_value()) {
+      return ffi::Error::InvalidArgument("jaxinfer_matmul_many_f32: float32 buffers expected");
+    }
     const auto yd = (*y)->dimensions();
     if (yd.size() != 2 || !PackedFits(*w, xd[1], xd[0], yd[0], yd[1])) {
       return ffi::Error::InvalidArgument(
@@ -372,7 +375,7 @@ constexpr HeadsFn kHeadsFns[kHeads] = {&AttendHeads<1>, &AttendHeads<2>, &Attend
 // q [B, N, H], k_new, v_new [B, K, H] (before RoPE), rope [B, H] (cos [H/2], then sin [H/2], of
 // the row's position: cos 1 and sin 0 for none), qpos [B], kpos [B, S], window [1], slot [B]
 // (where the new token goes; slots up to it are the used ones) -> out [B, N, H], k_out, v_out.
-// H must be even and a multiple of 16, at most 256.
+// H must be a multiple of 16, at most 256.
 ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                   ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
                   ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> rope,
