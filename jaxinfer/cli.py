@@ -182,7 +182,7 @@ def _load_native(args):
     """A GGUF with its quantized blocks kept packed; refuses checkpoints without any."""
     from jaxinfer.loading import resolve_source
     from jaxinfer.quant import is_quantized, load_gguf_packed
-    from jaxinfer.quant.transform import iter_leaves
+    from jaxinfer.paths import iter_leaves
 
     path = resolve_source(args.model)
     if path.is_dir() or path.suffix != ".gguf":

@@ -19,25 +19,30 @@ import jax.numpy as jnp
 import models
 from jaxinfer import kernels
 from jaxinfer.sampling import SamplingArrays, sample
+from models.cache import logical
 
 
 @flax.struct.dataclass
 class DecodeState:
-    """Everything the decode loop carries; one row per slot. N is the token buffer length."""
+    """Everything the decode loop carries; one row per slot. N is the token buffer length.
 
-    cache: models.KVCache  # k [L, B, K, H, S], v [L, B, K, S, H] (or per-layer tuples)
-    tokens: jax.Array  # [B, N] int32 generated ids (valid up to `length`)
-    logprobs: jax.Array  # [B, N] float32 log-probabilities of those ids
-    last: jax.Array  # [B] int32 last token, fed at the next step
-    next_pos: jax.Array  # [B] int32 position of `last`
-    seen: jax.Array  # [B, V] bool tokens seen (for the repetition penalty)
-    length: jax.Array  # [B] int32 tokens generated per row
-    done: jax.Array  # [B] bool row finished
-    hit_stop: jax.Array  # [B] bool row ended on a stop token
-    step: jax.Array  # [] int32 decode steps taken (tokens drawn so far, per live row)
-    sampling: SamplingArrays
-    stop_ids: jax.Array  # [E] int32 stop token ids (-1 = unused)
-    max_new: jax.Array  # [] int32 token budget per row
+    Each field declares its logical axes once (`models.cache.logical`); the sharding and pmap
+    placements derive their per-field rules from them (host=True: read back by the host).
+    """
+
+    cache: models.KVCache = flax.struct.field(metadata={"struct": True})  # axes of its own
+    tokens: jax.Array = logical("batch", "sequence", host=True)  # [B, N] int32 generated ids
+    logprobs: jax.Array = logical("batch", "sequence", host=True)  # [B, N] float32 of those ids
+    last: jax.Array = logical("batch", host=True)  # [B] int32 last token, fed at the next step
+    next_pos: jax.Array = logical("batch")  # [B] int32 position of `last`
+    seen: jax.Array = logical("batch", "vocab")  # [B, V] bool seen (for the repetition penalty)
+    length: jax.Array = logical("batch", host=True)  # [B] int32 tokens generated per row
+    done: jax.Array = logical("batch", host=True)  # [B] bool row finished
+    hit_stop: jax.Array = logical("batch", host=True)  # [B] bool row ended on a stop token
+    step: jax.Array = logical(host=True)  # [] int32 decode steps taken (tokens drawn per live row)
+    sampling: SamplingArrays = logical("batch")  # each leaf [B]
+    stop_ids: jax.Array = logical(None)  # [E] int32 stop token ids (-1 = unused)
+    max_new: jax.Array = logical()  # [] int32 token budget per row
 
 
 def _record(state: DecodeState, tok: jax.Array, logp: jax.Array) -> DecodeState:

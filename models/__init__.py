@@ -28,7 +28,7 @@ from models.llama import Llama
 __all__ = [
     "GPT2Config", "KVCache", "LlamaConfig", "ModelConfig", "RopeScaling", "abstract_params",
     "forward", "init_cache", "init_params", "logical_axes", "module_for", "tied_table",
-    "unstack_layers",
+    "unstack_layers", "weight_axes",
 ]
 
 
@@ -101,3 +101,19 @@ def logical_axes(config: ModelConfig):
     """Params tree of tuples of logical axis names, one per dimension of each weight."""
     return jax.tree.map(lambda p: tuple(p.names), _abstract(config),
                         is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+@functools.lru_cache(maxsize=1)
+def weight_axes() -> dict[str, tuple[str, ...]]:
+    """Weight path ("embed", "layers/attn/q", ...) -> logical axes of one layer's leaf (no
+    "layers" axis), for every weight any family declares (optional biases included)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for config in (LlamaConfig.tiny(qkv_bias=True, o_bias=True, mlp_bias=True), GPT2Config.tiny()):
+        flat = jax.tree_util.tree_flatten_with_path(logical_axes(config),
+                                                    is_leaf=lambda x: isinstance(x, tuple))[0]
+        for key_path, ax in flat:
+            path = "/".join(str(k.key) for k in key_path)
+            ax = ax[1:] if path.startswith("layers/") else ax
+            if out.setdefault(path, ax) != ax:
+                raise AssertionError(f"{path}: families declare different axes {out[path]}, {ax}")
+    return out

@@ -14,6 +14,16 @@ import jax
 import jax.numpy as jnp
 
 
+def logical(*axes: str, host: bool = False, **kwargs):
+    """A field of a pytree struct whose array has these logical axes, one per dimension.
+
+    The runtime's sharding rules read them from the field (a per-layer tuple of buffers drops
+    the leading "layers"; a struct of per-row arrays gives each array the leading axes).
+    host: the caller reads the field back on the host (replicated across processes).
+    """
+    return flax.struct.field(metadata={"axes": axes, "host": host}, **kwargs)
+
+
 @flax.struct.dataclass
 class KVCache:
     """k: [L, B, K, H, S], v: [L, B, K, S, H]; pos: [B, S] int32 (-1 = empty); end: [B] int32
@@ -37,17 +47,13 @@ class KVCache:
     imports it.
     """
 
-    k: jax.Array
-    v: jax.Array
-    pos: jax.Array
-    end: jax.Array
-    k_scale: jax.Array | None = None
-    v_scale: jax.Array | None = None
+    k: jax.Array = logical("layers", "batch", "kv_heads", "head_dim", "sequence")
+    v: jax.Array = logical("layers", "batch", "kv_heads", "sequence", "head_dim")
+    pos: jax.Array = logical("batch", "sequence")
+    end: jax.Array = logical("batch")
+    k_scale: jax.Array | None = logical("layers", "batch", "kv_heads", "sequence", default=None)
+    v_scale: jax.Array | None = logical("layers", "batch", "kv_heads", "sequence", default=None)
     attention: Callable | None = flax.struct.field(pytree_node=False, default=None)
-
-    @property
-    def quantized(self) -> bool:
-        return self.k_scale is not None
 
     def layer_buffers(self):
         """(k, v, k_scale, v_scale): what the layers carry and update."""

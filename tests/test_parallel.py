@@ -5,6 +5,7 @@ Greedy tokens must be identical to one device for every placement, on SmolLM2 (9
 """
 
 import argparse
+import dataclasses
 import json
 
 import flax.struct
@@ -15,6 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import models
+from jaxinfer.engine import DecodeState
 from jaxinfer.errors import InputError
 from jaxinfer.generate import Request, _pack, generate_ids
 from jaxinfer.model import Model
@@ -34,7 +36,9 @@ from jaxinfer.parallel.cli_support import (
     setup_parallel,
     tiny_model,
 )
+from jaxinfer.parallel.sharding import field_axes
 from jaxinfer.sampling import Sampling
+from models.cache import logical
 
 P = PartitionSpec
 
@@ -142,9 +146,32 @@ def test_kv_cache_and_state_shardings(smol):
     model, _, _ = smol
     placement, _ = _smol_placed(model, ((2, 3), False))
     hook = placement.hook
-    assert hook.kv == P(None, "data", "model", None, None)
-    assert hook.pos == P("data", None) and hook.rows == P("data")
-    assert hook.rows_vocab == P("data", "model")
+    cache, state = field_axes(models.KVCache), field_axes(DecodeState)
+
+    def spec(shape, axes):
+        return hook.sharding(jnp.zeros(shape), *axes).spec
+
+    assert spec((30, 2, 3, 64, 16), cache["k"]) == P(None, "data", "model", None, None)
+    assert spec((2, 3, 64, 16), cache["k"]) == P("data", "model", None, None)  # per layer
+    assert spec((2, 16), cache["pos"]) == P("data", None)
+    assert spec((2,), state["length"]) == P("data")
+    assert spec((2, 49152), state["seen"]) == P("data", "model")
+    assert spec((8,), state["stop_ids"]) == P(None)
+
+
+def test_every_decode_state_field_has_a_sharding_rule():
+    """A field added to DecodeState (or KVCache) without logical axes fails here."""
+    pytree = {f.name for f in dataclasses.fields(DecodeState) if f.metadata.get("pytree_node", True)}
+    assert set(field_axes(DecodeState)) | {"cache"} == pytree
+    assert set(field_axes(models.KVCache)) == {"k", "v", "pos", "end", "k_scale", "v_scale"}
+
+    @flax.struct.dataclass
+    class Extended:
+        tokens: jax.Array = logical("batch")
+        new_field: jax.Array = flax.struct.field()
+
+    with pytest.raises(TypeError, match="Extended.new_field declares no logical axes"):
+        field_axes(Extended)
 
 
 # ------------------------------------------------------------------- quantized leaves
@@ -317,5 +344,3 @@ def test_placed_inputs_are_sharded(tiny):
     want = NamedSharding(placement.mesh, P(None, "data", "model"))
     assert state.cache.k.sharding.is_equivalent_to(want, 5)
     assert state.tokens.sharding.spec == P("data")
-    assert placement.shard_batch(np.zeros((4, 3))).sharding.spec == P("data", None)
-    assert placement.shard_batch(np.zeros((3, 3))).sharding.spec == P()  # 3 rows: replicated

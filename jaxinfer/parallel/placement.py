@@ -34,6 +34,7 @@ from jaxinfer.parallel.sharding import (
     StateSharding,
     batch_spec,
     default_mesh_shape,
+    field_axes,
     make_mesh,
     mesh_shape,
     param_shardings,
@@ -167,18 +168,6 @@ class Placement:
         fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(Model) if f.init}
         return PlacedModel(**(fields | {"params": params}), placement=self)
 
-    def shard_batch(self, x):
-        """Put a batch array [B, ...] on the placement's devices, rows over `data` (replicated
-        when B does not divide). For jitted code outside the engine (e.g. evaluation): with
-        the placed params, jit then runs it data parallel (and tensor parallel)."""
-        if self.mesh is None:
-            raise RuntimeError("placement not resolved yet: call apply(model) first")
-        if self.trivial:
-            return x
-        data = self.shape[DATA]
-        spec = batch_spec(np.ndim(x), self.mesh) if np.shape(x)[0] % data == 0 else PartitionSpec()
-        return place(x, NamedSharding(self.mesh, spec))
-
     # -- the engine hooks used by jaxinfer.generate.Run -----------------------------------------
 
     def prefill(self, params, prompt, positions, sampling, stop_ids, max_new, active, **static):
@@ -202,7 +191,7 @@ class Placement:
             return pmap_path.decode(self.devices, params, state, limit, **static)
         m = self.mesh
         # `done` may have been edited on the host (stop strings): put it back in place
-        done = place(state.done, NamedSharding(m, self.hook.host_rows))
+        done = place(state.done, self.hook.sharding(state.done, *field_axes(engine.DecodeState)["done"]))
         return engine.decode(params, state.replace(done=done),
                              place(limit, NamedSharding(m, PartitionSpec())),
                              shard=self.hook, **static)

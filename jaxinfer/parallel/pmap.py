@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfer import engine
+from jaxinfer.parallel.sharding import field_axes
 
 
 def replicate(params, mesh: Mesh):
@@ -49,7 +50,12 @@ def _merge(x):
 
 
 class PmapState:
-    """A stacked per-device DecodeState seen as one batch by the host side of generation."""
+    """A stacked per-device DecodeState seen as one batch by the host side of generation.
+
+    Per-row fields (first logical axis "batch", see DecodeState) read as one [B, ...] batch;
+    the others are equal on every device, except `step`: devices stop stepping once their rows
+    finish, so the furthest one counts (the maximum over devices is read).
+    """
 
     def __init__(self, stacked):
         self.stacked = stacked
@@ -58,14 +64,14 @@ class PmapState:
     def n(self) -> int:
         return self.stacked.length.shape[0]
 
-    tokens = property(lambda self: _merge(self.stacked.tokens))
-    logprobs = property(lambda self: _merge(self.stacked.logprobs))
-    length = property(lambda self: _merge(self.stacked.length))
-    done = property(lambda self: _merge(self.stacked.done))
-    hit_stop = property(lambda self: _merge(self.stacked.hit_stop))
-    last = property(lambda self: _merge(self.stacked.last))
-    # devices stop stepping once their rows finish: the furthest one counts
-    step = property(lambda self: jnp.max(self.stacked.step))
+    def __getattr__(self, name: str):
+        axes = field_axes(engine.DecodeState).get(name)
+        if axes is None:
+            raise AttributeError(name)
+        value = getattr(self.stacked, name)
+        if axes[0][:1] == ("batch",):
+            return jax.tree.map(_merge, value)
+        return jax.tree.map(lambda a: jnp.max(a, axis=0), value)
 
     def replace(self, **fields) -> PmapState:
         """Replace per-row fields given as [B, ...] arrays (e.g. `done` set from the host)."""

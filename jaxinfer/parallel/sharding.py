@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import models
+from jaxinfer import paths
 from jaxinfer.errors import InputError
 
 DATA, MODEL = "data", "model"
@@ -54,14 +55,6 @@ RULES: Mapping[str, str | None] = {
     "head_dim": None,
     "sequence": None,
 }
-
-# Logical axes of the KV cache and of the decode state's per-row arrays.
-# v [L, B, K, S, H] (k is [L, B, K, H, S]: only L, B and K are ever sharded, so one spec fits both)
-CACHE_KV_AXES = ("layers", "batch", "kv_heads", "sequence", "head_dim")
-CACHE_POS_AXES = ("batch", "sequence")  # pos [B, S]
-ROW_AXES = ("batch",)  # [B]
-ROW_SEQ_AXES = ("batch", "sequence")  # prompt / positions [B, P], tokens [B, N]
-ROW_VOCAB_AXES = ("batch", "vocab")  # seen [B, V]
 
 
 def make_mesh(data: int = 1, model: int = 1, devices: Sequence | None = None) -> Mesh:
@@ -185,14 +178,6 @@ def _is_array(x) -> bool:
     return isinstance(x, jax.Array | np.ndarray)
 
 
-def _path_name(path) -> str:
-    parts = []
-    for p in path:
-        key = getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))
-        parts.append(str(key))
-    return "/".join(parts)
-
-
 def _map_params(fn, params, config, mesh, rules, strict, report):
     """fn(value, NamedSharding) over every array of params (children of structured leaves
     too); other values (Python scalars inside a structured leaf) pass through unchanged."""
@@ -201,7 +186,7 @@ def _map_params(fn, params, config, mesh, rules, strict, report):
     units = weight_units(config)
 
     def one(path, ax, shp, leaf):
-        where = _path_name(path)
+        where = paths.from_key_path(path)
         spec = spec_for(ax, shp.shape, mesh, rules=rules, units=units, strict=strict,
                         where=where, report=report)
         if _is_array(leaf):
@@ -250,16 +235,34 @@ def shard_params(params, config, mesh: Mesh, *, rules: Mapping[str, str | None] 
                         params, shardings)
 
 
+def field_axes(struct_type) -> dict[str, tuple]:
+    """{field: (logical axes, host)} of a pytree struct type (`models.cache.logical` fields).
+
+    Fields holding a struct whose own fields carry the axes (metadata "struct", e.g.
+    DecodeState.cache) are left out. TypeError for a field that declares neither, so a new
+    field cannot silently go unsharded.
+    """
+    out = {}
+    for f in dataclasses.fields(struct_type):
+        if not f.metadata.get("pytree_node", True) or f.metadata.get("struct"):
+            continue
+        if "axes" not in f.metadata:
+            raise TypeError(f"{struct_type.__name__}.{f.name} declares no logical axes "
+                            "(use models.cache.logical)")
+        out[f.name] = (tuple(f.metadata["axes"]), bool(f.metadata.get("host")))
+    return out
+
+
 def cache_specs(config, mesh: Mesh, *, rules: Mapping[str, str | None] = RULES,
                 strict: bool = False, report: Report | None = None) -> dict[str, PartitionSpec]:
-    """Specs of the KV cache fields: k [L, B, K, H, S], v [L, B, K, S, H] (B on data, K on model when the KV
-    head count divides), pos [B, S], end [B]. The batch is padded to a multiple of `data`."""
-    data = mesh_shape(mesh).get(DATA, 1)
-    kw = dict(rules=rules, strict=strict, report=report)
-    kv = spec_for(CACHE_KV_AXES, (config.n_layers, data, config.n_kv_heads, 1, config.head_dim),
-                  mesh, where="kv_cache/k,v", **kw)
-    return {"k": kv, "v": kv, "pos": spec_for(CACHE_POS_AXES, (data, 1), mesh, **kw),
-            "end": spec_for(ROW_AXES, (data,), mesh, **kw)}
+    """Specs of the KV cache fields (from the axes KVCache declares): k [L, B, K, H, S],
+    v [L, B, K, S, H], scales [L, B, K, S] (B on data, K on model when the KV head count
+    divides), pos [B, S], end [B]. The batch is padded to a multiple of `data`."""
+    sizes = {"layers": config.n_layers, "batch": mesh_shape(mesh).get(DATA, 1),
+             "kv_heads": config.n_kv_heads, "sequence": 1, "head_dim": config.head_dim}
+    return {name: spec_for(axes, [sizes[a] for a in axes], mesh, rules=rules, strict=strict,
+                           where=f"kv_cache/{name}", report=report)
+            for name, (axes, _) in field_axes(models.KVCache).items()}
 
 
 def batch_spec(ndim: int, mesh: Mesh) -> PartitionSpec:
@@ -272,65 +275,47 @@ def batch_spec(ndim: int, mesh: Mesh) -> PartitionSpec:
 @dataclasses.dataclass(frozen=True)
 class StateSharding:
     """The engine's sharding hook (hashable, a static jit argument): constrains a KVCache or
-    a DecodeState to these specs with `jax.lax.with_sharding_constraint`.
+    a DecodeState, field by field, to the specs of the logical axes each field declares
+    (`models.cache.logical`) under the rules, with `jax.lax.with_sharding_constraint`.
 
-    host_rows: spec of the per-row results the host reads (tokens, logprobs, length, done,
-    hit_stop). Batch-sharded in one process; replicated when the mesh spans processes, so
-    every process can read them.
+    Fields the host reads (host=True: tokens, lengths, flags) are replicated when the mesh
+    spans processes, so every process can read them.
     """
 
     mesh: Mesh
-    kv: PartitionSpec
-    pos: PartitionSpec
-    rows: PartitionSpec
-    rows_vocab: PartitionSpec
-    host_rows: PartitionSpec
+    rules: tuple[tuple[str, str | None], ...]
+    multi_process: bool
 
     @classmethod
     def build(cls, config, mesh: Mesh, *, rules: Mapping[str, str | None] = RULES,
               report: Report | None = None) -> StateSharding:
-        c = cache_specs(config, mesh, rules=rules, report=report)
-        data = mesh_shape(mesh).get(DATA, 1)
-        rows = spec_for(ROW_AXES, (data,), mesh, rules=rules)
-        rows_vocab = spec_for(ROW_VOCAB_AXES, (data, config.vocab_size), mesh, rules=rules)
+        cache_specs(config, mesh, rules=rules, report=report)  # notes replicated KV heads
         multi = len({d.process_index for d in mesh.devices.flat}) > 1
-        return cls(mesh=mesh, kv=c["k"], pos=c["pos"], rows=rows, rows_vocab=rows_vocab,
-                   host_rows=PartitionSpec() if multi else rows)
+        return cls(mesh=mesh, rules=tuple(rules.items()), multi_process=multi)
 
-    def _c(self, x, spec: PartitionSpec):
-        spec = PartitionSpec(*tuple(spec)[: x.ndim])
-        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+    def sharding(self, x, axes: tuple, host: bool = False) -> NamedSharding:
+        """Where array x of a field with logical `axes` lives; a per-layer buffer (fewer
+        dims) drops the leading axes, a per-row array of a struct field takes the leading ones."""
+        if host and self.multi_process:
+            return NamedSharding(self.mesh, PartitionSpec())
+        ax = axes[len(axes) - x.ndim:] if axes[:1] == ("layers",) else axes[:x.ndim]
+        return NamedSharding(self.mesh, spec_for(ax, x.shape, self.mesh, rules=dict(self.rules)))
 
-    def _cache_spec(self, name: str) -> PartitionSpec | None:
-        # k [L, B, K, H, S], v [L, B, K, S, H]; k_scale, v_scale of an int8 cache [L, B, K, S]
-        # (prefix of kv); only the first three axes are sharded
-        if name in ("k", "v", "k_scale", "v_scale"):
-            return self.kv
-        return {"pos": self.pos, "end": self.rows}.get(name)
-
-    def cache(self, cache: models.KVCache) -> models.KVCache:
-        new = {}
-        for f in dataclasses.fields(cache):
-            value, spec = getattr(cache, f.name), self._cache_spec(f.name)
-            if isinstance(value, jax.Array) and spec is not None:
-                new[f.name] = self._c(value, spec)
-        return cache.replace(**new)
+    def _c(self, x, axes: tuple, host: bool):
+        return jax.lax.with_sharding_constraint(x, self.sharding(x, axes, host))
 
     def __call__(self, x):
-        from jaxinfer.engine import DecodeState
-
-        if isinstance(x, models.KVCache):
-            return self.cache(x)
-        if not isinstance(x, DecodeState):
-            raise TypeError(f"StateSharding applies to KVCache or DecodeState, not {type(x)}")
-        c, h = self._c, self.host_rows
-        return x.replace(
-            cache=self.cache(x.cache), tokens=c(x.tokens, h), logprobs=c(x.logprobs, h),
-            last=c(x.last, self.rows), next_pos=c(x.next_pos, self.rows),
-            seen=c(x.seen, self.rows_vocab), length=c(x.length, h), done=c(x.done, h),
-            hit_stop=c(x.hit_stop, h), step=c(x.step, PartitionSpec()),
-            sampling=jax.tree.map(lambda a: c(a, self.rows), x.sampling),
-            stop_ids=c(x.stop_ids, PartitionSpec()), max_new=c(x.max_new, PartitionSpec()))
+        """x with every array field constrained (struct fields without axes recursively)."""
+        axes = field_axes(type(x))
+        new = {}
+        for f in dataclasses.fields(x):
+            value = getattr(x, f.name)
+            if f.name in axes and value is not None:
+                ax, host = axes[f.name]
+                new[f.name] = jax.tree.map(lambda a, ax=ax, host=host: self._c(a, ax, host), value)
+            elif f.metadata.get("struct"):
+                new[f.name] = self(value)
+        return x.replace(**new)
 
 
 def default_mesh_shape(config, num_devices: int, local_devices: int | None = None

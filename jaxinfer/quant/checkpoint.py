@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from jaxinfer import paths
 from jaxinfer.errors import CheckpointError, InputError
 from jaxinfer.loading.hf_dir import read_json
 from jaxinfer.loading.safetensors_io import SafetensorsFile, write_safetensors
@@ -38,7 +39,6 @@ from jaxinfer.quant.gguf_blocks import GGUFBlockWeight
 from jaxinfer.quant.int4 import Int4Weight
 from jaxinfer.quant.int8 import Int8Weight, W8A8Weight
 from jaxinfer.quant.nm import NMSparseWeight
-from jaxinfer.quant.transform import iter_leaves
 
 FORMAT = "jaxinfer-quantized"
 VERSION = 1
@@ -58,7 +58,7 @@ def _spec(a) -> dict:
 def _flatten(params) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """(tensors by name, description by param path)."""
     tensors, desc = {}, {}
-    for path, leaf in iter_leaves(params):
+    for path, leaf in paths.iter_leaves(params):
         if isinstance(leaf, QuantizedWeight):
             children = {}
             for name, child in leaf.children().items():
@@ -98,8 +98,8 @@ def _tokenizer_files(tok) -> dict[str, str]:
 
 
 def _check_shapes(config, params) -> None:
-    expected = dict(iter_leaves(models.abstract_params(config)))
-    got = dict(iter_leaves(params))
+    expected = dict(paths.iter_leaves(models.abstract_params(config)))
+    got = dict(paths.iter_leaves(params))
     if set(expected) != set(got):
         missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
         raise InputError(f"params do not fit the config (missing: {missing[:5] or 'none'}; "
@@ -242,7 +242,7 @@ def load_quantized(path: str | os.PathLike[str]) -> Model:
     entries = desc.get("params")
     if not isinstance(entries, dict):
         raise CheckpointError(f"{desc_path}: missing 'params' object")
-    expected = dict(iter_leaves(models.abstract_params(config)))
+    expected = dict(paths.iter_leaves(models.abstract_params(config)))
     missing = sorted(set(expected) - set(entries))
     extra = sorted(set(entries) - set(expected))
     if missing or extra:

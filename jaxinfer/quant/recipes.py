@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxinfer import paths
 from jaxinfer.errors import InputError
 from jaxinfer.quant.schemes import Int4, Int8, parse_scheme
-from jaxinfer.quant.transform import DEFAULT_PATTERNS, iter_leaves, quantize
+from jaxinfer.quant.transform import DEFAULT_PATTERNS, quantize
 
 SCHEMES = ("int8", "int4", "w8a8")
 METHODS = ("rtn", "gptq")
@@ -20,8 +21,8 @@ METHODS = ("rtn", "gptq")
 def default_group_size(params) -> int:
     """The largest of 128, 64, 32 dividing the input dim of every projection (32 if none)."""
     dims = set()
-    for path, leaf in iter_leaves(params):
-        if path.startswith("layers/") and getattr(leaf, "ndim", 0) == 3:
+    for path, leaf in paths.iter_leaves(params):
+        if paths.is_stacked(path) and getattr(leaf, "ndim", 0) == 3:
             dims.add(leaf.shape[1])
     for g in (128, 64, 32):
         if all(d % g == 0 for d in dims):
@@ -41,7 +42,7 @@ def recipe_rules(params, scheme: str, group_size: int | None, symmetric: bool, e
     else:
         main = parse_scheme(scheme)
     rules = [(p, main) for p in DEFAULT_PATTERNS]
-    tables = [p for p, _ in iter_leaves(params) if p in ("embed", "wte", "lm_head")]
+    tables = [p for p, _ in paths.iter_leaves(params) if paths.is_vocab_matrix(p)]
     if embed != "none":
         extra = Int8() if (embed == "int8" or scheme == "w8a8") else main
         rules += [(t, extra) for t in tables]

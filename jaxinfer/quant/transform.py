@@ -1,7 +1,7 @@
 """`quantize(params, rules)`: a functional transform of the params tree (models never change).
 
-Paths are the "/"-joined keys of the nested params dict: "embed", "layers/attn/q",
-"layers/mlp/down", "lm_head", "wte", ... Leaves under "layers" are stacked [L, ...]: they are
+Paths are those of `jaxinfer.paths`: "embed", "layers/attn/q", "layers/mlp/down", "lm_head",
+"wte", ... Leaves under "layers" are stacked [L, ...] (or per layer, "layers/3/attn/q"): they are
 quantized per layer slice (a scale or group never spans layers) and stay stacked, so `nn.scan`
 slices the quantized leaf like the float one.
 
@@ -12,71 +12,45 @@ Only weight matrices (2-D per layer) are ever quantized: biases and norms never 
 that matches no weight matrix is an error. Quantized leaves are never quantized again, with one
 exception: an Int8 rule on an N:M sparse leaf with float values gives it int8 values (2:4 + int8).
 
-Matrix layouts: the embedding tables ("embed", "wte", "wpe") are [rows, dim] and quantized per
-row (OUT_IN: rows are gathered, and the tied LM head contracts their dim); every other matrix is
-a [in, out] projection (IN_OUT).
+Matrix layouts: lookup tables (the embeddings, whose first logical axis is "vocab" or
+"positions") are [rows, dim] and quantized per row (OUT_IN: rows are gathered, and the tied LM
+head contracts their dim); every other matrix is a [in, out] projection (IN_OUT).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import paths
 from jaxinfer.errors import InputError
+from jaxinfer.paths import is_stacked, iter_leaves  # noqa: F401  TEMPORARY re-export
 from jaxinfer.quant.base import IN_OUT, OUT_IN, QuantizedWeight
 from jaxinfer.quant.nm import NMSparseWeight
 from jaxinfer.quant.schemes import Int8, Scheme, as_scheme
 
-EMBEDDING_TABLES = frozenset({"embed", "wte", "wpe"})
 # Attention and MLP projections of every family (Llama: q k v o gate up down; GPT-2: qkv o fc
 # proj). Biases, norms, embeddings and the LM head are left alone.
 DEFAULT_PATTERNS = ("layers/attn/{q,k,v,o,qkv}", "layers/mlp/{gate,up,down,fc,proj}")
 
 
-# ----------------------------------------------------------------------------- tree walking
-
-
-def iter_leaves(params, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, object]]:
-    """("a/b/c", leaf) for every leaf of a nested-dict params tree, in key order."""
-    for key in params:
-        value = params[key]
-        path = (*prefix, str(key))
-        if isinstance(value, Mapping):
-            yield from iter_leaves(value, path)
-        else:
-            yield "/".join(path), value
-
-
-def _map_tree(params, fn, prefix: tuple[str, ...] = ()):
-    """A new nested dict with fn(path, leaf) at every leaf."""
-    out = {}
-    for key in params:
-        value = params[key]
-        path = (*prefix, str(key))
-        out[key] = (_map_tree(value, fn, path) if isinstance(value, Mapping)
-                    else fn("/".join(path), value))
-    return out
-
-
-def is_stacked(path: str) -> bool:
-    """Leaves under "layers" carry a leading layer axis."""
-    return path.split("/", 1)[0] == "layers"
+# ----------------------------------------------------------------------------- leaf kinds
 
 
 def matrix_layout(path: str) -> str:
-    """OUT_IN for embedding tables, IN_OUT for everything else."""
-    return OUT_IN if not is_stacked(path) and path.rsplit("/", 1)[-1] in EMBEDDING_TABLES else IN_OUT
+    """OUT_IN for lookup tables (embeddings: rows are gathered), IN_OUT for everything else."""
+    return OUT_IN if paths.is_lookup_table(path) else IN_OUT
 
 
 def is_matrix(path: str, leaf) -> bool:
     """A float array that is a 2-D matrix (per layer, for stacked leaves)."""
     if not isinstance(leaf, jax.Array | np.ndarray) or not jnp.issubdtype(leaf.dtype, jnp.floating):
         return False
-    return leaf.ndim == (3 if is_stacked(path) else 2)
+    return leaf.ndim == (3 if paths.is_stacked(path) else 2)
 
 
 def _in_dim(path: str, leaf) -> int:
@@ -176,7 +150,7 @@ def plan(params, rules=None, *, scheme=None) -> dict[str, Scheme]:
     used = [False] * len(compiled)
     chosen: dict[str, Scheme] = {}
     matrices = []
-    for path, leaf in iter_leaves(params):
+    for path, leaf in paths.iter_leaves(params):
         quantized = isinstance(leaf, QuantizedWeight)
         if not quantized and not is_matrix(path, leaf):
             continue
@@ -230,19 +204,19 @@ def quantize(params, rules=None, *, scheme=None):
         except ValueError as e:
             raise InputError(f"{path}: cannot quantize with {s}: {e}") from None
 
-    return _map_tree(params, fn)
+    return paths.map_leaves(fn, params)
 
 
 def dequantize_params(params):
     """The params tree with every quantized leaf replaced by its float array (original dtype)."""
-    return _map_tree(params, lambda _, leaf: leaf.dequantize()
-                     if isinstance(leaf, QuantizedWeight) else leaf)
+    return paths.map_leaves(lambda _, leaf: leaf.dequantize()
+                            if isinstance(leaf, QuantizedWeight) else leaf, params)
 
 
 def weight_bytes(params) -> int:
     """Bytes held by all parameter buffers (quantized leaves count their packed children)."""
     total = 0
-    for _, leaf in iter_leaves(params):
+    for _, leaf in paths.iter_leaves(params):
         total += int(leaf.nbytes)
     return total
 
@@ -250,7 +224,7 @@ def weight_bytes(params) -> int:
 def describe(params) -> dict[str, str]:
     """path -> short human description ("float32 [30, 576, 576]", "int4 g32 sym", ...)."""
     out = {}
-    for path, leaf in iter_leaves(params):
+    for path, leaf in paths.iter_leaves(params):
         if isinstance(leaf, QuantizedWeight):
             sd = leaf.scheme_dict()
             extra = " ".join(f"{k}={v}" for k, v in sd.items() if k != "name")
