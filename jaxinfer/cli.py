@@ -1,4 +1,4 @@
-"""The `jaxinfer` command line: generate, chat, bench.
+"""The `jaxinfer` command line: generate, chat, bench, eval, quantize, prune, devices.
 
 Each subcommand validates its arguments before loading or compiling anything; any
 JaxinferError is printed as one line on stderr with exit status 2.
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=DEFAULT_MODEL)
     q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     _quant_args(q, required=True)
-    q.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
+    q.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
                    help="round-to-nearest, or GPTQ calibrated on --calibration-file (int4)")
     q.add_argument("--calibration-file", default=None, help="UTF-8 text for calibration")
     q.add_argument("--calibration-samples", type=int, default=64)
@@ -157,41 +157,24 @@ def _status(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _load(args, placement=None):
-    """Load --model (and place it on the devices when a placement is given)."""
+def _load(args, placement=None, calibration: dict | None = None):
+    """Load --model, quantize it as --quant asks (calibration: GPTQ's method and text, see
+    `quantize_model`) and place it on the devices when a placement is given.
+    Returns (model, seconds)."""
     import jaxinfer
 
     t = time.perf_counter()
     quant = getattr(args, "quant", None)
-    if quant == "native":
-        model = _load_native(args)
-    else:
-        model = jaxinfer.load(args.model, dtype=args.dtype)
+    model = jaxinfer.load(args.model, dtype=args.dtype, keep_packed=quant == "native")
     if quant not in (None, "native"):
         from jaxinfer.quant.recipes import quantize_model
 
         model = quantize_model(model, quant, group_size=args.group_size,
                                symmetric=not args.asymmetric, embed=args.quant_embed,
-                               **getattr(args, "calibration", {}))
+                               **(calibration or {}))
     if placement is not None:
         model = placement.apply(model)
     return model, time.perf_counter() - t
-
-
-def _load_native(args):
-    """A GGUF with its quantized blocks kept packed; refuses checkpoints without any."""
-    from jaxinfer.loading import resolve_source
-    from jaxinfer.quant import is_quantized, load_gguf_packed
-    from jaxinfer.paths import iter_leaves
-
-    path = resolve_source(args.model)
-    if path.is_dir() or path.suffix != ".gguf":
-        raise InputError(f"{path}: --quant native needs a .gguf file with Q8_0/Q4_0/Q4_1 tensors")
-    model = load_gguf_packed(path, args.dtype)
-    if not any(is_quantized(leaf) for _, leaf in iter_leaves(model.params)):
-        raise InputError(f"{path}: --quant native: the file has no Q8_0/Q4_0/Q4_1 tensors to "
-                         "keep packed")
-    return model
 
 
 def _gen_kwargs(args) -> dict:
@@ -225,7 +208,7 @@ def cmd_generate(args) -> int:
     results = []
     t0 = time.perf_counter()
     first = None
-    live = len(args.prompt) == 1 and not args.json
+    live = len(args.prompt) == 1 and not args.json and placement.prints
     for ev in stream(model, args.prompt, chat=args.chat, system=args.system, results=results,
                      chunk=4 if live else 16, **_gen_kwargs(args)):
         first = first or time.perf_counter()
@@ -236,6 +219,8 @@ def cmd_generate(args) -> int:
     timings = {"load_s": round(load_s, 3), "first_output_s": round((first or t0) - t0, 3),
                "total_s": round(total, 3), "generated_tokens": n_tokens,
                "tokens_per_s": round(n_tokens / total, 2) if total > 0 else None}
+    if not placement.prints:
+        return 0
     if args.json:
         out = {"outputs": [{"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
                             "finish_reason": r.finish_reason} for r in results],
@@ -253,7 +238,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     from jaxinfer.generate import stream_requests
-    from jaxinfer.text import build_request
+    from jaxinfer.text import build_request, encode_prompt
 
     _check_sampling(args)
     model, load_s = _load(args)
@@ -272,7 +257,7 @@ def cmd_chat(args) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids = model.tokenizer.encode(model.apply_chat_template(messages))
+        ids = encode_prompt(model, messages)
         req = build_request(model, [ids], **_gen_kwargs(args))
         results = []
         for ev in stream_requests(model, [None], req, chunk=4, results=results):
@@ -294,6 +279,8 @@ def cmd_bench(args) -> int:
     res["load_s"] = round(load_s, 3)
     res["model"] = args.model
     res["placement"] = placement.info()
+    if not placement.prints:
+        return 0
     if args.json:
         print(json.dumps(res))
     else:
@@ -311,22 +298,17 @@ def read_text_file(path: str) -> str:
 
 
 def cmd_eval(args) -> int:
-    from jaxinfer.evaluate import perplexity
+    from jaxinfer.evaluate import perplexity_text
 
     text = read_text_file(args.text_file)
     if args.context < 2 or not 1 <= args.stride <= args.context or args.batch_size < 1:
         raise InputError("need --context >= 2, 1 <= --stride <= --context and --batch-size >= 1")
     placement = setup_parallel(args)
     model, _ = _load(args, placement)
-    if model.tokenizer is None:
-        raise InputError(f"{args.model}: no tokenizer, so text cannot be scored")
-    ids = model.tokenizer.encode(text)
-    if model.tokenizer.add_bos_token and model.tokenizer.bos_token_id is not None:
-        ids = [model.tokenizer.bos_token_id] + ids
-    if args.max_tokens:
-        ids = ids[: args.max_tokens]
-    res = perplexity(model, ids, context=args.context, stride=args.stride,
-                     batch_size=args.batch_size)
+    res = perplexity_text(model, text, max_tokens=args.max_tokens, context=args.context,
+                          stride=args.stride, batch_size=args.batch_size)
+    if not placement.prints:
+        return 0
     if args.json:
         print(json.dumps({"perplexity": res["perplexity"], "tokens": res["tokens"]}))
     else:
@@ -335,25 +317,24 @@ def cmd_eval(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from jaxinfer.quant import save_quantized
+    from jaxinfer.loading import save_quantized
 
     out = Path(args.out)
     if out.exists():
         raise InputError(f"{out}: already exists; choose a new --out directory")
-    if args.method == "awq":
-        raise InputError("--method awq is not implemented; use --method gptq (calibrated) or rtn")
+    calibration = None
     if args.method == "gptq":
         if args.quant != "int4":
             raise InputError("--method gptq applies to --quant int4")
         if not args.calibration_file:
             raise InputError("--method gptq needs --calibration-file")
         text = read_text_file(args.calibration_file)
-        args.calibration = dict(method="gptq", calibration_text=text,
-                                calib_samples=args.calibration_samples,
-                                calib_len=args.calibration_len)
+        calibration = dict(method="gptq", calibration_text=text,
+                           calib_samples=args.calibration_samples,
+                           calib_len=args.calibration_len)
     if args.quant == "native":
         raise InputError("--quant native keeps a GGUF packed at load time; nothing to save")
-    model, load_s = _load(args)
+    model, load_s = _load(args, calibration=calibration)
     path = save_quantized(model, out)
     _status(f"quantized {args.model} ({args.quant}, {args.method}) in {load_s:.1f}s; "
             f"{model.weight_bytes / 1e6:.1f} MB of weights written to {path}")
@@ -362,7 +343,7 @@ def cmd_quantize(args) -> int:
 
 def cmd_prune(args) -> int:
     import jaxinfer
-    from jaxinfer.quant import save_quantized
+    from jaxinfer.loading import save_quantized
     from jaxinfer.sparse.recipes import PruneSettings, check_prune_args, prune_model
 
     out = Path(args.out)

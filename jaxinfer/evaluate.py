@@ -130,17 +130,15 @@ def perplexity(model, token_ids, *, context: int = 512, stride: int = 256, batch
     return {"perplexity": math.exp(nll), "tokens": total_tokens, "nll": nll}
 
 
-def perplexity_text(model, text: str, **kw) -> dict:
-    """perplexity() of `text` encoded by the model's tokenizer (BOS first when the tokenizer
-    adds one). Keyword arguments go to perplexity()."""
-    tok = model.tokenizer
-    if tok is None:
-        raise InputError(f"{model.source or 'model'}: this checkpoint has no tokenizer")
+def perplexity_text(model, text: str, *, max_tokens: int | None = None, **kw) -> dict:
+    """perplexity() of `text` encoded as every prompt is (`text.encode_prompt`: BOS first when
+    the tokenizer adds one); max_tokens: score only the first N tokens. Keyword arguments go
+    to perplexity()."""
+    from jaxinfer.text import encode_prompt
+
     if not isinstance(text, str):
         raise InputError(f"text must be a string, got {type(text).__name__}")
-    ids = tok.encode(text)
-    if tok.add_bos_token and tok.bos_token_id is not None:
-        ids = [tok.bos_token_id, *ids]
+    ids = encode_prompt(model, text)[:max_tokens] if text else []
     if len(ids) < 2:
         raise InputError(f"text encodes to {len(ids)} token(s); perplexity needs at least 2")
     return perplexity(model, ids, **kw)

@@ -53,6 +53,18 @@ def map_leaves(fn: Callable[[str, object], object], tree, prefix: str = ""):
     return type(tree)(one(i, v) for i, v in enumerate(tree))
 
 
+def nest(items) -> dict:
+    """A nested-dict tree from (path, leaf) pairs (the inverse of `iter_leaves` on dicts)."""
+    out: dict = {}
+    for path, leaf in items:
+        *parents, last = path.split("/")
+        node = out
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = leaf
+    return out
+
+
 def from_key_path(key_path) -> str:
     """A jax key path (DictKey / SequenceKey / GetAttrKey entries) -> "a/0/b"."""
     parts = []

@@ -9,17 +9,31 @@ from jaxinfer.generate import Completion, Request, StreamEvent, stream_requests
 from jaxinfer.sampling import Sampling
 
 
-def encode_prompt(model, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
-    """Token ids of a prompt; with chat=True it is rendered as one user turn first."""
+def encode_prompt(model, prompt: str | Sequence[dict], chat: bool = False,
+                  system: str | None = None) -> list[int]:
+    """Token ids of a prompt: the one encoder behind every entry point (generate, stream, the
+    CLI's generate / chat / eval, the Python API).
+
+    prompt: text (with chat=True rendered through the chat template as one user turn, after
+    `system` if given), or a list of chat messages ({"role", "content"}), always rendered
+    through the template. A BOS token is put first when the tokenizer asks for one and the
+    rendered text does not already start with it.
+    """
     tok = model.tokenizer
     if tok is None:
         raise InputError(f"{model.source}: no tokenizer, so text prompts cannot be encoded")
-    if not isinstance(prompt, str) or not prompt:
-        raise InputError("prompt must be a non-empty string")
-    if chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}]
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InputError("prompt must be a non-empty string")
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+        prompt = tok.apply_chat_template(list(prompt), add_generation_prompt=True)
+    else:
+        raise InputError("prompt must be a non-empty string or a non-empty list of chat "
+                         f"messages, got {type(prompt).__name__}")
     ids = tok.encode(prompt)
     if tok.add_bos_token and tok.bos_token_id is not None and ids[:1] != [tok.bos_token_id]:
         ids = [tok.bos_token_id] + ids

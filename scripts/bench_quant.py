@@ -18,7 +18,6 @@ import time
 import jaxinfer
 from jaxinfer.bench import english_text, publish, run_bench
 from jaxinfer.evaluate import perplexity
-from jaxinfer.quant import load_gguf_packed
 from jaxinfer.quant.recipes import quantize_model
 
 CALIB = slice(0, 150_000)  # characters used for GPTQ calibration
@@ -41,7 +40,7 @@ def build(base, label, kw, args):
     if kw is None:
         return base
     if kw == "native":
-        return load_gguf_packed("smollm2-135m-instruct", "float32")
+        return jaxinfer.load("smollm2-135m-instruct", "float32", keep_packed=True)
     if kw.get("method") == "gptq":
         kw = dict(kw, calibration_text=english_text()[CALIB], calib_samples=args.calib_samples,
                   calib_len=512)

@@ -95,8 +95,13 @@ def test_eval_bad_inputs(capsys, tmp_path):
     assert code == 2 and "--stride" in err
 
 
+def test_quantize_offers_only_methods_that_run(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--quant", "int4", "--method", "awq", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "invalid choice: 'awq'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "awq"], "awq is not implemented"),
     (["--method", "gptq"], "needs --calibration-file"),
     (["--quant", "native"], "nothing to save"),
 ])
@@ -122,6 +127,35 @@ def test_quantize_saves_and_generate_loads(capsys, tmp_path, smollm2_gguf_path):
     code, stdout, _ = run_cli(capsys, "generate", "--model", str(out), *BASE, "--prompt", "Hi",
                               "--chat", "--max-new-tokens", "4", "--json")
     assert code == 0 and json.loads(stdout)["outputs"][0]["token_ids"]
+    code, stdout, _ = run_cli(capsys, "devices", "--model", str(out), *BASE, "--json")
+    assert code == 0 and json.loads(stdout)["placement"]["mesh"] == {"data": 1, "model": 1}
+
+
+def test_every_entry_point_encodes_a_conversation_alike(capsys, smollm2, monkeypatch):
+    """chat, generate --chat and the Python API give the engine the same prompt ids."""
+    import jaxinfer
+    from jaxinfer import generate as gen
+    from jaxinfer.text import encode_prompt, stream
+
+    seen = []
+    real = gen.validate_request
+
+    def record(model, req):
+        seen.append([list(p) for p in req.prompts])
+        return real(model, req)
+
+    monkeypatch.setattr(gen, "validate_request", record)
+    monkeypatch.setattr(jaxinfer, "load", lambda *a, **k: smollm2)
+    lines = iter(["Hi there", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    gen_args = ("--no-compile-cache", "--max-new-tokens", "2", "--system", "Be brief.")
+    assert main(["chat", *gen_args]) == 0
+    assert main(["generate", *gen_args, "--chat", "--prompt", "Hi there"]) == 0
+    list(stream(smollm2, "Hi there", chat=True, system="Be brief.", max_new_tokens=2))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    want = encode_prompt(smollm2, messages)
+    assert "Be brief." in smollm2.tokenizer.decode(want) and "Hi there" in smollm2.tokenizer.decode(want)
+    assert len(seen) >= 3 and all(s == [want] for s in seen), seen  # one or more per path
 
 
 def test_recipes_default_group_and_errors(smollm2):

@@ -14,7 +14,8 @@ from gguf.quants import quantize as gguf_quantize
 
 import models
 from jaxinfer.errors import CheckpointError, InputError
-from jaxinfer.loading import safetensors_io
+from jaxinfer.loading import load_quantized, safetensors_io, save_quantized
+from jaxinfer.loading import saved as ckpt
 from jaxinfer.loading.gguf import GGUFFile, dequantize, unpermute_qk
 from jaxinfer.model import Model
 from jaxinfer.quant import (
@@ -28,17 +29,14 @@ from jaxinfer.quant import (
     Int8Weight,
     W8A8Weight,
     dequantize_params,
-    load_quantized,
     pack_nibbles,
     parse_scheme,
     quantize,
-    save_quantized,
     stack_leaves,
     unpack_nibbles,
     weight_bytes,
 )
 from jaxinfer.quant import base as quant_base
-from jaxinfer.quant import checkpoint as ckpt
 from jaxinfer.quant.int8 import quantize_activations
 
 forward = jax.jit(models.forward, static_argnums=0)
@@ -538,9 +536,9 @@ def test_config_with_rope_scaling_and_windows_round_trips(tmp_path):
         sliding_windows=(4, None), qkv_bias=True)
     model = Model(config=config, params=None, tokenizer=None, eos_token_ids=(7,))
     (tmp_path / ckpt.CONFIG).write_text(json.dumps(ckpt._config_json(model)))
-    assert ckpt._config_from_json(tmp_path / ckpt.CONFIG) == (config, (7,))
+    assert ckpt.config_from_json(tmp_path / ckpt.CONFIG) == (config, (7,))
     (tmp_path / ckpt.CONFIG).write_text(json.dumps({"family": "t5", "config": {}}))
     with pytest.raises(CheckpointError, match="unknown model family 't5'"):
-        ckpt._config_from_json(tmp_path / ckpt.CONFIG)
+        ckpt.config_from_json(tmp_path / ckpt.CONFIG)
     with pytest.raises(CheckpointError, match="not a directory"):
         load_quantized(tmp_path / "nowhere")

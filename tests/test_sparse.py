@@ -14,7 +14,8 @@ import models
 from jaxinfer.bench import english_text
 from jaxinfer.errors import InputError
 from jaxinfer.model import Model
-from jaxinfer.quant import Int8Weight, NMSparseWeight, load_quantized, quantize, save_quantized
+from jaxinfer.loading import load_quantized, save_quantized
+from jaxinfer.quant import Int8Weight, NMSparseWeight, quantize
 from jaxinfer.sparse import (
     compress_nm,
     prune_structured,

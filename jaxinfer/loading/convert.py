@@ -1,24 +1,30 @@
-"""Hugging Face tensor names and layouts -> the params tree of `models`.
+"""Checkpoint tensor names and layouts -> the params tree of `models`, one leaf at a time.
 
-A `TensorSource` is anything with `names() -> set[str]`, `get(name) -> np.ndarray` (PyTorch
-layout: Linear weights [out, in]) and `describe(name) -> str` (the file, for errors). Params are
-built one leaf at a time: per-layer tensors are stacked into a [L, ...] buffer, checked against
-the model's declared shape, and moved to the device before the next leaf is read, so the
-weights are never held twice.
+One table per family (`NAMES`) gives, for every param path, the Hugging Face tensor name, whether
+its layout is transposed (HF Linear weights are [out, in], params are [in, out]) and the GGUF
+tensor name. Per-layer entries ("layers/...") name the tensor of one layer; `hf_name` and
+`gguf_name` add the layer prefix.
+
+A `TensorSource` is anything with `names() -> set[str]`, `get(name) -> np.ndarray` (HF names and
+layout) and `describe(name) -> str` (the file, for errors). `build_params` is the one builder of
+a params tree: it asks for each declared leaf in turn, checks its shape against the config and
+moves it to the device before the next one is read, so the weights are never held twice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+import models
+from jaxinfer import paths
 from jaxinfer.errors import CheckpointError
-from models import GPT2Config, LlamaConfig, ModelConfig, abstract_params
+from models import GPT2Config, LlamaConfig, ModelConfig
 
 
 class TensorSource(Protocol):
@@ -27,56 +33,109 @@ class TensorSource(Protocol):
     def describe(self, name: str) -> str: ...
 
 
-T = "T"  # marker: transpose [out, in] -> [in, out]
+class Name(NamedTuple):
+    """Where a param lives in checkpoint files (per-layer names without the layer prefix)."""
 
-LLAMA_LAYER = {
-    ("attn", "q"): ("self_attn.q_proj.weight", T), ("attn", "k"): ("self_attn.k_proj.weight", T),
-    ("attn", "v"): ("self_attn.v_proj.weight", T), ("attn", "o"): ("self_attn.o_proj.weight", T),
-    ("attn", "q_bias"): ("self_attn.q_proj.bias", None),
-    ("attn", "k_bias"): ("self_attn.k_proj.bias", None),
-    ("attn", "v_bias"): ("self_attn.v_proj.bias", None),
-    ("attn", "o_bias"): ("self_attn.o_proj.bias", None),
-    ("mlp", "gate"): ("mlp.gate_proj.weight", T), ("mlp", "up"): ("mlp.up_proj.weight", T),
-    ("mlp", "down"): ("mlp.down_proj.weight", T),
-    ("mlp", "gate_bias"): ("mlp.gate_proj.bias", None),
-    ("mlp", "up_bias"): ("mlp.up_proj.bias", None),
-    ("mlp", "down_bias"): ("mlp.down_proj.bias", None),
-    ("attn_norm",): ("input_layernorm.weight", None),
-    ("mlp_norm",): ("post_attention_layernorm.weight", None),
+    hf: str
+    transpose: bool = False  # HF [out, in] -> params [in, out]
+    gguf: str | None = None  # None: GGUF files of the family do not hold it
+
+
+NAMES: dict[str, dict[str, Name]] = {
+    "llama": {
+        "embed": Name("model.embed_tokens.weight", gguf="token_embd.weight"),
+        "final_norm": Name("model.norm.weight", gguf="output_norm.weight"),
+        "lm_head": Name("lm_head.weight", True, "output.weight"),
+        "layers/attn/q": Name("self_attn.q_proj.weight", True, "attn_q.weight"),
+        "layers/attn/k": Name("self_attn.k_proj.weight", True, "attn_k.weight"),
+        "layers/attn/v": Name("self_attn.v_proj.weight", True, "attn_v.weight"),
+        "layers/attn/o": Name("self_attn.o_proj.weight", True, "attn_output.weight"),
+        "layers/attn/q_bias": Name("self_attn.q_proj.bias"),
+        "layers/attn/k_bias": Name("self_attn.k_proj.bias"),
+        "layers/attn/v_bias": Name("self_attn.v_proj.bias"),
+        "layers/attn/o_bias": Name("self_attn.o_proj.bias"),
+        "layers/mlp/gate": Name("mlp.gate_proj.weight", True, "ffn_gate.weight"),
+        "layers/mlp/up": Name("mlp.up_proj.weight", True, "ffn_up.weight"),
+        "layers/mlp/down": Name("mlp.down_proj.weight", True, "ffn_down.weight"),
+        "layers/mlp/gate_bias": Name("mlp.gate_proj.bias"),
+        "layers/mlp/up_bias": Name("mlp.up_proj.bias"),
+        "layers/mlp/down_bias": Name("mlp.down_proj.bias"),
+        "layers/attn_norm": Name("input_layernorm.weight", gguf="attn_norm.weight"),
+        "layers/mlp_norm": Name("post_attention_layernorm.weight", gguf="ffn_norm.weight"),
+    },
+    # GPT-2 uses Conv1D modules whose weights are already [in, out].
+    "gpt2": {
+        "wte": Name("wte.weight"), "wpe": Name("wpe.weight"),
+        "ln_f_scale": Name("ln_f.weight"), "ln_f_bias": Name("ln_f.bias"),
+        "layers/attn/qkv": Name("attn.c_attn.weight"),
+        "layers/attn/qkv_bias": Name("attn.c_attn.bias"),
+        "layers/attn/o": Name("attn.c_proj.weight"), "layers/attn/o_bias": Name("attn.c_proj.bias"),
+        "layers/mlp/fc": Name("mlp.c_fc.weight"), "layers/mlp/fc_bias": Name("mlp.c_fc.bias"),
+        "layers/mlp/proj": Name("mlp.c_proj.weight"),
+        "layers/mlp/proj_bias": Name("mlp.c_proj.bias"),
+        "layers/ln1_scale": Name("ln_1.weight"), "layers/ln1_bias": Name("ln_1.bias"),
+        "layers/ln2_scale": Name("ln_2.weight"), "layers/ln2_bias": Name("ln_2.bias"),
+    },
 }
-LLAMA_TOP = {("embed",): ("model.embed_tokens.weight", None), ("final_norm",): ("model.norm.weight", None),
-             ("lm_head",): ("lm_head.weight", T)}
-
-# GPT-2 uses Conv1D modules whose weights are already [in, out].
-GPT2_LAYER = {
-    ("attn", "qkv"): ("attn.c_attn.weight", None), ("attn", "qkv_bias"): ("attn.c_attn.bias", None),
-    ("attn", "o"): ("attn.c_proj.weight", None), ("attn", "o_bias"): ("attn.c_proj.bias", None),
-    ("mlp", "fc"): ("mlp.c_fc.weight", None), ("mlp", "fc_bias"): ("mlp.c_fc.bias", None),
-    ("mlp", "proj"): ("mlp.c_proj.weight", None), ("mlp", "proj_bias"): ("mlp.c_proj.bias", None),
-    ("ln1_scale",): ("ln_1.weight", None), ("ln1_bias",): ("ln_1.bias", None),
-    ("ln2_scale",): ("ln_2.weight", None), ("ln2_bias",): ("ln_2.bias", None),
-}
-GPT2_TOP = {("wte",): ("wte.weight", None), ("wpe",): ("wpe.weight", None),
-            ("ln_f_scale",): ("ln_f.weight", None), ("ln_f_bias",): ("ln_f.bias", None)}
+_LAYER_PREFIX = {"llama": "model.layers.{i}.", "gpt2": "h.{i}."}
 
 
-def _naming(config: ModelConfig, names: set[str]):
-    """(top-level map, per-layer map, layer-name function) for the config's family."""
+def hf_name(family: str, path: str, layer: int | None = None, prefix: str = "") -> str:
+    """The HF tensor name of param `path` ("layers/..." entries: of layer `layer`).
+
+    prefix: prepended to every name (GPT-2 checkpoints may nest everything in "transformer.").
+    """
+    name = NAMES[family][path].hf
+    if path.startswith("layers/"):
+        name = _LAYER_PREFIX[family].format(i=layer) + name
+    return prefix + name
+
+
+def gguf_name(family: str, path: str, layer: int | None = None) -> str | None:
+    """The GGUF tensor name of param `path` (of layer `layer`), or None if GGUF lacks it."""
+    name = NAMES[family][path].gguf
+    if name is None or not path.startswith("layers/"):
+        return name
+    return f"blk.{layer}.{name}"
+
+
+def build_params(config: ModelConfig, make_leaf: Callable, where: str, *,
+                 progress: bool = False):
+    """The params tree of `config`, built leaf by leaf in declaration order.
+
+    make_leaf(path, spec) -> an array or weight object of shape spec.shape (spec: the declared
+    jax.ShapeDtypeStruct; stacked layers [L, ...]). Each leaf is checked against the declared
+    shape (CheckpointError naming `where` and the path) and moved to the device before the
+    next one is made.
+    """
+    items = list(paths.iter_leaves(models.abstract_params(config)))
+    out = []
+    for path, spec in tqdm(items, desc="load weights", unit="tensor", delay=1.0,
+                           disable=not progress):
+        leaf = make_leaf(path, spec)
+        if tuple(leaf.shape) != tuple(spec.shape):
+            raise CheckpointError(f"{where}: {path} has shape {tuple(leaf.shape)}, expected "
+                                  f"{tuple(spec.shape)} from the config")
+        out.append((path, jax.tree.map(jax.device_put, leaf)))
+        del leaf
+    return paths.nest(out)
+
+
+def _family(config: ModelConfig, names: set[str]) -> tuple[str, str]:
+    """(family, HF name prefix) of the config's checkpoint."""
     if isinstance(config, LlamaConfig):
-        return LLAMA_TOP, LLAMA_LAYER, lambda i, n: f"model.layers.{i}.{n}"
+        return "llama", ""
     if isinstance(config, GPT2Config):
-        prefix = "transformer." if any(n.startswith("transformer.") for n in names) else ""
-        top = {k: (prefix + v, t) for k, (v, t) in GPT2_TOP.items()}
-        return top, GPT2_LAYER, lambda i, n: f"{prefix}h.{i}.{n}"
+        return "gpt2", "transformer." if any(n.startswith("transformer.") for n in names) else ""
     raise TypeError(type(config).__name__)
 
 
-def _fetch(src: TensorSource, names: set[str], name: str, transform, shape, dtype):
+def _fetch(src: TensorSource, names: set[str], name: str, transpose: bool, shape, dtype):
     """Read one tensor, transposing if asked, and check its shape."""
     if name not in names:
         raise CheckpointError(f"{src.describe(name)}: missing tensor {name!r}")
     arr = src.get(name)
-    if transform == T:
+    if transpose:
         arr = arr.T
     if tuple(arr.shape) != tuple(shape):
         raise CheckpointError(
@@ -85,35 +144,22 @@ def _fetch(src: TensorSource, names: set[str], name: str, transform, shape, dtyp
     return np.asarray(arr, dtype=dtype)
 
 
-def params_from_source(config: ModelConfig, src: TensorSource, dtype=jnp.float32,
-                       progress: bool = True, place: Callable | None = None):
-    """Build the params tree of `config` from `src`, one leaf at a time.
-
-    `place(path, np_array) -> jax.Array` puts a leaf on device (default `jax.device_put`);
-    the sharding code passes its own. Returns the params tree of arrays in `dtype`.
-    """
+def source_leaf(config: ModelConfig, src: TensorSource, dtype=jnp.float32) -> Callable:
+    """make_leaf (see `build_params`) reading float arrays from `src` in HF names/layout:
+    per-layer tensors are stacked into one [L, ...] buffer."""
     names = set(src.names())
-    top, per_layer, layer_name = _naming(config, names)
-    abstract = abstract_params(config)
-    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    place = place or (lambda path, a: jax.device_put(a))
+    family, prefix = _family(config, names)
     np_dtype = np.dtype(dtype)
-    out = {}
-    for path, leaf in tqdm(flat, desc="load weights", unit="tensor", delay=1.0,
-                           disable=not progress):
-        keys = tuple(k.key for k in path)
-        if keys[0] == "layers":
-            name, transform = per_layer[keys[1:]]
-            buf = np.empty(leaf.shape, np_dtype)
-            for i in range(config.n_layers):
-                buf[i] = _fetch(src, names, layer_name(i, name), transform, leaf.shape[1:],
-                                np_dtype)
-        else:
-            name, transform = top[keys]
-            buf = _fetch(src, names, name, transform, leaf.shape, np_dtype)
-        node = out
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = place(keys, buf)
-        del buf
-    return out
+
+    def make_leaf(path, spec):
+        transpose = NAMES[family][path].transpose
+        if not paths.is_stacked(path):
+            return _fetch(src, names, hf_name(family, path, prefix=prefix), transpose,
+                          spec.shape, np_dtype)
+        buf = np.empty(spec.shape, np_dtype)
+        for i in range(config.n_layers):
+            buf[i] = _fetch(src, names, hf_name(family, path, i, prefix), transpose,
+                            spec.shape[1:], np_dtype)
+        return buf
+
+    return make_leaf

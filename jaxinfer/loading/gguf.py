@@ -20,6 +20,8 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType
 
 from jaxinfer.errors import CheckpointError
+from jaxinfer.loading.convert import NAMES, gguf_name, hf_name
+from jaxinfer.quant.gguf_blocks import unpermute_qk
 
 _CHUNK_BLOCKS = 1 << 16  # blocks dequantized per numpy pass, bounds temporary memory
 
@@ -247,19 +249,6 @@ class GGUFFile:
 
 # ----------------------------------------------------------------------------- Hugging Face view
 
-_LAYER_NAMES = {  # GGUF blk.{i}.<key> -> HF model.layers.{i}.<value>
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-
-
 def _as_file(gguf_file: GGUFFile | str | os.PathLike[str]) -> GGUFFile:
     return gguf_file if isinstance(gguf_file, GGUFFile) else GGUFFile(gguf_file)
 
@@ -356,14 +345,21 @@ def _vocab_size(f: GGUFFile) -> int:
 
 
 def _gguf_names(config: dict) -> dict[str, str]:
-    """HF name -> GGUF name for every weight of the model `config` describes, in load order."""
-    names = {"model.embed_tokens.weight": "token_embd.weight"}
+    """HF name -> GGUF name for every weight of the model `config` describes, in load order
+    (from the one Llama name table, `convert.NAMES`)."""
+    table = {p: n for p, n in NAMES["llama"].items() if n.gguf is not None}
+    if config.get("tie_word_embeddings", False):
+        table.pop("lm_head")
+    names = {}
+    for path in ("embed",):
+        names[hf_name("llama", path)] = gguf_name("llama", path)
     for i in range(config["num_hidden_layers"]):
-        for gguf_key, hf_key in _LAYER_NAMES.items():
-            names[f"model.layers.{i}.{hf_key}"] = f"blk.{i}.{gguf_key}"
-    names["model.norm.weight"] = "output_norm.weight"
-    if not config.get("tie_word_embeddings", False):
-        names["lm_head.weight"] = "output.weight"
+        for path in table:
+            if path.startswith("layers/"):
+                names[hf_name("llama", path, i)] = gguf_name("llama", path, i)
+    for path in ("final_norm", "lm_head"):
+        if path in table:
+            names[hf_name("llama", path)] = gguf_name("llama", path)
     return names
 
 
@@ -383,16 +379,6 @@ def _hf_shape(hf_name: str, config: dict) -> tuple[int, ...]:
         "up_proj": (inter, h),
         "down_proj": (h, inter),
     }.get(leaf, (h,))
-
-
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation on a (n_head * head_dim, in) weight.
-
-    llama.cpp's converter stores `w.reshape(n_head, 2, hd // 2, in).swapaxes(1, 2)` (rotary
-    halves interleaved); this maps it back to HF's layout (rotary halves contiguous per head).
-    """
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def hf_tensor_names(gguf_file: GGUFFile, config: dict) -> list[str]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import sys
 
 from jaxinfer.errors import InputError
 from jaxinfer.parallel import distributed
@@ -73,7 +71,8 @@ def setup_parallel(args):
     """Validate the parallel flags, join a multi-process run, and return the Placement
     (resolved against the model's shapes by `placement.apply(model)`). Call before loading.
 
-    On processes other than 0, stdout is silenced unless --all-processes-print.
+    `placement.prints` is False on processes other than 0 unless --all-processes-print:
+    commands print their results only where it is True.
     """
     from jaxinfer.parallel.placement import Placement
 
@@ -84,24 +83,9 @@ def setup_parallel(args):
                            getattr(args, "num_processes", None), getattr(args, "process_id", None),
                            timeout_s=getattr(args, "distributed_timeout",
                                              distributed.DEFAULT_TIMEOUT_S))
-    if not distributed.is_primary() and not getattr(args, "all_processes_print", False):
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+    prints = distributed.is_primary() or getattr(args, "all_processes_print", False)
     return Placement(mesh, pmap=getattr(args, "pmap", False),
-                     strict=getattr(args, "strict_mesh", False))
-
-
-def model_config(source: str):
-    """The model config of a checkpoint directory, .gguf file or built-in name (no weights)."""
-    from jaxinfer.loading import resolve_source
-    from jaxinfer.loading.hf_config import config_from_hf
-    from jaxinfer.loading.hf_dir import read_json
-
-    path = resolve_source(source)
-    if path.is_dir():
-        return config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
-    from jaxinfer.loading.gguf import hf_config_from_gguf
-
-    return config_from_hf(hf_config_from_gguf(path), str(path))
+                     strict=getattr(args, "strict_mesh", False), prints=prints)
 
 
 def devices_report(placement, config) -> dict:
@@ -120,19 +104,23 @@ def devices_report(placement, config) -> dict:
 
 def devices_command(args) -> int:
     """`jaxinfer devices`: print the devices, processes and the mesh that would be chosen."""
+    from jaxinfer.loading import load_config
+
     placement = setup_parallel(args)
-    config = model_config(args.model)
+    config = load_config(args.model)
     rep = devices_report(placement, config)
     if getattr(args, "json", False):
-        print(json.dumps(rep))
-        return 0
-    print(f"{rep['num_devices']} devices over {rep['num_processes']} process(es) "
-          f"(this is process {rep['process_index']}, {rep['local_devices']} local devices):")
-    for d in rep["devices"]:
-        print(f"  {d['id']:>3}  {d['platform']:<5} {d['kind']:<20} process {d['process']}")
-    print(f"{args.model}: heads {config.n_heads}, kv heads {config.n_kv_heads}, "
-          f"mlp {config.d_ff}, vocab {config.vocab_size}")
-    print(placement.describe())
+        lines = [json.dumps(rep)]
+    else:
+        lines = [f"{rep['num_devices']} devices over {rep['num_processes']} process(es) "
+                 f"(this is process {rep['process_index']}, {rep['local_devices']} local "
+                 "devices):"]
+        lines += [f"  {d['id']:>3}  {d['platform']:<5} {d['kind']:<20} process {d['process']}"
+                  for d in rep["devices"]]
+        lines += [f"{args.model}: heads {config.n_heads}, kv heads {config.n_kv_heads}, "
+                  f"mlp {config.d_ff}, vocab {config.vocab_size}", placement.describe()]
+    if placement.prints:
+        print("\n".join(lines))
     return 0
 
 

@@ -58,12 +58,15 @@ class Placement:
     CPU devices share the host's cores). pmap: data parallelism with `jax.pmap` over
     `data` local devices (all local devices when mesh is None; model must be 1).
     strict: a dimension that does not divide its mesh axis is an InputError (default:
-    replicated and noted in `notes`).
+    replicated and noted in `notes`). prints: whether this process prints results (False on
+    the secondary processes of a multi-process run, see `cli_support.setup_parallel`).
     """
 
     def __init__(self, mesh: tuple[int, int] | None = None, *, pmap: bool = False,
-                 strict: bool = False, rules: Mapping[str, str | None] = RULES):
+                 strict: bool = False, rules: Mapping[str, str | None] = RULES,
+                 prints: bool = True):
         self.requested, self.pmap, self.strict, self.rules = mesh, pmap, strict, rules
+        self.prints = prints
         self.mesh: Mesh | None = None
         self.hook: StateSharding | None = None
         self.notes: list[str] = []

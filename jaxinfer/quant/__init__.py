@@ -12,14 +12,13 @@ Each has matmul(x), matmul_transposed(x), take_rows(tokens), dequantize(), nbyte
 
 Transforms: quantize(params, rules | scheme=...), dequantize_params, weight_bytes.
 Schemes: Int8(), Int4(group_size, symmetric), W8A8(), parse_scheme(name, group_size).
-Checkpoints: save_quantized(model, dir), load_quantized(dir) -> Model.
-GGUF: load_gguf_packed(path) -> Model with the file's Q8_0/Q4_0/Q4_1 tensors kept packed.
+Checkpoints of transformed models and GGUF files with their blocks kept packed are read and
+written by `jaxinfer.loading` (save_quantized, load(..., keep_packed=True)); quant never imports
+loading.
 """
 
 from jaxinfer.quant.base import IN_OUT, OUT_IN, QuantizedWeight, is_quantized, stack_leaves
-from jaxinfer.quant.checkpoint import load_quantized, save_quantized
 from jaxinfer.quant.gguf_blocks import GGUFBlockWeight, qk_row_order
-from jaxinfer.quant.gguf_native import load_gguf_packed, params_from_gguf
 from jaxinfer.quant.int4 import Int4Weight
 from jaxinfer.quant.int8 import Int8Weight, W8A8Weight
 from jaxinfer.quant.nm import NMSparseWeight
@@ -37,7 +36,6 @@ from jaxinfer.quant.transform import (
 __all__ = [
     "DEFAULT_PATTERNS", "IN_OUT", "OUT_IN", "W8A8", "GGUFBlockWeight", "Int4", "Int4Weight",
     "Int8", "Int8Weight", "NMSparseWeight", "QuantizedWeight", "Scheme", "W8A8Weight", "dequantize_params",
-    "describe", "is_quantized", "load_gguf_packed", "load_quantized", "pack_nibbles",
-    "params_from_gguf", "parse_scheme", "plan", "qk_row_order", "quantize", "save_quantized", "stack_leaves",
-    "unpack_nibbles", "weight_bytes",
+    "describe", "is_quantized", "pack_nibbles", "parse_scheme", "plan", "qk_row_order", "quantize",
+    "stack_leaves", "unpack_nibbles", "weight_bytes",
 ]

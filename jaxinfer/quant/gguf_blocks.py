@@ -164,7 +164,7 @@ class GGUFBlockWeight(QuantizedWeight):
         return self.replace(d=take(self.d, -2), m=take(self.m, -2), qs=take(self.qs, -3))
 
     def unpermute_qk(self, n_head: int) -> GGUFBlockWeight:
-        """Undo llama.cpp's Q/K row permutation (see `jaxinfer.loading.gguf.unpermute_qk`)."""
+        """Undo llama.cpp's Q/K row permutation (see `unpermute_qk`)."""
         if self.rows % (2 * n_head):
             raise ValueError(f"{self.rows} rows cannot hold {n_head} heads of an even head size")
         return self.permute_rows(qk_row_order(self.rows, n_head))
@@ -191,8 +191,16 @@ class GGUFBlockWeight(QuantizedWeight):
                              f"{tuple(self.d.shape)}")
 
 
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation on a (n_head * head_dim, in) weight.
+
+    llama.cpp's converter stores `w.reshape(n_head, 2, hd // 2, in).swapaxes(1, 2)` (rotary
+    halves interleaved); this maps it back to HF's layout (rotary halves contiguous per head).
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def qk_row_order(rows: int, n_head: int) -> np.ndarray:
     """Row order that undoes llama.cpp's Q/K permutation: hf_rows = gguf_rows[order]."""
-    from jaxinfer.loading.gguf import unpermute_qk
-
     return unpermute_qk(np.arange(rows)[:, None], n_head)[:, 0]

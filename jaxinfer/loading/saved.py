@@ -1,4 +1,4 @@
-"""Saving and loading quantized models as a directory.
+"""Saving and loading any model (quantized, pruned or plain) as a jaxinfer checkpoint directory.
 
   model.safetensors      every array: a float leaf under its path ("layers/attn_norm"), each
                          child of a quantized leaf under path + "." + child ("layers/mlp/up.values")
@@ -31,6 +31,7 @@ import numpy as np
 import models
 from jaxinfer import paths
 from jaxinfer.errors import CheckpointError, InputError
+from jaxinfer.loading.convert import build_params
 from jaxinfer.loading.hf_dir import read_json
 from jaxinfer.loading.safetensors_io import SafetensorsFile, write_safetensors
 from jaxinfer.model import Model
@@ -149,7 +150,7 @@ def save_quantized(model: Model, out_dir: str | os.PathLike[str], overwrite: boo
 # ----------------------------------------------------------------------------- loading
 
 
-def _config_from_json(path: Path):
+def config_from_json(path: Path):
     data = read_json(path)
     family, fields = data.get("family"), data.get("config")
     if family not in FAMILIES:
@@ -234,7 +235,7 @@ def load_quantized(path: str | os.PathLike[str]) -> Model:
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory")
-    config, eos = _config_from_json(root / CONFIG)
+    config, eos = config_from_json(root / CONFIG)
     desc_path = root / DESCRIPTION
     desc = read_json(desc_path)
     if desc.get("format") != FORMAT or desc.get("version") != VERSION:
@@ -249,17 +250,8 @@ def load_quantized(path: str | os.PathLike[str]) -> Model:
         raise CheckpointError(f"{desc_path}: parameters do not match the {config.family} config "
                               f"(missing: {missing[:5] or 'none'}; unexpected: {extra[:5] or 'none'})")
     tensors = _Tensors(root / WEIGHTS)
-    params: dict = {}
-    for p, spec in expected.items():
-        leaf = _build_leaf(p, entries[p], tensors, desc_path)
-        if tuple(leaf.shape) != tuple(spec.shape):
-            raise CheckpointError(f"{desc_path}: {p} has shape {tuple(leaf.shape)}, expected "
-                                  f"{tuple(spec.shape)} from {CONFIG}")
-        node = params
-        *parents, last = p.split("/")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = leaf
+    params = build_params(config, lambda p, spec: _build_leaf(p, entries[p], tensors, desc_path),
+                          f"{desc_path}")
     if tensors.unused:
         raise CheckpointError(f"{tensors.path}: tensors not described in {DESCRIPTION}: "
                               f"{sorted(tensors.unused)[:5]}")

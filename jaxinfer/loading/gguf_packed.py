@@ -1,0 +1,55 @@
+"""GGUF Q8_0 / Q4_0 / Q4_1 tensors kept packed (`GGUFBlockWeight` leaves) instead of dequantized.
+
+The params tree keeps its usual paths and logical shapes: a weight matrix whose every layer is
+one of the packed types becomes a `GGUFBlockWeight` leaf (stacked [L, ...] under "layers"), with
+llama.cpp's Q/K row permutation undone on the packed rows. Everything else (norms, F32/F16 and
+k-quant tensors) is dequantized to a float array exactly as a plain load does (`source_leaf`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax.numpy as jnp
+
+from jaxinfer import paths
+from jaxinfer.loading.convert import gguf_name, source_leaf
+from jaxinfer.loading.gguf import GGUFSource
+from jaxinfer.quant.base import IN_OUT, OUT_IN, stack_leaves
+from jaxinfer.quant.gguf_blocks import KINDS, GGUFBlockWeight
+
+
+def _packed(f, names: list[str], layout: str, heads: int | None, dtype: str):
+    """A GGUFBlockWeight for the tensors `names` (one per layer, stacked when several), or
+    None unless all of them have one packed type."""
+    kinds = {f.tensor_type(n) for n in names}
+    if len(kinds) != 1 or next(iter(kinds)) not in KINDS:
+        return None
+    kind = kinds.pop()
+    leaves = []
+    for n in names:
+        leaf = GGUFBlockWeight.from_raw(f.raw(n), kind, layout=layout, dtype=dtype)
+        if heads is not None:
+            leaf = leaf.unpermute_qk(heads)
+        leaves.append(leaf)
+    return stack_leaves(leaves) if len(leaves) > 1 else leaves[0]
+
+
+def packed_leaf(config, src: GGUFSource, dtype) -> Callable:
+    """make_leaf (see `convert.build_params`) keeping packed matrices packed; dtype is what
+    the other leaves are, and what packed ones dequantize to."""
+    float_leaf = source_leaf(config, src, dtype)
+    dtype_name = jnp.dtype(dtype).name
+    heads = {"layers/attn/q": config.n_heads, "layers/attn/k": config.n_kv_heads}
+
+    def make_leaf(path, spec):
+        stacked = paths.is_stacked(path)
+        names = ([gguf_name("llama", path, i) for i in range(config.n_layers)] if stacked
+                 else [gguf_name("llama", path)])
+        leaf = None
+        if spec.ndim == (3 if stacked else 2) and None not in names:
+            layout = OUT_IN if paths.is_lookup_table(path) else IN_OUT
+            leaf = _packed(src.file, names, layout, heads.get(path), dtype_name)
+        return float_leaf(path, spec) if leaf is None else leaf
+
+    return make_leaf
