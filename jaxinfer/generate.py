@@ -118,39 +118,52 @@ def _pack(req: Request, batch_multiple: int = 1):
     return args, dict(cache_len=p + buf, buf_len=buf, kv_cache=req.kv_cache)
 
 
-def run_params(model):
-    """The params generation runs with (made once per params and kept on the model).
+def run_layout(params, config, *, unstack: bool | None = None, native: bool | None = None):
+    """`params` in the layout generation runs with (a new tree; the leaves it does not change
+    are shared). unstack / native None: chosen for the backend, as below.
 
-    On CPU, for a model without a placement:
-    - a per-layer copy of the layer weights (`models.unstack_layers`): XLA:CPU copies each
-      layer's slice out of stacked weights at every step under nn.scan, and one buffer per
-      layer avoids that (measured: SmolLM2 batch-16 decode step 94 vs 150 ms, batch 1 26 vs
-      28 ms; see docs/BENCHMARKS.md). It is a second copy of the layer weights, so only made
-      up to UNSTACK_MAX_BYTES of them;
-    - float32 matmul weights wrapped for the native batched-decode kernel
+    On CPU:
+    - unstack: a per-layer copy of the layer weights (`models.unstack_layers`): XLA:CPU copies
+      each layer's slice out of stacked weights at every step under nn.scan, and one buffer
+      per layer avoids that (measured: SmolLM2 batch-16 decode step 94 vs 150 ms, batch 1 26
+      vs 28 ms; see docs/BENCHMARKS.md). It is a second copy of the layer weights, so by
+      default only made up to UNSTACK_MAX_BYTES of them;
+    - native: float32 matmul weights packed for the native kernels
       (`jaxinfer.kernels.native_params`; the tied embedding is kept transposed, one more copy
-      of it) where that kernel is available.
-    Elsewhere (GPU/TPU, placements): model.params as they are.
+      of it) where the kernels are available.
+    Elsewhere (GPU/TPU): params as they are.
     """
-    params = model.params
-    if getattr(model, "placement", None) is not None or jax.default_backend() != "cpu":
-        return params
-    cached = getattr(model, "_run_params", None)
-    if cached is not None and cached[0] is params:
-        return cached[1]
-    run = params
+    cpu = jax.default_backend() == "cpu"
     stacked = not isinstance(params.get("layers"), tuple | list)
-    if stacked and sum(x.nbytes for x in jax.tree.leaves(params["layers"])) <= UNSTACK_MAX_BYTES:
-        run = models.unstack_layers(params)
-    run = kernels.native_params(run, models.tied_table(model.config))
-    model._run_params = (params, run)
+    if unstack is None:
+        unstack = cpu and stacked and sum(
+            x.nbytes for x in jax.tree.leaves(params["layers"])) <= UNSTACK_MAX_BYTES
+    run = models.unstack_layers(params) if unstack and stacked else params
+    if native if native is not None else cpu:
+        run = kernels.native_params(run, models.tied_table(config))
     return run
 
 
-class Run:
-    """One generation in progress: prefill on construction, then `advance` chunk by chunk."""
+def run_params(model):
+    """The params `model` generates with: `run_layout(model.params)` made once and kept in
+    the model's declared `run_cache` (a Model with other params starts without it); a placed
+    model (jaxinfer.parallel) runs its placed params as they are."""
+    if getattr(model, "placement", None) is not None:
+        return model.params
+    cached = model.run_cache
+    if cached is None or cached[0] is not model.params:
+        cached = model.run_cache = (model.params, run_layout(model.params, model.config))
+    return cached[1]
 
-    def __init__(self, model, req: Request, scan_unroll: int = 1):
+
+class Run:
+    """One generation in progress: prefill on construction, then `advance` chunk by chunk.
+
+    params: the params to run (default `run_params(model)`; e.g. `run_layout(...)` of another
+    layout).
+    """
+
+    def __init__(self, model, req: Request, scan_unroll: int = 1, params=None):
         validate_request(model, req)
         self.model, self.req, self.unroll = model, req, scan_unroll
         # A model placed by jaxinfer.parallel carries a Placement whose prefill/decode wrap the
@@ -158,7 +171,7 @@ class Run:
         placement = getattr(model, "placement", None)
         self._prefill = placement.prefill if placement else engine.prefill
         self._decode = placement.decode if placement else engine.decode
-        self.params = run_params(model)
+        self.params = run_params(model) if params is None else params
         args, sizes = _pack(req, placement.batch_multiple if placement else 1)
         self.t0 = time.perf_counter()
         self.state = self._prefill(self.params, *args, config=model.config,
@@ -189,9 +202,10 @@ class Run:
 
 
 def generate_ids(model, req: Request, *, logprobs: bool = False, chunk: int | None = None,
-                 scan_unroll: int = 1) -> list[Completion]:
-    """Generate for a batch of token-id prompts (no stop strings: those need text)."""
-    run = Run(model, req, scan_unroll)
+                 scan_unroll: int = 1, params=None) -> list[Completion]:
+    """Generate for a batch of token-id prompts (no stop strings: those need text); params:
+    see `Run`."""
+    run = Run(model, req, scan_unroll, params)
     while not run.finished():
         run.advance(chunk or req.max_new_tokens)
     tokens, lengths, hit_stop, lps = run.snapshot()

@@ -19,25 +19,46 @@ def _full_logits(config, params, tokens, positions):
     return models.forward(config, params, tokens, positions)[0]
 
 
-def pad_batch(token_ids) -> tuple[np.ndarray, np.ndarray]:
-    """list[int] | list[list[int]] | array -> (tokens [B, T], positions [B, T]).
-
-    Ragged rows are right-padded with token 0 at position -1 (masked out).
-    """
+def _rows(token_ids) -> list[np.ndarray]:
+    """token_ids as a list of 1-D arrays (one per row; InputError if it is not a sequence)."""
     if isinstance(token_ids, np.ndarray | jax.Array):
         arr = np.asarray(token_ids)
-        rows = [arr] if arr.ndim == 1 else list(arr)
-    elif len(token_ids) and isinstance(token_ids[0], int | np.integer):
-        rows = [token_ids]
-    else:
-        rows = list(token_ids)
-    if not rows or any(len(r) == 0 for r in rows):
-        raise InputError("token_ids must hold at least one non-empty row")
+        return [arr] if arr.ndim <= 1 else list(arr)
+    try:
+        items = list(token_ids)
+        if items and all(isinstance(t, int | np.integer) for t in items):
+            return [np.asarray(items)]
+        return [np.asarray(r) for r in items]
+    except (TypeError, ValueError):
+        raise InputError("token ids must be a list of ints, a list of such rows or an int "
+                         "array [B, T]") from None
+
+
+def pad_batch(token_ids, config=None) -> tuple[np.ndarray, np.ndarray]:
+    """list[int] (one row) | list[list[int]] | int array [T] or [B, T] -> (tokens [B, T],
+    positions [B, T]) int32, the one builder of token batches (Model.logits, calibration).
+
+    Ragged rows are right-padded with token 0 at position -1 (masked out). InputError unless
+    every row is a non-empty 1-D sequence of integers; with a model `config`, also unless the
+    ids lie in [0, vocab_size) and no row is longer than max_seq_len.
+    """
+    rows = _rows(token_ids)
+    if not rows or any(r.ndim != 1 or r.size == 0 for r in rows):
+        raise InputError("token ids must hold one or more non-empty rows of token ids")
+    bad = next((r.dtype for r in rows if not np.issubdtype(r.dtype, np.integer)), None)
+    if bad is not None:
+        raise InputError(f"token ids must be integers, got {bad}")
     t = max(len(r) for r in rows)
+    if config is not None:
+        if any(r.min() < 0 or r.max() >= config.vocab_size for r in rows):
+            raise InputError(f"token ids must lie in [0, {config.vocab_size})")
+        if t > config.max_seq_len:
+            raise InputError(f"a row of {t} tokens exceeds the model's context of "
+                             f"{config.max_seq_len}")
     tokens = np.zeros((len(rows), t), np.int32)
     positions = np.full((len(rows), t), -1, np.int32)
     for i, r in enumerate(rows):
-        tokens[i, :len(r)] = np.asarray(r, np.int32)
+        tokens[i, :len(r)] = r
         positions[i, :len(r)] = np.arange(len(r))
     return tokens, positions
 
@@ -51,6 +72,11 @@ class Model:
     tokenizer: Any | None  # jaxinfer.tokenizer.Tokenizer, or None when the checkpoint has none
     source: str = ""
     eos_token_ids: tuple[int, ...] = ()
+    # (params, the same params in the layout generation runs with): made on first use by
+    # `jaxinfer.generate.run_params`; not an init field, so dataclasses.replace(model, ...)
+    # starts without it.
+    run_cache: tuple | None = dataclasses.field(default=None, init=False, repr=False,
+                                                compare=False)
 
     def logits(self, token_ids) -> np.ndarray:
         """float32 logits [B, T, V] of one full uncached forward pass over token_ids.
@@ -58,13 +84,7 @@ class Model:
         token_ids: list[int] (one row), list[list[int]] or an int array [B, T]. Ragged rows are
         right-padded; logits at padded positions are meaningless.
         """
-        tokens, positions = pad_batch(token_ids)
-        vocab = self.config.vocab_size
-        if tokens.max() >= vocab or tokens.min() < 0:
-            raise InputError(f"token ids must lie in [0, {vocab})")
-        if tokens.shape[1] > self.config.max_seq_len:
-            raise InputError(f"sequence of {tokens.shape[1]} tokens exceeds the model's "
-                             f"context of {self.config.max_seq_len}")
+        tokens, positions = pad_batch(token_ids, self.config)
         out = _full_logits(self.config, self.params, jnp.asarray(tokens), jnp.asarray(positions))
         return np.asarray(out, dtype=np.float32)
 

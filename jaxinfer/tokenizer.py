@@ -11,7 +11,6 @@ control tokens are dropped by ``decode(..., skip_special_tokens=True)`` (as in l
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import tokenizers
@@ -19,6 +18,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from jaxinfer.chat_template import render_chat_template
 from jaxinfer.errors import CheckpointError, InputError
+from jaxinfer.loading.hf_dir import read_json
 
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 # Special tokens that end a turn or a document; llama.cpp ends generation on these as well.
@@ -121,19 +121,6 @@ def _is_id(value, size: int) -> bool:
     return type(value) is int and 0 <= value < size
 
 
-def _read_json(path: Path) -> dict:
-    """The JSON object in ``path`` ({} if there is no such file); CheckpointError if corrupt."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 class Tokenizer:
     """A checkpoint's tokenizer: ``encode``/``decode``, special ids and the chat template.
 
@@ -201,15 +188,15 @@ class Tokenizer:
         file = path / "tokenizer.json"
         if not file.is_file():
             return None
-        _read_json(file)
+        read_json(file, missing_ok=True)
         try:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:
             raise CheckpointError(f"{file}: not a usable tokenizer.json ({e})") from e
-        config = _read_json(path / "tokenizer_config.json")
-        special_map = _read_json(path / "special_tokens_map.json")
-        generation = _read_json(path / "generation_config.json")
-        model_config = _read_json(path / "config.json")
+        config = read_json(path / "tokenizer_config.json", missing_ok=True)
+        special_map = read_json(path / "special_tokens_map.json", missing_ok=True)
+        generation = read_json(path / "generation_config.json", missing_ok=True)
+        model_config = read_json(path / "config.json", missing_ok=True)
         model_config = {**model_config.get("text_config", {}), **model_config}
         known = backend.get_added_tokens_decoder()
         for index, spec in (config.get("added_tokens_decoder") or {}).items():

@@ -9,6 +9,13 @@ Shape glossary (einsum letters and docstrings):
 Logical axis names on parameters (mapped to mesh axes by the runtime's sharding rules):
   layers, vocab, embed, heads, kv_heads, mlp, qkv, positions.
 
+Per-layer API (calibration, GPTQ, pruning run the model one layer at a time):
+  embed(config, params, tokens, positions) -> x [B, T, D]
+  apply_layer(config, layer_params, x, positions, layer) -> x [B, T, D]   (no cache)
+  head(config, params, x) -> float32 logits [B, T, V]
+compose to `forward` without a cache; `input_sites(config)` names the inputs of each layer's
+projections.
+
 This package imports only jax, flax and numpy: never the runtime (`jaxinfer`).
 """
 
@@ -20,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import gpt2, llama
 from models.cache import KVCache, init_cache
 from models.config import GPT2Config, LlamaConfig, ModelConfig, RopeScaling
 from models.gpt2 import GPT2
@@ -27,9 +35,11 @@ from models.llama import Llama
 
 __all__ = [
     "GPT2Config", "KVCache", "LlamaConfig", "ModelConfig", "RopeScaling", "abstract_params",
-    "forward", "init_cache", "init_params", "logical_axes", "module_for", "tied_table",
-    "unstack_layers", "weight_axes",
+    "apply_layer", "embed", "forward", "head", "init_cache", "init_params", "input_sites",
+    "logical_axes", "module_for", "tied_table", "unstack_layers", "weight_axes",
 ]
+
+_FAMILIES = {LlamaConfig: llama, GPT2Config: gpt2}
 
 
 def module_for(config: ModelConfig, scan_unroll: int = 1, unstacked: bool = False) -> nn.Module:
@@ -58,6 +68,48 @@ def forward(config: ModelConfig, params, tokens: jax.Array, positions: jax.Array
                   **{f"layers_{i}": lp for i, lp in enumerate(params["layers"])}}
     module = module_for(config, scan_unroll, unstacked)
     return module.apply({"params": params}, tokens, positions, cache, last_only)
+
+
+def _family(config: ModelConfig):
+    """The family module (models.llama or models.gpt2) of `config`; TypeError for others."""
+    family = _FAMILIES.get(type(config))
+    if family is None:
+        raise TypeError(f"unknown model config type {type(config).__name__}")
+    return family
+
+
+def embed(config: ModelConfig, params, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """The residual stream entering layer 0: tokens, positions [B, T] -> x [B, T, D], in the
+    embedding table's dtype (GPT-2 adds its learned position embeddings)."""
+    return _family(config).embed(config, params, tokens, positions)
+
+
+def apply_layer(config: ModelConfig, layer_params, x: jax.Array, positions: jax.Array,
+                layer) -> jax.Array:
+    """Decoder layer `layer` (int or int32 scalar) without a cache: x [B, T, D] -> [B, T, D].
+
+    layer_params: that layer's params (no L axis; any leaf `layers.linear` runs); positions
+    [B, T], -1 marking padding (never attended to); the layer's sliding window (if the config
+    has one) applies. The same Flax block `forward` runs, so embed -> apply_layer for every
+    layer -> head equals forward without a cache.
+    """
+    return _family(config).apply_layer(config, layer_params, x, positions, layer)
+
+
+def head(config: ModelConfig, params, x: jax.Array) -> jax.Array:
+    """Final norm and LM head (the embedding table when tied): x [B, T, D] -> float32 [B, T, V]."""
+    return _family(config).head(config, params, x)
+
+
+def input_sites(config: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """The inputs of one layer's projections: site -> the paths (under a layer's params) of
+    the projections that multiply it, first applied first. Every family names the same sites:
+      attn_in  normed x [D]              -> the q/k/v projection(s)
+      o_in     attention output [N*H]    -> attn/o
+      mlp_in   normed x [D]              -> the MLP's input projection(s)
+      down_in  MLP hidden activation [F] -> the MLP's output projection
+    """
+    return _family(config).SITES
 
 
 def tied_table(config: ModelConfig) -> str | None:

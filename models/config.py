@@ -105,12 +105,6 @@ class GPT2Config:
         return self.n_heads
 
     @classmethod
-    def gpt2_small(cls) -> GPT2Config:
-        """GPT-2 124M."""
-        return cls(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
-                   max_seq_len=1024)
-
-    @classmethod
     def tiny(cls, **overrides) -> GPT2Config:
         """A tiny model for tests."""
         base = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, d_ff=128, max_seq_len=64)

@@ -5,6 +5,9 @@ Parameters (2-D weights [in, out]; per-layer leaves have a leading L axis):
   layers/{ln1_scale, ln1_bias, ln2_scale, ln2_bias [L, D]}
   layers/attn/{qkv [L, D, 3*D], qkv_bias [L, 3*D], o [L, D, D], o_bias [L, D]}
   layers/mlp/{fc [L, D, F], fc_bias [L, F], proj [L, F, D], proj_bias [L, D]}
+
+Per-layer API (see `models.embed`, `models.apply_layer`, `models.head`): `embed`, `apply_layer`
+and `head` below run the model piece by piece; the Flax module `GPT2` calls the same code.
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ from models.layers import (
 
 ZEROS = nn.initializers.zeros
 ONES = nn.initializers.ones
+
+# Calibration sites of one layer (`models.input_sites`): each input some projections multiply ->
+# those projections (paths under the layer's params).
+SITES = {
+    "attn_in": ("attn/qkv",),  # layer_norm(x) [D]
+    "o_in": ("attn/o",),  # attention output [D]
+    "mlp_in": ("mlp/fc",),  # layer_norm(x) [D]
+    "down_in": ("mlp/proj",),  # gelu(fc(x)) [F]
+}
 
 
 class Attention(nn.Module):
@@ -109,11 +121,9 @@ class GPT2(nn.Module):
         last_only: compute logits for the last column only ([B, 1, V]).
         """
         c = self.config
-        wte = weight(self, "wte", (c.vocab_size, c.d_model), ("vocab", "embed"))
-        wpe = weight(self, "wpe", (c.max_seq_len, c.d_model), ("positions", "embed"))
-        dtype = jnp.dtype(getattr(wte, "dtype", jnp.float32))
-        x = embed_lookup(wte, tokens).astype(dtype)
-        x = x + embed_lookup(wpe, jnp.maximum(positions, 0)).astype(dtype)
+        top = {"wte": weight(self, "wte", (c.vocab_size, c.d_model), ("vocab", "embed")),
+               "wpe": weight(self, "wpe", (c.max_seq_len, c.d_model), ("positions", "embed"))}
+        x = embed(c, top, tokens, positions)
         if cache is None:
             k_pos, slots, cache_kv = positions, None, None
         else:
@@ -123,12 +133,36 @@ class GPT2(nn.Module):
                                  np.arange(c.n_layers, dtype=np.int32), positions, k_pos, slots,
                                  unroll=self.scan_unroll, unstacked=self.unstacked,
                                  kernel=None if cache is None else cache.attention)
-        if last_only:
-            x = x[:, -1:]
-        x = layer_norm(x, weight(self, "ln_f_scale", (c.d_model,), ("embed",), ONES),
-                       weight(self, "ln_f_bias", (c.d_model,), ("embed",), ZEROS), c.norm_eps)
-        logits = unembed(x, wte)
+        top["ln_f_scale"] = weight(self, "ln_f_scale", (c.d_model,), ("embed",), ONES)
+        top["ln_f_bias"] = weight(self, "ln_f_bias", (c.d_model,), ("embed",), ZEROS)
+        logits = head(c, top, x[:, -1:] if last_only else x)
         if cache is not None:
             cache = cache.replace(k=cache_kv[0], v=cache_kv[1], k_scale=cache_kv[2],
                                   v_scale=cache_kv[3])
-        return logits.astype(jnp.float32), cache
+        return logits, cache
+
+
+# ----------------------------------------------------------------------------- per-layer API
+
+
+def embed(config: GPT2Config, params, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """Token plus learned position embeddings: tokens, positions [B, T] -> x [B, T, D] in the
+    token table's dtype (padding, position -1, reads position 0)."""
+    wte, wpe = params["wte"], params["wpe"]
+    dtype = jnp.dtype(getattr(wte, "dtype", jnp.float32))
+    x = embed_lookup(wte, tokens).astype(dtype)
+    return x + embed_lookup(wpe, jnp.maximum(positions, 0)).astype(dtype)
+
+
+def apply_layer(config: GPT2Config, layer_params, x: jax.Array, positions: jax.Array,
+                layer) -> jax.Array:
+    """Layer `layer` (int or int32 scalar) without a cache: x [B, T, D] -> [B, T, D]."""
+    (y, _), _ = Block(config).apply({"params": layer_params}, (x, None),
+                                    jnp.asarray(layer, jnp.int32), positions, positions, None)
+    return y
+
+
+def head(config: GPT2Config, params, x: jax.Array) -> jax.Array:
+    """Final LayerNorm and the tied LM head: x [B, T, D] -> float32 [B, T, V]."""
+    x = layer_norm(x, params["ln_f_scale"], params["ln_f_bias"], config.norm_eps)
+    return unembed(x, params["wte"]).astype(jnp.float32)

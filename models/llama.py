@@ -6,6 +6,9 @@ Parameters (2-D projection weights are [in, out]; every per-layer leaf has a lea
   layers/attn/{q [L, D, N*H], k [L, D, K*H], v [L, D, K*H], o [L, N*H, D]} (+ q_bias, k_bias,
     v_bias [L, *], o_bias [L, D] when configured)
   layers/mlp/{gate [L, D, F], up [L, D, F], down [L, F, D]} (+ *_bias when configured)
+
+Per-layer API (see `models.embed`, `models.apply_layer`, `models.head`): `embed`, `apply_layer`
+and `head` below run the model piece by piece; the Flax module `Llama` calls the same code.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,6 +38,15 @@ from models.layers import (
 
 ZEROS = nn.initializers.zeros
 ONES = nn.initializers.ones
+
+# Calibration sites of one layer (`models.input_sites`): each input some projections multiply ->
+# those projections (paths under the layer's params), in the order the layer applies them.
+SITES = {
+    "attn_in": ("attn/q", "attn/k", "attn/v"),  # rms_norm(x) [D]
+    "o_in": ("attn/o",),  # attention output [N*H]
+    "mlp_in": ("mlp/gate", "mlp/up"),  # rms_norm(x) [D]
+    "down_in": ("mlp/down",),  # silu(gate(x)) * up(x) [F]
+}
 
 
 class Attention(nn.Module):
@@ -122,30 +135,56 @@ class Llama(nn.Module):
         last_only: compute logits for the last column only ([B, 1, V]).
         """
         c = self.config
-        table = weight(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"))
-        dtype = jnp.dtype(getattr(table, "dtype", jnp.float32))
-        x = embed_lookup(table, tokens).astype(dtype)
+        top = {"embed": weight(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"))}
+        x = embed(c, top, tokens, positions)
         if cache is None:
             k_pos, slots, cache_kv = positions, None, None
         else:
             cache, slots = kvc.write_positions(cache, positions)
             k_pos, cache_kv = cache.pos, cache.layer_buffers()
-        windows = np.array([NO_WINDOW if w is None else w
-                            for w in (c.sliding_windows or (None,) * c.n_layers)], np.int32)
-        per_layer = (np.arange(c.n_layers, dtype=np.int32), windows)
-        x, cache_kv = run_layers(self, Block, c, c.n_layers, (x, cache_kv), per_layer, positions,
-                                 k_pos, slots, unroll=self.scan_unroll, unstacked=self.unstacked,
+        x, cache_kv = run_layers(self, Block, c, c.n_layers, (x, cache_kv), layer_inputs(c),
+                                 positions, k_pos, slots, unroll=self.scan_unroll,
+                                 unstacked=self.unstacked,
                                  kernel=None if cache is None else cache.attention)
-        final_norm = weight(self, "final_norm", (c.d_model,), ("embed",), ONES)
-        if last_only:
-            x = x[:, -1:]
-        x = rms_norm(x, final_norm, c.norm_eps)
-        if c.tie_embeddings:
-            logits = unembed(x, table)
-        else:
-            logits = linear(x, weight(self, "lm_head", (c.d_model, c.vocab_size),
-                                      ("embed", "vocab")))
+        top["final_norm"] = weight(self, "final_norm", (c.d_model,), ("embed",), ONES)
+        if not c.tie_embeddings:
+            top["lm_head"] = weight(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"))
+        logits = head(c, top, x[:, -1:] if last_only else x)
         if cache is not None:
             cache = cache.replace(k=cache_kv[0], v=cache_kv[1], k_scale=cache_kv[2],
                                   v_scale=cache_kv[3])
-        return logits.astype(jnp.float32), cache
+        return logits, cache
+
+
+# ----------------------------------------------------------------------------- per-layer API
+
+
+def layer_inputs(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """What `Block` gets per layer: (layer index int32 [L], sliding window int32 [L],
+    NO_WINDOW where the layer attends to the whole context)."""
+    windows = np.array([NO_WINDOW if w is None else w
+                        for w in (config.sliding_windows or (None,) * config.n_layers)], np.int32)
+    return np.arange(config.n_layers, dtype=np.int32), windows
+
+
+def embed(config: LlamaConfig, params, tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """Token embeddings: tokens [B, T] -> x [B, T, D] in the table's dtype (positions unused:
+    RoPE is applied inside attention)."""
+    table = params["embed"]
+    return embed_lookup(table, tokens).astype(jnp.dtype(getattr(table, "dtype", jnp.float32)))
+
+
+def apply_layer(config: LlamaConfig, layer_params, x: jax.Array, positions: jax.Array,
+                layer) -> jax.Array:
+    """Decoder layer `layer` (int or int32 scalar) without a cache: x [B, T, D] -> [B, T, D]."""
+    per_layer = (jnp.asarray(layer, jnp.int32), jnp.asarray(layer_inputs(config)[1])[layer])
+    (y, _), _ = Block(config).apply({"params": layer_params}, (x, None), per_layer, positions,
+                                    positions, None)
+    return y
+
+
+def head(config: LlamaConfig, params, x: jax.Array) -> jax.Array:
+    """Final RMSNorm and LM head (tied: the embedding table): x [B, T, D] -> float32 [B, T, V]."""
+    x = rms_norm(x, params["final_norm"], config.norm_eps)
+    logits = unembed(x, params["embed"]) if config.tie_embeddings else linear(x, params["lm_head"])
+    return logits.astype(jnp.float32)

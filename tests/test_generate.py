@@ -107,12 +107,12 @@ RAGGED = _prompts([3, 11, 7])  # one batch of 3 (bucket 4, prompt bucket 16)
 
 
 def run_ids(model, prompts, *, max_new=16, stop=(), sampling=None, logprobs=False,
-            chunk=None, **kwargs):
+            chunk=None, params=None, **kwargs):
     """generate_ids over token-id prompts; `sampling` (one per row) or kwargs for all rows."""
     rows = sampling if sampling is not None else [Sampling(**kwargs)]
     req = Request(prompts=[list(p) for p in prompts], sampling=rows, max_new_tokens=max_new,
                   stop_token_ids=tuple(stop))
-    return generate_ids(model, req, logprobs=logprobs, chunk=chunk)
+    return generate_ids(model, req, logprobs=logprobs, chunk=chunk, params=params)
 
 
 def step_logits(model, prompts, completions, *, batch=4, length=48):
@@ -660,11 +660,12 @@ def test_cpu_generation_runs_per_layer_weights_with_same_tokens(tiny, monkeypatc
     assert run.state.cache.per_layer and len(run.state.cache.k) == tiny.config.n_layers
     per_layer = run_ids(tiny, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5)
     monkeypatch.setattr(generate, "UNSTACK_MAX_BYTES", 0)
-    monkeypatch.setattr(tiny, "_run_params", None)
-    stacked_params = generate.run_params(tiny)
+    stacked_params = generate.run_layout(tiny.params, tiny.config)
     assert all(a is b for a, b in zip(jax.tree.leaves(stacked_params["layers"]),  # stacked,
                                       jax.tree.leaves(tiny.params["layers"]), strict=True))
-    stacked = run_ids(tiny, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5)
+    assert generate.run_params(tiny) is params  # the model's own layout is kept
+    stacked = run_ids(tiny, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5,
+                      params=stacked_params)
     assert [c.token_ids for c in per_layer] == [c.token_ids for c in stacked]
     for a, b in zip(per_layer, stacked, strict=True):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)

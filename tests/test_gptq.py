@@ -1,6 +1,7 @@
 """GPTQ int4 (jaxinfer.quant.gptq) and its calibration (jaxinfer.quant.calibration).
 
-Tiny random Llama models only; the SmolLM2 perplexity comparison is a script, not a test.
+Tiny random Llama and GPT-2 models only; the SmolLM2 perplexity comparison is a script, not a
+test.
 """
 
 import jax
@@ -10,12 +11,9 @@ import pytest
 
 import models
 from jaxinfer.errors import InputError
-from jaxinfer.model import Model
+from jaxinfer.model import Model, pad_batch
 from jaxinfer.quant import Int4Weight, describe, weight_bytes
 from jaxinfer.quant.calibration import (
-    PROJECTIONS,
-    SITES,
-    as_token_batch,
     calibration_ids,
     collect_hessians,
     embed_tokens,
@@ -23,10 +21,12 @@ from jaxinfer.quant.calibration import (
     layer_params,
 )
 from jaxinfer.quant.gptq import gptq_matrix, gptq_quantize
-from models.layers import rms_norm
+from models.layers import layer_norm, rms_norm
 
 CONFIG = models.LlamaConfig.tiny(d_model=64, head_dim=16, d_ff=128, n_layers=2, qkv_bias=True,
                                  sliding_windows=(None, 16))
+SITES = models.input_sites(CONFIG)
+PROJECTIONS = tuple(p for paths in SITES.values() for p in paths)
 GS = 32
 
 
@@ -75,8 +75,8 @@ def _output_error(w, q, h):
 
 
 def test_hessian_of_first_site_is_gram_of_normed_embeddings(model, calib, hessians):
-    tokens, positions = as_token_batch(calib, CONFIG)
-    x = embed_tokens(CONFIG, model.params, tokens)
+    tokens, positions = pad_batch(calib, CONFIG)
+    x = embed_tokens(CONFIG, model.params, tokens, positions)
     xn = rms_norm(x, model.params["layers"]["attn_norm"][0], CONFIG.norm_eps)
     xn = np.asarray(xn, np.float64).reshape(-1, CONFIG.d_model)
     np.testing.assert_allclose(hessians[0]["attn_in"], xn.T @ xn / len(xn), rtol=1e-5,
@@ -90,8 +90,8 @@ def test_ragged_windows_leave_padding_out(model):
     lp = layer_params(model.params, 1)
 
     def run(windows):
-        tokens, positions = as_token_batch(windows, CONFIG)
-        x = embed_tokens(CONFIG, model.params, tokens)
+        tokens, positions = pad_batch(windows, CONFIG)
+        x = embed_tokens(CONFIG, model.params, tokens, positions)
         return layer_hessians(CONFIG, lp, x, positions, 1, batch_size=2)[0]
 
     both, ha, hb = run([a, b]), run([a]), run([b])
@@ -133,9 +133,9 @@ def test_too_short_text_raises_input_error_naming_the_numbers(model):
         calibration_ids(model, "the cat", 1, 1)
 
 
-def test_gpt2_is_refused(calib):
-    m = Model(config=models.GPT2Config.tiny(), params=None, tokenizer=None)
-    with pytest.raises(InputError, match="GPTQ supports the Llama family"):
+def test_family_without_sites_is_refused(calib):
+    m = Model(config=object(), params=None, tokenizer=None)
+    with pytest.raises(InputError, match="object declares none"):
         gptq_quantize(m, calib, progress=False)
 
 
@@ -248,7 +248,7 @@ def test_model_level_layer0_matches_gptq_matrix(model, hessians, quantized):
 
 def test_forward_runs_on_gptq_params(model, calib, quantized):
     _, q = quantized
-    tokens, positions = as_token_batch(calib[:2], CONFIG)
+    tokens, positions = pad_batch(calib[:2], CONFIG)
     fwd = jax.jit(models.forward, static_argnums=0)
     lq = np.asarray(fwd(CONFIG, q, tokens, positions)[0])
     lf = np.asarray(fwd(CONFIG, model.params, tokens, positions)[0])
@@ -260,6 +260,64 @@ def test_sequential_gptq_act_order_runs(model, calib):
     q = gptq_quantize(model, calib[:4], group_size=GS, act_order=True, progress=False,
                       stats=(stats := {}))
     assert set(stats["loss"]) == {f"{l}/{SITES[s][0]}" for l in range(2) for s in SITES}
-    tokens, positions = as_token_batch(calib[:1], CONFIG)
+    tokens, positions = pad_batch(calib[:1], CONFIG)
     logits = models.forward(CONFIG, q, tokens, positions)[0]
     assert np.all(np.isfinite(np.asarray(logits)))
+
+
+# ----------------------------------------------------------------------------- GPT-2
+
+
+GPT2 = models.GPT2Config.tiny()  # D 32, F 128: fused qkv [D, 3D], o [D, D], fc, proj
+GPT2_SITES = models.input_sites(GPT2)
+
+
+@pytest.fixture(scope="module")
+def gpt2(calib):
+    params = models.init_params(GPT2, jax.random.key(3))
+    model = Model(config=GPT2, params=params, tokenizer=None, source="tiny-gpt2")
+    return model, collect_hessians(model, calib)
+
+
+def test_gpt2_hessians_have_the_sites_widths(gpt2, calib):
+    model, hessians = gpt2
+    assert [{s: h.shape[0] for s, h in hl.items()} for hl in hessians] == [
+        {"attn_in": 32, "o_in": 32, "mlp_in": 32, "down_in": 128}] * GPT2.n_layers
+    # The first site is the Gram matrix of ln1(token + position embeddings).
+    tokens, positions = pad_batch(calib, GPT2)
+    x = embed_tokens(GPT2, model.params, tokens, positions)
+    lp = layer_params(model.params, 0)
+    xn = np.asarray(layer_norm(x, lp["ln1_scale"], lp["ln1_bias"], GPT2.norm_eps),
+                    np.float64).reshape(-1, GPT2.d_model)
+    np.testing.assert_allclose(hessians[0]["attn_in"], xn.T @ xn / len(xn), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gpt2_gptq_beats_rtn_on_every_projection(gpt2, calib, symmetric):
+    """Model-level GPTQ on GPT-2 (fused qkv, biases): every projection becomes an Int4Weight
+    whose output error on the calibration inputs is below round-to-nearest's, and the
+    quantized model runs close to the float one."""
+    model, hessians = gpt2
+    q = gptq_quantize(model, calib, group_size=GS, symmetric=symmetric, sequential=False,
+                      progress=False)
+    ratios = []
+    for site, paths in GPT2_SITES.items():
+        (path,) = paths
+        leaf = _get(q["layers"], path)
+        assert isinstance(leaf, Int4Weight) and leaf.shape == _get(model.params["layers"], path).shape
+        for layer in range(GPT2.n_layers):
+            w = np.asarray(_get(layer_params(model.params, layer), path), np.float64)
+            h = hessians[layer][site]
+            rtn = Int4Weight.from_float(jnp.asarray(w, jnp.float32), GS, symmetric).dequantize()
+            e_gptq = _output_error(w, leaf.layer(layer).dequantize(), h)
+            e_rtn = _output_error(w, rtn, h)
+            assert e_gptq < e_rtn, (layer, path, e_gptq, e_rtn)
+            ratios.append(e_gptq / e_rtn)
+    assert np.mean(ratios) < 0.7, ratios
+    assert q["wpe"] is model.params["wpe"]
+    assert q["layers"]["attn"]["qkv_bias"] is model.params["layers"]["attn"]["qkv_bias"]
+    tokens, positions = pad_batch(calib[:2], GPT2)
+    fwd = jax.jit(models.forward, static_argnums=0)
+    lq = np.asarray(fwd(GPT2, q, tokens, positions)[0])
+    lf = np.asarray(fwd(GPT2, model.params, tokens, positions)[0])
+    assert np.all(np.isfinite(lq)) and np.abs(lq - lf).max() < 0.2 * np.abs(lf).max()

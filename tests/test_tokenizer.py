@@ -301,11 +301,11 @@ def test_gguf_errors(metadata):
 def test_corrupt_hf_files(hf_dir, tmp_path):
     shutil.copy(hf_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     (tmp_path / "tokenizer_config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="tokenizer_config.json: corrupt JSON"):
+    with pytest.raises(CheckpointError, match="tokenizer_config.json: not valid JSON"):
         Tokenizer.from_hf_dir(tmp_path)
     (tmp_path / "tokenizer_config.json").unlink()
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab"')
-    with pytest.raises(CheckpointError, match="tokenizer.json: corrupt JSON"):
+    with pytest.raises(CheckpointError, match="tokenizer.json: not valid JSON"):
         Tokenizer.from_hf_dir(tmp_path)
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Nonsense"}}')
     with pytest.raises(CheckpointError, match="tokenizer.json: not a usable tokenizer.json"):

@@ -20,9 +20,12 @@ def refuse_pickle(path: Path) -> CheckpointError:
         "model.save_pretrained(out_dir, safe_serialization=True)")
 
 
-def read_json(path: Path) -> dict:
-    """A JSON file as a dict, with one clear error when it is missing or malformed."""
+def read_json(path: Path, missing_ok: bool = False) -> dict:
+    """A JSON file as a dict, with one clear error when it is missing (or {} with missing_ok)
+    or malformed."""
     if not path.is_file():
+        if missing_ok:
+            return {}
         raise CheckpointError(f"{path}: file not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -77,6 +80,3 @@ class HFDirSource:
     def describe(self, name: str) -> str:
         f = self._where.get(name)
         return str(f.path) if f is not None else str(self.root)
-
-    def total_bytes(self) -> int:
-        return sum({id(f): f.path.stat().st_size for f in self._where.values()}.values())

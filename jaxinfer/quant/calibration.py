@@ -3,22 +3,22 @@ inputs each projection sees.
 
 `calibration_ids(model, text, n_samples, seq_len)` cuts the tokenized text into windows.
 
-The layers of a Llama-family model are run one at a time (not scanned) by applying
-`models.llama.Block` to one layer's slice of the stacked params, feeding the residual stream
-forward (no cache, positions 0..T-1). To see what each projection multiplies, its weight is
-replaced in that layer's params by a `HessianRecorder`: a leaf whose `matmul(x)` (called by
-`models.layers.linear`) returns x @ w, so the layer computes what it always computes, and also
-emits x^T x. The recorders are built inside a jitted function, which returns the layer output
-and the per-batch x^T x; those are summed in float64 numpy over all calibration tokens.
-Projections that share an input (q/k/v, gate/up) share one Hessian, computed once.
-`run_layerwise` drives this layer by layer and hands each layer's Hessians to a callback
-(GPTQ quantizes the layer, Wanda prunes it, structured pruning only reads them).
+The layers are run one at a time through the models' per-layer API (`models.embed`,
+`models.apply_layer` on one layer's slice of the stacked params, no cache, positions 0..T-1),
+feeding the residual stream forward. Which projections of a layer multiply which input is the
+family's declaration, `models.input_sites` (Llama: attn_in -> q, k, v; o_in -> o; mlp_in ->
+gate, up; down_in -> down. GPT-2: attn_in -> qkv; o_in -> o; mlp_in -> fc; down_in -> proj).
+To see what each projection multiplies, its weight is replaced in that layer's params by a
+`HessianRecorder`: a leaf whose `matmul(x)` (called by `models.layers.linear`) returns x @ w,
+so the layer computes what it always computes, and also emits x^T x. The recorders are built
+inside a jitted function, which returns the layer output and the per-batch x^T x; those are
+summed in float64 numpy over all calibration tokens. Projections that share an input share one
+Hessian, computed once. `run_layerwise` drives this layer by layer and hands each layer's
+Hessians to a callback (GPTQ quantizes the layer, Wanda prunes it, structured pruning only
+reads them).
 
-Sites (per layer) and the projections that read them:
-  attn_in   rms_norm(x) -> attn/q, attn/k, attn/v       [D, D]
-  o_in      attention output -> attn/o                 [N*H, N*H]
-  mlp_in    rms_norm(x) -> mlp/gate, mlp/up              [D, D]
-  down_in   silu(gate) * up -> mlp/down                 [F, F]
+Hessians per site: [in, in] of the site's input width (attn_in, mlp_in: D; o_in: N*H;
+down_in: F).
 """
 
 from __future__ import annotations
@@ -31,25 +31,19 @@ import numpy as np
 from tqdm import tqdm
 
 import models
+from jaxinfer import paths
 from jaxinfer.errors import InputError
-from models.layers import NO_WINDOW, embed_lookup
-from models.llama import Block
-
-# site -> projections (paths under a layer's params) reading it; the first one records.
-SITES = {
-    "attn_in": ("attn/q", "attn/k", "attn/v"),
-    "o_in": ("attn/o",),
-    "mlp_in": ("mlp/gate", "mlp/up"),
-    "down_in": ("mlp/down",),
-}
-PROJECTIONS = tuple(p for paths in SITES.values() for p in paths)
+from jaxinfer.model import pad_batch
 
 
-def check_family(config) -> None:
-    """InputError unless `config` is a Llama-family config (the only one GPTQ supports)."""
-    if not isinstance(config, models.LlamaConfig):
-        raise InputError(f"GPTQ supports the Llama family, not {type(config).__name__} "
-                         f"({getattr(config, 'family', '?')})")
+def sites(config) -> dict[str, tuple[str, ...]]:
+    """`models.input_sites(config)`: site -> the projection paths (under one layer's params)
+    reading it, the first one recording. InputError for a family that declares none."""
+    try:
+        return models.input_sites(config)
+    except TypeError:
+        raise InputError(f"calibration needs a model family that declares its layers' input "
+                         f"sites; {type(config).__name__} declares none") from None
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -83,37 +77,6 @@ def calibration_ids(model, text: str, n_samples: int, seq_len: int) -> list[list
                          f"{len(ids)} tokens, but {n_samples} samples x {seq_len} tokens need "
                          f"{need}")
     return [list(map(int, ids[i * seq_len:(i + 1) * seq_len])) for i in range(n_samples)]
-
-
-def as_token_batch(calib_ids, config) -> tuple[np.ndarray, np.ndarray]:
-    """Windows (list of lists of ids, or an int array [n, T]) -> (tokens, positions) [n, T].
-
-    Ragged windows are right-padded with position -1 (left out of every Hessian).
-    """
-    if isinstance(calib_ids, np.ndarray | jax.Array):
-        arr = np.asarray(calib_ids)
-        rows = [arr] if arr.ndim == 1 else list(arr)
-    else:
-        try:
-            rows = [np.asarray(r) for r in calib_ids]
-        except TypeError:
-            raise InputError("calibration ids must be a list of token windows") from None
-    if not rows or any(r.ndim != 1 or r.size == 0 for r in rows):
-        raise InputError("calibration ids must be one or more non-empty windows of token ids")
-    if any(not np.issubdtype(r.dtype, np.integer) for r in rows):
-        raise InputError("calibration token ids must be integers")
-    t = max(len(r) for r in rows)
-    if t > config.max_seq_len:
-        raise InputError(f"a calibration window of {t} tokens exceeds the model's context of "
-                         f"{config.max_seq_len}")
-    tokens = np.zeros((len(rows), t), np.int32)
-    positions = np.full((len(rows), t), -1, np.int32)
-    for i, r in enumerate(rows):
-        if r.min() < 0 or r.max() >= config.vocab_size:
-            raise InputError(f"calibration token ids must lie in [0, {config.vocab_size})")
-        tokens[i, :len(r)] = r
-        positions[i, :len(r)] = np.arange(len(r))
-    return tokens, positions
 
 
 # ----------------------------------------------------------------------------- recording
@@ -161,21 +124,6 @@ class Hessian:
 # ----------------------------------------------------------------------------- layers
 
 
-def get_path(tree, path: str):
-    """The leaf of nested dict `tree` at "a/b/c"."""
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree
-
-
-def with_path(tree, path: str, value):
-    """A copy of nested dict `tree` with the leaf at `path` replaced (other leaves shared)."""
-    head, _, rest = path.partition("/")
-    out = dict(tree)
-    out[head] = with_path(tree[head], rest, value) if rest else value
-    return out
-
-
 def layer_params(params, layer: int, float32: bool = False):
     """Layer `layer`'s slice of the stacked per-layer params (quantized leaves sliced too);
     float32: float arrays cast to float32 (calibration runs in float32)."""
@@ -186,64 +134,49 @@ def layer_params(params, layer: int, float32: bool = False):
     return jax.tree.map(take, params["layers"])
 
 
-def layer_window(config, layer: int) -> int:
-    windows = config.sliding_windows
-    w = None if windows is None else windows[layer]
-    return NO_WINDOW if w is None else int(w)
+def embed_tokens(config, params, tokens: np.ndarray, positions: np.ndarray) -> jax.Array:
+    """The residual stream entering layer 0 (`models.embed`): tokens, positions [n, T] ->
+    x [n, T, D] float32."""
+    x = models.embed(config, params, jnp.asarray(tokens), jnp.asarray(positions))
+    return x.astype(jnp.float32)
 
 
-def embed_tokens(config, params, tokens: np.ndarray) -> jax.Array:
-    """The residual stream entering layer 0: x [n, T, D] float32."""
-    return embed_lookup(params["embed"], jnp.asarray(tokens)).astype(jnp.float32)
-
-
-def _apply_block(config, lp, x, positions, layer, window):
-    """One decoder layer, no cache: x [B, T, D] -> [B, T, D]."""
-    pos = jnp.asarray(positions)
-    (y, _), _ = Block(config).apply({"params": lp}, (x, None),
-                                    (jnp.asarray(layer, jnp.int32), jnp.asarray(window, jnp.int32)),
-                                    pos, pos, None)
-    return y
-
-
-_apply_block_jit = jax.jit(_apply_block, static_argnums=(0,))
+_apply_layer = jax.jit(models.apply_layer, static_argnums=0)
 
 
 def run_layer(config, lp, x, positions, layer: int, batch_size: int = 8) -> jax.Array:
     """Layer `layer` (params lp, float or quantized leaves) over x [n, T, D], in batches."""
-    window = jnp.int32(layer_window(config, layer))
     positions = jnp.asarray(positions)
-    outs = [_apply_block_jit(config, lp, x[i:i + batch_size], positions[i:i + batch_size],
-                             jnp.int32(layer), window)
+    outs = [_apply_layer(config, lp, x[i:i + batch_size], positions[i:i + batch_size],
+                         jnp.int32(layer))
             for i in range(0, x.shape[0], batch_size)]
     return jnp.concatenate(outs, axis=0)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _recorded_block(config, lp, x, positions, layer, window):
-    """Layer output and {site: x^T x} of one batch (padding, position -1, left out)."""
+@functools.partial(jax.jit, static_argnums=0)
+def _recorded_layer(config, lp, x, positions, layer):
+    """Layer output [B, T, D] and {site: x^T x} of one batch (padding, position -1, left out)."""
     grams: dict = {}
     mask = (positions >= 0).astype(jnp.float32)
     rec = lp
-    for site, paths in SITES.items():
-        for j, path in enumerate(paths):
-            recorder = HessianRecorder(get_path(lp, path), grams, site if j == 0 else None, mask)
-            rec = with_path(rec, path, recorder)
-    y = _apply_block(config, rec, x, positions, layer, window)
-    return y, grams
+    for site, site_paths in sites(config).items():
+        for j, path in enumerate(site_paths):
+            recorder = HessianRecorder(paths.get(lp, path), grams, site if j == 0 else None, mask)
+            rec = paths.replace(rec, path, recorder)
+    return models.apply_layer(config, rec, x, positions, layer), grams
 
 
 def layer_hessians(config, lp, x, positions, layer: int, batch_size: int = 8):
     """Run layer `layer` (float params lp) over x [n, T, D] with every projection recording
     its input. Returns ({site: Hessian}, the layer's output [n, T, D])."""
     positions = np.asarray(positions)
-    hessians = {site: Hessian(get_path(lp, paths[0]).shape[0]) for site, paths in SITES.items()}
-    window = layer_window(config, layer)
+    hessians = {site: Hessian(paths.get(lp, site_paths[0]).shape[0])
+                for site, site_paths in sites(config).items()}
     outs = []
     for i in range(0, x.shape[0], batch_size):
         pos = positions[i:i + batch_size]
-        y, grams = _recorded_block(config, lp, x[i:i + batch_size], jnp.asarray(pos),
-                                   jnp.int32(layer), jnp.int32(window))
+        y, grams = _recorded_layer(config, lp, x[i:i + batch_size], jnp.asarray(pos),
+                                   jnp.int32(layer))
         for site, h in hessians.items():
             h.add(grams[site], (pos >= 0).sum())
         outs.append(y)
@@ -252,7 +185,8 @@ def layer_hessians(config, lp, x, positions, layer: int, batch_size: int = 8):
 
 def run_layerwise(model, calib_ids, visit, *, sequential: bool = True, batch_size: int = 8,
                   progress: bool = True, desc: str = "calibrate") -> None:
-    """Run a Llama-family model's layers one at a time over calibration windows.
+    """Run a model's layers one at a time over calibration windows (any family with input
+    sites, see `sites`; calib_ids: token windows as `jaxinfer.model.pad_batch` takes them).
 
     For each layer: record the Hessians of its input sites on the current inputs x [n, T, D],
     then call `visit(layer, lp, hessians) -> lp2`, where lp is the layer's params (float32) and
@@ -261,9 +195,9 @@ def run_layerwise(model, calib_ids, visit, *, sequential: bool = True, batch_siz
     outputs, recorded in the same pass as the Hessians.
     """
     config, params = model.config, model.params
-    check_family(config)
-    tokens, positions = as_token_batch(calib_ids, config)
-    x = embed_tokens(config, params, tokens)
+    sites(config)  # InputError for a family without sites, before any work
+    tokens, positions = pad_batch(calib_ids, config)
+    x = embed_tokens(config, params, tokens, positions)
     for layer in tqdm(range(config.n_layers), desc=desc, unit="layer", delay=1,
                       disable=not progress):
         lp = layer_params(params, layer, float32=True)

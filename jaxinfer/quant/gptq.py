@@ -19,12 +19,13 @@ rows not yet quantized, weighted by the inverse Hessian. In detail (numpy float6
     rounding error). Groups are always contiguous runs of `group_size` original input rows
     (the storage format has no group index), also with act_order.
 
-Projections sharing one input (q/k/v; gate/up) share H, and GPTQ treats output columns
-independently, so they are quantized together as one [in, sum(out)] matrix.
+Projections sharing one input (a site of `models.input_sites`: Llama's q/k/v and gate/up)
+share H, and GPTQ treats output columns independently, so they are quantized together as one
+[in, sum(out)] matrix (GPT-2's fused qkv already is one).
 
 `gptq_quantize(model, calib_ids)` is sequential: layer l's Hessians are recorded on the
 outputs of the already quantized layers 0..l-1 (sequential=False: of the float layers).
-Within a layer, all seven projections see the float layer's inputs (e.g. attn/o sees the
+Within a layer, every projection sees the float layer's inputs (e.g. attn/o sees the
 attention output of float q/k/v), as in the reference implementation.
 """
 
@@ -35,9 +36,10 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import paths
 from jaxinfer.errors import InputError
 from jaxinfer.quant.base import IN_OUT, QuantizedWeight, float_dtype_name, stack_leaves
-from jaxinfer.quant.calibration import SITES, check_family, get_path, run_layerwise, with_path
+from jaxinfer.quant.calibration import run_layerwise, sites
 from jaxinfer.quant.int4 import Int4Weight
 from jaxinfer.quant.packing import pack_nibbles
 from jaxinfer.quant.schemes import Int4
@@ -230,10 +232,11 @@ def gptq_quantize(model, calib_ids, *, group_size: int = 128, symmetric: bool = 
                   damp: float = 0.01, block_size: int = 128, act_order: bool = False,
                   clip_search: int = 0, sequential: bool = True, batch_size: int = 8,
                   progress: bool = True, stats: dict | None = None):
-    """Params of `model` with every attention and MLP projection (q k v o gate up down)
-    replaced by an `Int4Weight` (stacked over layers) chosen by GPTQ on `calib_ids`.
+    """Params of `model` with every attention and MLP projection (those of
+    `models.input_sites`: Llama q k v o gate up down, GPT-2 qkv o fc proj) replaced by an
+    `Int4Weight` (stacked over layers) chosen by GPTQ on `calib_ids`.
 
-    model: a Llama-family `Model` (anything with .config and .params) with float projections.
+    model: a `Model` (anything with .config and .params) with float projections.
     calib_ids: token windows (e.g. from `calibration_ids`): a list of lists of ids or an int
       array [n, T]; ragged windows are padded and the padding is left out.
     group_size, symmetric: the `Int4` grid; damp: fraction of mean(diag H) added to diag H;
@@ -244,47 +247,48 @@ def gptq_quantize(model, calib_ids, *, group_size: int = 128, symmetric: bool = 
     batch_size: calibration windows per forward pass. stats: if a dict, gets "loss" per
       "layer/path" (GPTQ's loss of the site's merged matrix, under its first path).
     Everything else in params (embedding, norms, biases, LM head) is returned unchanged.
-    InputError for a non-Llama model, bad arguments or an already quantized projection.
+    InputError for a family without input sites, bad arguments or an already quantized
+    projection.
     """
     config, params = model.config, model.params
-    check_family(config)
+    site_paths = sites(config)
     _check_args(group_size, symmetric, damp, block_size, clip_search, batch_size)
     layers = params["layers"]
-    for paths in SITES.values():
-        for path in paths:
-            leaf = get_path(layers, path)
+    for projections in site_paths.values():
+        for path in projections:
+            leaf = paths.get(layers, path)
             if isinstance(leaf, QuantizedWeight) or not jnp.issubdtype(leaf.dtype, jnp.floating):
                 raise InputError(f"layers/{path}: GPTQ needs float weights, got "
                                  f"{type(leaf).__name__}")
             if leaf.shape[-2] % group_size:
                 raise InputError(f"layers/{path}: int4 group size {group_size} does not divide "
                                  f"the input dimension {leaf.shape[-2]}")
-    per_path: dict[str, list[Int4Weight]] = {p: [] for paths in SITES.values() for p in paths}
+    per_path: dict[str, list[Int4Weight]] = {p: [] for ps in site_paths.values() for p in ps}
 
     def quantize_layer(layer, lp, hessians):
         qlp = lp
-        for site, paths in SITES.items():
-            ws = [np.asarray(get_path(lp, p), np.float64) for p in paths]
+        for site, projections in site_paths.items():
+            ws = [np.asarray(paths.get(lp, p), np.float64) for p in projections]
             res = gptq_matrix(np.concatenate(ws, axis=1), hessians[site].mean(),
                               group_size=group_size, symmetric=symmetric, damp=damp,
                               block_size=block_size, act_order=act_order,
                               clip_search=clip_search)
             if stats is not None:
-                stats.setdefault("loss", {})[f"{layer}/{paths[0]}"] = res.loss
+                stats.setdefault("loss", {})[f"{layer}/{projections[0]}"] = res.loss
             start = 0
-            for path, wp in zip(paths, ws, strict=True):
+            for path, wp in zip(projections, ws, strict=True):
                 cols = slice(start, start + wp.shape[1])
                 start += wp.shape[1]
                 part = GPTQResult(q=res.q[:, cols], scales=res.scales[:, cols],
                                   mins=None if res.mins is None else res.mins[:, cols], loss=0.0)
-                leaf = part.leaf(group_size, float_dtype_name(get_path(layers, path).dtype))
+                leaf = part.leaf(group_size, float_dtype_name(paths.get(layers, path).dtype))
                 per_path[path].append(leaf)
-                qlp = with_path(qlp, path, leaf)
+                qlp = paths.replace(qlp, path, leaf)
         return qlp
 
     run_layerwise(model, calib_ids, quantize_layer, sequential=sequential,
                   batch_size=batch_size, progress=progress, desc="gptq")
     out = params
     for path, leaves in per_path.items():
-        out = with_path(out, "layers/" + path, stack_leaves(leaves))
+        out = paths.replace(out, "layers/" + path, stack_leaves(leaves))
     return out

@@ -28,7 +28,6 @@ import numpy as np
 
 from jaxinfer import paths
 from jaxinfer.errors import InputError
-from jaxinfer.paths import is_stacked, iter_leaves  # noqa: F401  TEMPORARY re-export
 from jaxinfer.quant.base import IN_OUT, OUT_IN, QuantizedWeight
 from jaxinfer.quant.nm import NMSparseWeight
 from jaxinfer.quant.schemes import Int8, Scheme, as_scheme

@@ -45,7 +45,7 @@ from tqdm import tqdm
 import models
 from jaxinfer.errors import InputError
 from jaxinfer.model import Model
-from jaxinfer.quant.transform import iter_leaves
+from jaxinfer.paths import from_key_path, iter_leaves
 from jaxinfer.sparse.masks import apply_mask
 
 WARMUP_FRACTION = 0.1  # of the steps, for the linear learning-rate warmup
@@ -107,18 +107,13 @@ _eval_rows = jax.jit(row_losses, static_argnums=(0, 5))
 # ----------------------------------------------------------------------------- masks, optimizer
 
 
-def _path(key_path) -> str:
-    """A jax key path of the nested-dict params -> "a/b/c" (as quant.transform.iter_leaves)."""
-    return "/".join(str(k.key) for k in key_path)
-
-
 def apply_masks(params, masks: dict[str, jax.Array]):
     """params with the entries where masks[path] is False set to 0 (paths not in masks unchanged).
 
     Works on any tree shaped like params (gradients, updates).
     """
     def fn(key_path, x):
-        m = masks.get(_path(key_path))
+        m = masks.get(from_key_path(key_path))
         return x if m is None else apply_mask(x, m)
 
     return jax.tree_util.tree_map_with_path(fn, params)
@@ -286,7 +281,8 @@ def distill(teacher: Model, student: Model, windows, *, masks=None, steps: int =
     params, opt_state, losses = _train(teacher, student.config, optimizer, compute_dtype, params,
                                        mask_tree, train, steps, batch_size, seed, progress)
     eval_after = None if held_out is None else evaluate(params, held_out)
-    params = jax.tree_util.tree_map_with_path(lambda kp, x: x.astype(dtypes[_path(kp)]), params)
+    params = jax.tree_util.tree_map_with_path(
+        lambda kp, x: x.astype(dtypes[from_key_path(kp)]), params)
     return RecoveryResult(model=dataclasses.replace(student, params=params), losses=losses,
                           eval_before=eval_before, eval_after=eval_after, opt_state=opt_state)
 

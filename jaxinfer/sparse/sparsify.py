@@ -13,7 +13,9 @@ matmul runs through `NMSparseWeight`.
 
 `wanda_sparsify(model, calib_ids, ...)` computes Wanda's norms on real text one layer at a time:
 layer l's inputs are recorded on the outputs of the already pruned layers 0..l-1 (as the Wanda
-reference does), reusing the calibration machinery of GPTQ (Llama family).
+reference does), reusing the calibration machinery of GPTQ (any family with input sites,
+`models.input_sites`: Llama and GPT-2; Wanda's per-column comparison needs nothing more, so
+GPT-2's fused qkv is pruned like any other projection).
 """
 
 from __future__ import annotations
@@ -23,18 +25,13 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer import paths
 from jaxinfer.errors import InputError
+from jaxinfer.paths import is_stacked, iter_leaves
 from jaxinfer.quant.base import IN_OUT, QuantizedWeight, stack_leaves
-from jaxinfer.quant.calibration import SITES, get_path, run_layerwise, with_path
+from jaxinfer.quant.calibration import run_layerwise, sites
 from jaxinfer.quant.nm import NMSparseWeight, check_nm
-from jaxinfer.quant.transform import (
-    DEFAULT_PATTERNS,
-    glob_regex,
-    is_matrix,
-    is_stacked,
-    iter_leaves,
-    matrix_layout,
-)
+from jaxinfer.quant.transform import DEFAULT_PATTERNS, glob_regex, is_matrix, matrix_layout
 from jaxinfer.sparse.masks import (
     apply_mask,
     magnitude_scores,
@@ -80,10 +77,10 @@ def select(params, rules=None) -> list[str]:
                 hits[p].append(path)
                 break
     if rules is not None:
-        empty = [p for p, paths in hits.items() if not paths]
+        empty = [p for p, found in hits.items() if not found]
         if empty:
             raise InputError(f"rule pattern(s) {', '.join(map(repr, empty))} match no weight matrix")
-    return sorted({path for paths in hits.values() for path in paths})
+    return sorted({path for found in hits.values() for path in found})
 
 
 def leaf_mask(w, method: str, sparsity: float | None, n: int | None, m: int | None,
@@ -128,11 +125,10 @@ def sparsify(params, rules=None, *, method: str = "magnitude", sparsity: float |
     or norms of the wrong shape.
     """
     sparsity = _check_args(method, sparsity, n, m, norms)
-    paths = select(params, rules)
     norms = dict(norms or {})
     masks = {}
-    for path in paths:
-        w = get_path(params, path)
+    for path in select(params, rules):
+        w = paths.get(params, path)
         if method == "nm":
             _check_nm_fits(path, w, n, m)
         nv = norms.get(path)
@@ -144,7 +140,7 @@ def sparsify(params, rules=None, *, method: str = "magnitude", sparsity: float |
         masks[path] = leaf_mask(w, method, sparsity, n, m, nv)
     out = params
     for path, mask in masks.items():
-        out = with_path(out, path, apply_mask(get_path(params, path), mask))
+        out = paths.replace(out, path, apply_mask(paths.get(params, path), mask))
     return (out, masks) if return_masks else out
 
 
@@ -154,10 +150,10 @@ def compress_nm(params, n: int, m: int, rules=None, int8: bool = False):
     out = params
     for path in select(params, rules):
         try:
-            leaf = NMSparseWeight.from_dense(get_path(params, path), n, m, int8=int8)
+            leaf = NMSparseWeight.from_dense(paths.get(params, path), n, m, int8=int8)
         except ValueError as e:
             raise InputError(f"{path}: {e}") from None
-        out = with_path(out, path, leaf)
+        out = paths.replace(out, path, leaf)
     return out
 
 
@@ -185,26 +181,27 @@ def site_norms(hessians) -> dict[str, np.ndarray]:
 def wanda_sparsify(model, calib_ids, *, sparsity: float | None = None, n: int | None = None,
                    m: int | None = None, batch_size: int = 8, progress: bool = True,
                    return_masks: bool = False):
-    """Params of a Llama-family `model` with every projection pruned by Wanda's score, computed
-    layer by layer on `calib_ids` (token windows). Unstructured with `sparsity`, or N:M when
-    n and m are given. The result keeps the original dtypes."""
+    """Params of `model` with every projection of `models.input_sites` pruned by Wanda's score,
+    computed layer by layer on `calib_ids` (token windows). Unstructured with `sparsity`, or N:M
+    when n and m are given. The result keeps the original dtypes; with return_masks also
+    {"layers/<projection>": bool [L, in, out]} (True = kept)."""
     method = "nm" if n is not None or m is not None else "wanda"
     sparsity = _check_args(method, sparsity, n, m, {})
     params = model.params
-    projections = [p for paths in SITES.values() for p in paths]
-    site_of = {p: site for site, paths in SITES.items() for p in paths}
+    site_of = {p: site for site, ps in sites(model.config).items() for p in ps}
+    projections = list(site_of)
     for path in select(params, [f"layers/{p}" for p in projections]):
         if method == "nm":
-            _check_nm_fits(path, get_path(params, path), n, m)
+            _check_nm_fits(path, paths.get(params, path), n, m)
     per_layer_masks: dict[str, list] = {p: [] for p in projections}
 
     def prune_layer(layer, lp, hessians):
         norms = site_norms(hessians)
         for p in projections:
-            w = get_path(lp, p)
+            w = paths.get(lp, p)
             mask = leaf_mask(w, method, sparsity, n, m, norms[site_of[p]])
             per_layer_masks[p].append(np.asarray(mask))
-            lp = with_path(lp, p, apply_mask(w, mask))
+            lp = paths.replace(lp, p, apply_mask(w, mask))
         return lp
 
     run_layerwise(model, calib_ids, prune_layer, batch_size=batch_size, progress=progress,
@@ -213,5 +210,5 @@ def wanda_sparsify(model, calib_ids, *, sparsity: float | None = None, n: int | 
     for p, ms in per_layer_masks.items():
         mask = stack_leaves(ms)
         masks["layers/" + p] = mask
-        out = with_path(out, "layers/" + p, apply_mask(get_path(params, "layers/" + p), mask))
+        out = paths.replace(out, "layers/" + p, apply_mask(paths.get(params, "layers/" + p), mask))
     return (out, masks) if return_masks else out

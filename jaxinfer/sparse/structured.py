@@ -1,17 +1,23 @@
 """Structured pruning: remove whole FFN channels and whole attention heads, giving a smaller dense
 model (a new config and smaller params) that every backend's dense kernels run faster.
 
-Llama family. Every layer keeps the same number of channels / heads (the params are stacked over
-layers, so all layers share one config), but which ones it keeps is chosen per layer:
-  FFN channel j of layer l (gate/up column j, down row j), importance
-    calibrated  rms(act_j) * ||down[j, :]||      act = silu(gate(x)) * up(x), the input of down
-    magnitude   ||gate[:, j]|| * ||up[:, j]|| * ||down[j, :]||
-  query head h (q columns and o rows of the head), importance
+Every layer keeps the same number of channels / heads (the params are stacked over layers, so all
+layers share one config), but which ones it keeps is chosen per layer. The projections involved
+come from the family's input sites (`models.input_sites`): the MLP's input projections (site
+mlp_in: Llama gate and up, GPT-2 fc) and its output projection (site down_in: Llama down,
+GPT-2 proj).
+  FFN channel j of layer l (column j of every input projection and its bias, row j of the
+  output projection), importance
+    calibrated  rms(act_j) * ||out[j, :]||      act: the input of the output projection
+    magnitude   prod over input projections of ||in[:, j]||, times ||out[j, :]||
+  query head h (q columns and o rows of the head; Llama family only), importance
     calibrated  sum over the head's dims i of rms(attn_out_i) * ||o[i, :]||
     magnitude   ||q[:, head]||_F * ||o[head, :]||_F
 Heads are removed per GQA group: each of the K key/value heads keeps the same number of its
 G = N / K query heads, so the grouping (query head i reads kv head i // G') stays valid and
-k/v are untouched. rms(.) comes from calibration text (`structured_norms`); without it the
+k/v are untouched. GPT-2's heads cannot be removed this way: its q, k and v are one fused qkv
+projection, and its head dim is d_model / n_heads, so fewer heads would change the head dim
+(InputError). rms(.) comes from calibration text (`structured_norms`); without it the
 magnitude score is used.
 """
 
@@ -22,11 +28,13 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-import models
+from jaxinfer import paths
 from jaxinfer.errors import InputError
 from jaxinfer.quant.base import QuantizedWeight
-from jaxinfer.quant.calibration import run_layerwise
+from jaxinfer.quant.calibration import run_layerwise, sites
 from jaxinfer.sparse.sparsify import check_sparsity, site_norms
+
+Q, O = "attn/q", "attn/o"  # the projections head pruning cuts (a separate q: Llama family)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,23 +49,32 @@ def _norm(a, axis) -> np.ndarray:
     return np.sqrt(np.sum(np.square(np.asarray(a, np.float64)), axis=axis))
 
 
-def channel_scores(layers, norms=None) -> np.ndarray:
+def _ffn_paths(config) -> tuple[tuple[str, ...], str]:
+    """(the MLP's input projections, its output projection): paths under "layers"."""
+    site_paths = sites(config)
+    return site_paths["mlp_in"], site_paths["down_in"][0]
+
+
+def channel_scores(config, layers, norms=None) -> np.ndarray:
     """Importance of each FFN channel: [L, F] (see the module docstring)."""
-    down = _norm(layers["mlp"]["down"], -1)  # [L, F]
+    ins, out = _ffn_paths(config)
+    score = _norm(paths.get(layers, out), -1)  # [L, F]
     if norms is not None:
-        return np.stack([n["down_in"] for n in norms]) * down
-    return _norm(layers["mlp"]["gate"], -2) * _norm(layers["mlp"]["up"], -2) * down
+        return np.stack([n["down_in"] for n in norms]) * score
+    for p in ins:
+        score = score * _norm(paths.get(layers, p), -2)
+    return score
 
 
 def head_scores(layers, n_heads: int, norms=None) -> np.ndarray:
     """Importance of each query head: [L, N] (see the module docstring)."""
-    o = np.asarray(layers["attn"]["o"], np.float64)  # [L, N*H, D]
+    o = np.asarray(paths.get(layers, O), np.float64)  # [L, N*H, D]
     n_layers, nh, _ = o.shape
     rows = _norm(o, -1)  # [L, N*H]
     if norms is not None:
         per_dim = np.stack([n["o_in"] for n in norms]) * rows
         return per_dim.reshape(n_layers, n_heads, nh // n_heads).sum(-1)
-    q = np.asarray(layers["attn"]["q"], np.float64)  # [L, D, N*H]
+    q = np.asarray(paths.get(layers, Q), np.float64)  # [L, D, N*H]
     q_heads = _norm(q.reshape(n_layers, q.shape[1], n_heads, -1), (1, 3))
     return q_heads * _norm(rows.reshape(n_layers, n_heads, -1), -1)
 
@@ -74,12 +91,16 @@ def removed_count(sparsity: float, size: int, what: str) -> int:
 
 
 def check_structured(config, ffn_sparsity: float = 0.0, head_sparsity: float = 0.0):
-    """(FFN channels removed, query heads removed per KV group); InputError for a non-Llama
-    config, a fraction outside [0, 1), or one that removes nothing or everything."""
-    if not isinstance(config, models.LlamaConfig):
-        raise InputError(f"structured pruning supports the Llama family, not "
-                         f"{type(config).__name__}")
+    """(FFN channels removed, query heads removed per KV group); InputError for a family
+    without input sites, a fraction outside [0, 1), one that removes nothing or everything,
+    or head pruning of a family whose heads cannot be removed (GPT-2)."""
+    site_paths = sites(config)
     ffn_sparsity, head_sparsity = check_sparsity(ffn_sparsity), check_sparsity(head_sparsity)
+    if head_sparsity and Q not in site_paths["attn_in"]:
+        raise InputError(f"head pruning does not apply to the {config.family} family: its q, k "
+                         "and v are one fused projection and its head dim is d_model / n_heads, "
+                         "so removing heads would change the head dim; prune FFN channels only "
+                         "(head sparsity 0)")
     ffn = removed_count(ffn_sparsity, config.d_ff, "FFN channels") if ffn_sparsity else 0
     g = config.n_heads // config.n_kv_heads
     heads = removed_count(head_sparsity, g, "heads of each KV group") if head_sparsity else 0
@@ -91,14 +112,12 @@ def plan_structured(config, params, ffn_sparsity: float = 0.0, head_sparsity: fl
     """Choose the channels and heads to keep (InputError for bad arguments)."""
     n_ffn, n_heads = check_structured(config, ffn_sparsity, head_sparsity)
     layers = params["layers"]
-    for group in ("attn", "mlp"):
-        for name, leaf in layers[group].items():
-            if isinstance(leaf, QuantizedWeight):
-                raise InputError(f"layers/{group}/{name}: is {type(leaf).__name__}; prune "
-                                 "before quantizing")
+    for path, leaf in paths.iter_leaves(layers, "layers"):
+        if isinstance(leaf, QuantizedWeight):
+            raise InputError(f"{path}: is {type(leaf).__name__}; prune before quantizing")
     channels = heads = None
     if n_ffn:
-        scores = channel_scores(layers, norms)
+        scores = channel_scores(config, layers, norms)
         order = np.argsort(scores, axis=-1, kind="stable")
         channels = np.sort(order[:, n_ffn:], axis=-1)
     if n_heads:
@@ -122,31 +141,39 @@ def _take(a, idx: np.ndarray, axis: int, unit: int = 1):
     return out.reshape(*shape[:axis], idx.shape[1] * unit, *shape[axis + 1:])
 
 
+def _take_bias(layers, path: str, idx: np.ndarray, unit: int = 1):
+    """layers with the bias of projection `path` (if it has one) restricted like its columns."""
+    group, name = path.rsplit("/", 1)
+    if name + "_bias" not in paths.get(layers, group):
+        return layers
+    bias = path + "_bias"
+    return paths.replace(layers, bias, _take(paths.get(layers, bias), idx, -1, unit))
+
+
 def apply_structured(config, params, plan: StructuredPlan):
     """(new config, new params) with only the planned channels and heads."""
-    layers = {k: dict(v) if isinstance(v, dict) else v for k, v in params["layers"].items()}
-    attn, mlp = layers["attn"], layers["mlp"]
+    layers = params["layers"]
     new = {}
     if plan.channels is not None:
         c = plan.channels
-        for name in ("gate", "up"):
-            mlp[name] = _take(mlp[name], c, -1)
-            if name + "_bias" in mlp:
-                mlp[name + "_bias"] = _take(mlp[name + "_bias"], c, -1)
-        mlp["down"] = _take(mlp["down"], c, 1)
+        ins, out = _ffn_paths(config)
+        for p in ins:
+            layers = paths.replace(layers, p, _take(paths.get(layers, p), c, -1))
+            layers = _take_bias(layers, p, c)
+        layers = paths.replace(layers, out, _take(paths.get(layers, out), c, 1))
         new["d_ff"] = c.shape[1]
     if plan.heads is not None:
         h, hd = plan.heads, config.head_dim
-        attn["q"] = _take(attn["q"], h, -1, hd)
-        if "q_bias" in attn:
-            attn["q_bias"] = _take(attn["q_bias"], h, -1, hd)
-        attn["o"] = _take(attn["o"], h, 1, hd)
+        layers = paths.replace(layers, Q, _take(paths.get(layers, Q), h, -1, hd))
+        layers = _take_bias(layers, Q, h, hd)
+        layers = paths.replace(layers, O, _take(paths.get(layers, O), h, 1, hd))
         new["n_heads"] = h.shape[1]
     return dataclasses.replace(config, **new), {**params, "layers": layers}
 
 
 def structured_norms(model, calib_ids, batch_size: int = 8, progress: bool = True):
-    """Per layer {site: rms of each input feature} of the dense model on calibration windows."""
+    """Per layer {site: rms of each input feature [in]} of the dense model on calibration
+    windows (any family with input sites)."""
     norms = []
 
     def record(layer, lp, hessians):
