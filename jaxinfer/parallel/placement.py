@@ -2,7 +2,7 @@
 
     placement = Placement(mesh=(2, 4))        # or Placement() to choose from the model's shapes
     model = placement.apply(model)            # shards the params; model.placement = placement
-    jaxinfer.generate(model, prompts)         # runs sharded, same tokens as one device
+    jaxinfer.text.generate(model, prompts)    # runs sharded, same tokens as one device
     placement.info()                          # {"mesh": {...}, "num_devices": ..., ...}
 
 `apply` returns a `PlacedModel` (a `jaxinfer.model.Model` carrying the placement), whose
