@@ -1,11 +1,18 @@
-"""The on-device decode loop, kept apart from the model: it only calls `models.forward`.
+"""The on-device slot engine, kept apart from the model: it only calls `models.forward`.
 
-`prefill` runs the (left-padded) prompts through the model once, filling a preallocated KV
-cache, and draws the first token. `decode` then runs `lax.while_loop` on the device until every
-row is finished or the step limit of this call is reached; calling it again continues (that is
-how text is streamed and stop strings are checked between chunks). All sampling knobs, stop ids,
-the token budget and the step limit are traced values: changing them never recompiles. Static
-shapes (batch, prompt bucket, cache length, token buffer) are bucketed by the caller.
+A `DecodeState` holds B decode *slots* over one batched KV cache, allocated once by `init_state`.
+- `admit` prefills one chunk of each of G requests into chosen slots while the other slots keep
+  their state. A request's first chunk empties its slot's cache row; its last chunk draws its
+  first token and makes the slot live. Long prompts arrive chunk by chunk between decode steps.
+- `decode` runs `lax.while_loop` over every slot until all are done or the step limit of this
+  call is reached; calling it again continues (that is how text is streamed and stop strings
+  are checked between chunks). Finished and free slots ride along without taking cache space.
+- `release` frees slots at once (finished, cancelled, stopped by a stop string).
+Every per-request value is per slot and traced — position, token budget, stop ids, sampling
+knobs, seed — so no mix of requests ever recompiles. A request's k-th token is drawn with its
+seed folded with k (its `length`): it does not depend on its slot, on what else runs or on when
+it was admitted. Static shapes (slots, cache length, token buffer, group and chunk sizes) are
+bucketed by the host side (`jaxinfer.generate`).
 """
 
 from __future__ import annotations
@@ -19,7 +26,10 @@ import jax.numpy as jnp
 import models
 from jaxinfer import kernels
 from jaxinfer.sampling import SamplingArrays, sample
+from models import cache as kvc
 from models.cache import logical
+
+MAX_STOP_IDS = 8  # stop-token ids per slot (static shape); more is an error
 
 
 @flax.struct.dataclass
@@ -36,81 +46,123 @@ class DecodeState:
     last: jax.Array = logical("batch", host=True)  # [B] int32 last token, fed at the next step
     next_pos: jax.Array = logical("batch")  # [B] int32 position of `last`
     seen: jax.Array = logical("batch", "vocab")  # [B, V] bool seen (for the repetition penalty)
-    length: jax.Array = logical("batch", host=True)  # [B] int32 tokens generated per row
-    done: jax.Array = logical("batch", host=True)  # [B] bool row finished
-    hit_stop: jax.Array = logical("batch", host=True)  # [B] bool row ended on a stop token
-    step: jax.Array = logical(host=True)  # [] int32 decode steps taken (tokens drawn per live row)
+    length: jax.Array = logical("batch", host=True)  # [B] int32 tokens generated per slot
+    done: jax.Array = logical("batch", host=True)  # [B] bool finished, or free
+    hit_stop: jax.Array = logical("batch", host=True)  # [B] bool ended on a stop token
+    step: jax.Array = logical(host=True)  # [] int32 decode steps taken (for the step limit)
     sampling: SamplingArrays = logical("batch")  # each leaf [B]
-    stop_ids: jax.Array = logical(None)  # [E] int32 stop token ids (-1 = unused)
-    max_new: jax.Array = logical()  # [] int32 token budget per row
+    stop_ids: jax.Array = logical("batch", None)  # [B, E] int32 stop token ids (-1 = unused)
+    max_new: jax.Array = logical("batch")  # [B] int32 token budget per slot
+
+
+@functools.partial(jax.jit, static_argnames=("config", "slots", "cache_len", "buf_len",
+                                             "kv_cache", "shard"))
+def init_state(params, *, config, slots: int, cache_len: int, buf_len: int,
+               kv_cache: str = "float", shard=None) -> DecodeState:
+    """`slots` free slots over a KV cache of `cache_len` tokens each, token buffers of
+    `buf_len`. kv_cache: "float" (the params' dtype) or "int8". shard (static, optional): a
+    hashable callable applied to the state (sharding constraints; see
+    jaxinfer.parallel.sharding.StateSharding)."""
+    b = slots
+    dtype = jnp.int8 if kv_cache == "int8" else _cache_dtype(params)
+    per_layer = isinstance(params["layers"], tuple | list)  # the cache follows the params
+    cache = models.init_cache(config, b, cache_len, dtype, per_layer=per_layer,
+                              attention=kernels.attention_for(params, dtype))
+    zeros = functools.partial(jnp.zeros, dtype=jnp.int32)
+    state = DecodeState(
+        cache=cache, tokens=zeros((b, buf_len)), logprobs=jnp.zeros((b, buf_len), jnp.float32),
+        last=zeros((b,)), next_pos=zeros((b,)), seen=jnp.zeros((b, config.vocab_size), bool),
+        length=zeros((b,)), done=jnp.ones((b,), bool), hit_stop=jnp.zeros((b,), bool),
+        step=zeros(()), sampling=SamplingArrays.from_rows([], b),
+        stop_ids=jnp.full((b, MAX_STOP_IDS), -1, jnp.int32), max_new=zeros((b,)))
+    return _shard(shard, state)
+
+
+def _set(a: jax.Array, rows: jax.Array, values) -> jax.Array:
+    """a with rows [G] set to values (indices >= B dropped)."""
+    return a.at[rows].set(values, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "scan_unroll", "shard"),
+                   donate_argnums=(1,))
+def admit(params, state: DecodeState, slots: jax.Array, tokens: jax.Array,
+          positions: jax.Array, first: jax.Array, last: jax.Array, sampling: SamplingArrays,
+          stop_ids: jax.Array, max_new: jax.Array, *, config, scan_unroll: int = 1,
+          shard=None) -> DecodeState:
+    """Prefill one chunk of G requests into `slots` [G] int32 (an index >= B is a filler row).
+
+    tokens, positions [G, C]: the chunks, right-padded (position -1). first [G] bool: the
+    chunk starts its prompt (the slot's cache row is emptied first); last [G] bool: it ends it
+    — the request's first token is drawn, and the slot goes live with sampling (G rows),
+    stop_ids [G, E] and max_new [G]. The other slots keep their state.
+    """
+    b = state.done.shape[0]
+    rows_cache = kvc.clear_rows(kvc.take_rows(state.cache, slots), first)
+    logits, rows_cache = models.forward(config, params, tokens, positions, rows_cache,
+                                        last_only=True, scan_unroll=scan_unroll)
+    cache = kvc.put_rows(state.cache, slots, rows_cache)
+    g = tokens.shape[0]
+    prior = jnp.where(first[:, None], False, jnp.take(state.seen, slots, axis=0, mode="clip"))
+    seen = prior | (jnp.zeros((g, config.vocab_size), jnp.int32).at[
+        jnp.arange(g)[:, None], tokens].add((positions >= 0).astype(jnp.int32)) > 0)
+    tok, logp = sample(logits[:, 0], sampling, seen, jnp.zeros((g,), jnp.int32))
+    live = jnp.where(last, slots, b)  # rows that go live; the others write nothing below
+    is_stop = jnp.any(tok[:, None] == stop_ids, axis=-1)
+    state = state.replace(
+        cache=cache, seen=_set(state.seen, slots, seen.at[jnp.arange(g), tok].set(
+            seen[jnp.arange(g), tok] | last)),
+        tokens=state.tokens.at[live, 0].set(tok, mode="drop"),
+        logprobs=state.logprobs.at[live, 0].set(logp, mode="drop"),
+        last=_set(state.last, live, tok), next_pos=_set(state.next_pos, live,
+                                                        jnp.max(positions, axis=1) + 1),
+        length=_set(state.length, live, 1), done=_set(state.done, live, is_stop | (max_new <= 1)),
+        hit_stop=_set(state.hit_stop, live, is_stop),
+        sampling=jax.tree.map(lambda a, v: _set(a, live, v), state.sampling, sampling),
+        stop_ids=_set(state.stop_ids, live, stop_ids), max_new=_set(state.max_new, live, max_new))
+    return _shard(shard, state)
+
+
+@functools.partial(jax.jit, static_argnames=("shard",), donate_argnums=(0,))
+def release(state: DecodeState, slots: jax.Array, *, shard=None) -> DecodeState:
+    """Free slots [G] at once (their rows stop drawing tokens; indices >= B ignored)."""
+    return _shard(shard, state.replace(done=_set(state.done, slots, True)))
 
 
 def _record(state: DecodeState, tok: jax.Array, logp: jax.Array) -> DecodeState:
-    """Append tok/logp [B] to the rows still running and update their finished flags."""
+    """Append tok/logp [B] to the slots still running and update their finished flags."""
     live = ~state.done
     rows = jnp.arange(tok.shape[0])
     idx = jnp.where(live, state.length, state.tokens.shape[1])  # out of range -> dropped
     tokens = state.tokens.at[rows, idx].set(tok, mode="drop")
     logprobs = state.logprobs.at[rows, idx].set(logp, mode="drop")
     length = state.length + live.astype(jnp.int32)
-    is_stop = jnp.any(tok[:, None] == state.stop_ids[None, :], axis=-1) & live
+    is_stop = jnp.any(tok[:, None] == state.stop_ids, axis=-1) & live
     done = state.done | is_stop | (length >= state.max_new)
+    seen = state.seen.at[rows, tok].set(state.seen[rows, tok] | live)
     return state.replace(tokens=tokens, logprobs=logprobs, length=length, done=done,
-                         hit_stop=state.hit_stop | is_stop, last=tok,
-                         seen=state.seen.at[rows, tok].set(True), step=state.step + 1)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "cache_len", "buf_len", "scan_unroll",
-                                             "kv_cache", "shard"))
-def prefill(params, prompt: jax.Array, positions: jax.Array, sampling: SamplingArrays,
-            stop_ids: jax.Array, max_new: jax.Array, active: jax.Array, *, config,
-            cache_len: int, buf_len: int, scan_unroll: int = 1,
-            kv_cache: str = "float", shard=None) -> DecodeState:
-    """Fill the cache with left-padded prompts and draw each row's first token.
-
-    prompt, positions [B, P] (padding: position -1); active [B] bool (False rows are batch
-    filler and start finished). kv_cache: "float" (the params' dtype) or "int8".
-    Returns the DecodeState after one token per row.
-    shard (static, optional): a hashable callable applied to the new KVCache and to the
-    returned DecodeState (sharding constraints; see jaxinfer.parallel.sharding.StateSharding).
-    """
-    b = prompt.shape[0]
-    dtype = jnp.int8 if kv_cache == "int8" else _cache_dtype(params)
-    per_layer = isinstance(params["layers"], tuple | list)  # the cache follows the params
-    cache = _shard(shard, models.init_cache(config, b, cache_len, dtype, per_layer=per_layer,
-                                            attention=kernels.attention_for(params, dtype)))
-    logits, cache = models.forward(config, params, prompt, positions, cache, last_only=True,
-                                   scan_unroll=scan_unroll)
-    rows = jnp.arange(b)[:, None]
-    seen = jnp.zeros((b, config.vocab_size), jnp.int32).at[rows, prompt].add(
-        (positions >= 0).astype(jnp.int32)) > 0
-    state = DecodeState(
-        cache=cache, tokens=jnp.zeros((b, buf_len), jnp.int32),
-        logprobs=jnp.zeros((b, buf_len), jnp.float32), last=prompt[:, -1],
-        next_pos=positions[:, -1] + 1, seen=seen, length=jnp.zeros((b,), jnp.int32),
-        done=~active, hit_stop=jnp.zeros((b,), bool), step=jnp.zeros((), jnp.int32),
-        sampling=sampling, stop_ids=stop_ids, max_new=max_new)
-    tok, logp = sample(logits[:, -1], sampling, seen, state.step)
-    return _shard(shard, _record(state, tok, logp))
+                         hit_stop=state.hit_stop | is_stop, last=jnp.where(live, tok, state.last),
+                         seen=seen, step=state.step + 1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "scan_unroll", "shard"),
                    donate_argnums=(1,))
 def decode(params, state: DecodeState, limit: jax.Array, *, config,
            scan_unroll: int = 1, shard=None) -> DecodeState:
-    """Decode on the device until every row is done or `state.step` reaches `limit`.
+    """Decode on the device until every slot is done or `state.step` reaches `limit`.
 
-    shard (static, optional): as in `prefill`, applied to the loop's state.
+    Done and free slots are fed one padding token (position -1) that takes no cache slot.
+    shard (static, optional): as in `init_state`, applied to the loop's state.
     """
 
     def cond(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done)
 
     def body(s: DecodeState):
-        logits, cache = models.forward(config, params, s.last[:, None], s.next_pos[:, None],
+        pos = jnp.where(s.done, -1, s.next_pos)
+        logits, cache = models.forward(config, params, s.last[:, None], pos[:, None],
                                        s.cache, scan_unroll=scan_unroll)
-        tok, logp = sample(logits[:, 0], s.sampling, s.seen, s.step)
-        s = s.replace(cache=cache, next_pos=s.next_pos + 1)
+        tok, logp = sample(logits[:, 0], s.sampling, s.seen, s.length)
+        s = s.replace(cache=cache, next_pos=s.next_pos + (~s.done).astype(jnp.int32))
         return _shard(shard, _record(s, tok, logp))
 
     return _shard(shard, jax.lax.while_loop(cond, body, _shard(shard, state)))

@@ -1,7 +1,8 @@
 """Host side of generation: batching, bucketing, stop strings, streaming and text.
 
-`generate_ids` drives `engine.prefill` / `engine.decode` over token ids; `generate` and
-`stream` work on text (optionally through the chat template).
+`Engine` drives the slot engine (`jaxinfer.engine`: admit, decode, release) for any stream of
+requests; `generate_ids` and the streaming behind `text.generate` / `text.stream` run one batch
+of requests through it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jaxinfer import engine, kernels
 from jaxinfer.errors import InputError
 from jaxinfer.sampling import Sampling, SamplingArrays
 
-MAX_STOP_IDS = 8  # stop-token slots (static shape); more ids than this is an error
+MAX_STOP_IDS = engine.MAX_STOP_IDS
 # Per-layer weight buffers (see `run_params`) are used on CPU while the layer weights take at
 # most this many bytes (they are a second copy of the layers, kept beside model.params).
 UNSTACK_MAX_BYTES = 2 << 30
@@ -94,30 +95,6 @@ def validate_request(model, req: Request) -> None:
         raise InputError(f"token id {bad[0]} outside the vocabulary [0, {vocab})")
 
 
-def _pack(req: Request, batch_multiple: int = 1):
-    """Left-pad prompts into bucketed arrays; returns engine inputs and static sizes.
-
-    batch_multiple: the batch is padded up to a multiple of it (a sharded placement's data axis).
-    """
-    n = len(req.prompts)
-    b = bucket(n, minimum=1)
-    b = -(-b // batch_multiple) * batch_multiple
-    p = bucket(max(len(x) for x in req.prompts))
-    prompt = np.zeros((b, p), np.int32)
-    positions = np.full((b, p), -1, np.int32)
-    for i, ids in enumerate(req.prompts):
-        prompt[i, p - len(ids):] = ids
-        positions[i, p - len(ids):] = np.arange(len(ids))
-    positions[n:, -1] = 0  # filler rows: one dummy token
-    stop = np.full((MAX_STOP_IDS,), -1, np.int32)
-    stop[:len(req.stop_token_ids)] = req.stop_token_ids
-    buf = bucket(req.max_new_tokens)
-    sampling = req.sampling if len(req.sampling) == n else req.sampling * n
-    args = (jnp.asarray(prompt), jnp.asarray(positions), SamplingArrays.from_rows(sampling, b),
-            jnp.asarray(stop), jnp.int32(req.max_new_tokens), jnp.asarray(np.arange(b) < n))
-    return args, dict(cache_len=p + buf, buf_len=buf, kv_cache=req.kv_cache)
-
-
 def run_layout(params, config, *, unstack: bool | None = None, native: bool | None = None):
     """`params` in the layout generation runs with (a new tree; the leaves it does not change
     are shared). unstack / native None: chosen for the backend, as below.
@@ -156,64 +133,233 @@ def run_params(model):
     return cached[1]
 
 
-class Run:
-    """One generation in progress: prefill on construction, then `advance` chunk by chunk.
+MAX_CHUNK = 512  # prompt tokens prefilled per request per admit call (chunked prefill)
+
+
+@dataclasses.dataclass
+class _Entry:
+    """A request in the engine: its prompt, settings and where it is."""
+
+    ids: list[int]
+    sampling: Sampling
+    max_new: int
+    stop_ids: tuple[int, ...]
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens in the cache so far
+    submitted: float = 0.0
+    first_token_s: float | None = None  # seconds from submit to the first token
+
+
+class _LocalOps:
+    """The engine's device functions on one device (a Placement supplies its own)."""
+
+    batch_multiple = 1
+    init_state = staticmethod(engine.init_state)
+    decode = staticmethod(engine.decode)
+
+    @staticmethod
+    def admit(params, state, *group, **static):
+        return engine.admit(params, state, *(jax.tree.map(jnp.asarray, g) for g in group),
+                            **static)
+
+    @staticmethod
+    def release(state, slots):
+        return engine.release(state, jnp.asarray(slots, jnp.int32))
+
+
+class Engine:
+    """Host side of the slot engine (`jaxinfer.engine`): B slots over one device state, a
+    waiting queue, and admission of waiting requests into free slots between decode chunks.
+
+        eng = Engine(model, slots=4, cache_len=256, buf_len=64)
+        h = eng.submit(prompt_ids, Sampling(), max_new=32, stop_ids=model.eos_token_ids)
+        while not eng.finished(h):
+            eng.advance(8)       # admit what fits (one prompt chunk each), then <= 8 steps
+        tokens, logprobs, hit_stop = eng.result(h)
 
     params: the params to run (default `run_params(model)`; e.g. `run_layout(...)` of another
-    layout).
+    layout). A placed model (jaxinfer.parallel) runs through its placement's functions.
     """
 
-    def __init__(self, model, req: Request, scan_unroll: int = 1, params=None):
-        validate_request(model, req)
-        self.model, self.req, self.unroll = model, req, scan_unroll
-        # A model placed by jaxinfer.parallel carries a Placement whose prefill/decode wrap the
-        # engine's (sharded inputs, pmap); a plain Model runs the engine directly.
-        placement = getattr(model, "placement", None)
-        self._prefill = placement.prefill if placement else engine.prefill
-        self._decode = placement.decode if placement else engine.decode
+    def __init__(self, model, *, slots: int, cache_len: int, buf_len: int,
+                 kv_cache: str = "float", params=None, scan_unroll: int = 1):
+        if kv_cache not in ("float", "int8"):
+            raise InputError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
+        self.model = model
+        self.ops = getattr(model, "placement", None) or _LocalOps()
+        m = self.ops.batch_multiple
+        self.slots = -(-slots // m) * m
+        self.cache_len, self.buf_len = cache_len, buf_len
         self.params = run_params(model) if params is None else params
-        args, sizes = _pack(req, placement.batch_multiple if placement else 1)
-        self.t0 = time.perf_counter()
-        self.state = self._prefill(self.params, *args, config=model.config,
-                                   scan_unroll=scan_unroll, **sizes)
-        self.state.length.block_until_ready()
-        self.ttft = time.perf_counter() - self.t0
-        self.n = len(req.prompts)
+        self.static = dict(config=model.config, scan_unroll=scan_unroll)
+        self.state = self.ops.init_state(self.params, config=model.config, slots=self.slots,
+                                         cache_len=cache_len, buf_len=buf_len, kv_cache=kv_cache)
+        self.entries: dict[int, _Entry] = {}
+        self.waiting: list[int] = []
+        self.free = list(range(self.slots))
+        self.by_slot: dict[int, int] = {}
+        self._next = 0
+        self._host = None  # the last snapshot (tokens, length, done, hit_stop, logprobs)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def submit(self, ids: Sequence[int], sampling: Sampling, max_new: int,
+               stop_ids: Sequence[int] = ()) -> int:
+        """Queue a request; returns its handle. InputError if it cannot fit this engine."""
+        if not ids:
+            raise InputError("prompt is empty")
+        if not 1 <= max_new <= self.buf_len:
+            raise InputError(f"max_new_tokens must be in [1, {self.buf_len}], got {max_new}")
+        if len(ids) + max_new > self.cache_len:
+            raise InputError(f"prompt of {len(ids)} tokens plus max_new_tokens {max_new} "
+                             f"exceeds the engine's {self.cache_len} cache slots per request")
+        if len(stop_ids) > engine.MAX_STOP_IDS:
+            raise InputError(f"at most {engine.MAX_STOP_IDS} stop token ids, got {len(stop_ids)}")
+        h, self._next = self._next, self._next + 1
+        self.entries[h] = _Entry(list(ids), sampling.validate(), int(max_new), tuple(stop_ids),
+                                 submitted=time.perf_counter())
+        self.waiting.append(h)
+        return h
+
+    def release(self, handles: Sequence[int]) -> None:
+        """Finish requests now (stop string, cancellation): their slots are freed."""
+        slots = []
+        for h in handles:
+            e = self.entries.get(h)
+            if e is None:
+                continue
+            if e.slot is None:
+                self.waiting.remove(h)
+                del self.entries[h]
+                continue
+            slots.append(e.slot)
+        if slots:
+            self.state = self.ops.release(self.state, np.asarray(slots, np.int32))
+            self._host = None
+
+    def forget(self, h: int) -> None:
+        """Drop a finished request's bookkeeping and give its slot back."""
+        e = self.entries.pop(h)
+        if e.slot is not None:
+            del self.by_slot[e.slot]
+            self.free.append(e.slot)
+
+    # -- running ----------------------------------------------------------------------------
 
     def advance(self, steps: int) -> None:
-        """Run up to `steps` more decode steps on the device."""
-        limit = jnp.int32(int(self.state.step) + steps)
-        self.state = self._decode(self.params, self.state, limit,
-                                  config=self.model.config, scan_unroll=self.unroll)
+        """Admit waiting requests into free slots (one prompt chunk each; a request whose
+        prompt is longer than MAX_CHUNK gets its next chunk at the next call), then run up to
+        `steps` decode steps on the device if any slot is live."""
+        self._admit()
+        if steps > 0 and self._any_live():
+            limit = jnp.int32(int(self.state.step) + steps)
+            self.state = self.ops.decode(self.params, self.state, limit, **self.static)
+            self._host = None
 
-    def finished(self) -> bool:
-        return bool(np.all(np.asarray(self.state.done)[: self.n]))
+    def _any_live(self) -> bool:
+        done = self.snapshot()[2]
+        return any(not done[e.slot] for e in self.entries.values()
+                   if e.slot is not None and e.prefilled == len(e.ids))
 
-    def stop_rows(self, rows: list[int]) -> None:
-        """Mark rows finished from the host (a stop string was found)."""
-        done = self.state.done.at[jnp.asarray(rows)].set(True)
-        self.state = self.state.replace(done=done)
+    def _admit(self) -> None:
+        """One admit call for every request with a slot (or a free one) and prompt left."""
+        group = [h for h, e in self.entries.items() if e.slot is not None and
+                 e.prefilled < len(e.ids)]
+        while self.waiting and self.free:
+            h = self.waiting.pop(0)
+            self.entries[h].slot = self.free.pop(0)
+            self.by_slot[self.entries[h].slot] = h
+            group.append(h)
+        if not group:
+            return
+        chunk = bucket(max(min(len(self.entries[h].ids) - self.entries[h].prefilled, MAX_CHUNK)
+                           for h in group))
+        g = bucket(len(group), minimum=1)
+        slots = np.full((g,), self.slots, np.int32)  # filler rows: out of range, dropped
+        tokens = np.zeros((g, chunk), np.int32)
+        positions = np.full((g, chunk), -1, np.int32)
+        first, last = np.ones((g,), bool), np.zeros((g,), bool)
+        stop = np.full((g, engine.MAX_STOP_IDS), -1, np.int32)
+        max_new = np.ones((g,), np.int32)
+        rows = []
+        for i, h in enumerate(group):
+            e = self.entries[h]
+            part = e.ids[e.prefilled:e.prefilled + chunk]
+            slots[i] = e.slot
+            tokens[i, :len(part)] = part
+            positions[i, :len(part)] = np.arange(e.prefilled, e.prefilled + len(part))
+            first[i], last[i] = e.prefilled == 0, e.prefilled + len(part) == len(e.ids)
+            stop[i, :len(e.stop_ids)] = e.stop_ids
+            max_new[i] = e.max_new
+            e.prefilled += len(part)
+            rows.append(e.sampling)
+        sampling = SamplingArrays.from_rows(rows, g)
+        self.state = self.ops.admit(self.params, self.state, slots, tokens, positions, first,
+                                    last, sampling, stop, max_new, **self.static)
+        self._host = None
+        now = time.perf_counter()
+        for i, h in enumerate(group):
+            if last[i]:
+                self.entries[h].first_token_s = now - self.entries[h].submitted
 
     def snapshot(self):
-        """(tokens [n, N], lengths [n], hit_stop [n], logprobs [n, N]) as numpy."""
-        s = jax.device_get((self.state.tokens, self.state.length, self.state.hit_stop,
-                            self.state.logprobs))
-        return tuple(a[: self.n] for a in s)
+        """(tokens [B, N], lengths [B], done [B], hit_stop [B], logprobs [B, N]) as numpy,
+        read from the device once per change of state."""
+        if self._host is None:
+            s = self.state
+            self._host = jax.device_get((s.tokens, s.length, s.done, s.hit_stop, s.logprobs))
+        return self._host
+
+    def live(self, h: int) -> bool:
+        """Whether request h has a slot and its whole prompt prefilled."""
+        e = self.entries[h]
+        return e.slot is not None and e.prefilled == len(e.ids)
+
+    def finished(self, h: int) -> bool:
+        return self.live(h) and bool(self.snapshot()[2][self.entries[h].slot])
+
+    def result(self, h: int):
+        """(token ids so far, their log-probs, ended on a stop token) of request h."""
+        if not self.live(h):
+            return [], [], False
+        tokens, length, _, hit_stop, logprobs = self.snapshot()
+        slot = self.entries[h].slot
+        n = int(length[slot])
+        return tokens[slot, :n].tolist(), logprobs[slot, :n].tolist(), bool(hit_stop[slot])
+
+
+def engine_for(model, req: Request, **kw) -> Engine:
+    """An engine sized for one Request (slots for every prompt; static sizes bucketed)."""
+    longest = max(len(p) for p in req.prompts)
+    buf = bucket(req.max_new_tokens)
+    return Engine(model, slots=bucket(len(req.prompts), minimum=1),
+                  cache_len=bucket(longest + req.max_new_tokens), buf_len=buf,
+                  kv_cache=req.kv_cache, **kw)
+
+
+def _submit_all(eng: Engine, req: Request) -> list[int]:
+    sampling = req.sampling if len(req.sampling) == len(req.prompts) else \
+        req.sampling * len(req.prompts)
+    return [eng.submit(p, s, req.max_new_tokens, req.stop_token_ids)
+            for p, s in zip(req.prompts, sampling, strict=True)]
 
 
 def generate_ids(model, req: Request, *, logprobs: bool = False, chunk: int | None = None,
                  scan_unroll: int = 1, params=None) -> list[Completion]:
     """Generate for a batch of token-id prompts (no stop strings: those need text); params:
-    see `Run`."""
-    run = Run(model, req, scan_unroll, params)
-    while not run.finished():
-        run.advance(chunk or req.max_new_tokens)
-    tokens, lengths, hit_stop, lps = run.snapshot()
-    return [Completion(prompt=None, prompt_token_ids=list(req.prompts[i]),
-                       token_ids=tokens[i, :lengths[i]].tolist(), text=None,
-                       finish_reason="stop" if hit_stop[i] else "length",
-                       logprobs=lps[i, :lengths[i]].tolist() if logprobs else None)
-            for i in range(run.n)]
+    see `Engine`."""
+    validate_request(model, req)
+    eng = engine_for(model, req, scan_unroll=scan_unroll, params=params)
+    handles = _submit_all(eng, req)
+    while not all(eng.finished(h) for h in handles):
+        eng.advance(chunk or req.max_new_tokens)
+    out = []
+    for i, h in enumerate(handles):
+        ids, lps, hit = eng.result(h)
+        out.append(Completion(prompt=None, prompt_token_ids=list(req.prompts[i]), token_ids=ids,
+                              text=None, finish_reason="stop" if hit else "length",
+                              logprobs=lps if logprobs else None))
+    return out
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int:
@@ -266,39 +412,41 @@ def stream_requests(model, prompts_text: list[str | None], req: Request, *,
 
 
 def _stream(model, prompts_text, req, chunk, scan_unroll, logprobs, results):
-    run = Run(model, req, scan_unroll)
-    rows = [_RowText(model.tokenizer, req.stop_strings) for _ in range(run.n)]
-    seen = [0] * run.n
-    finished = [False] * run.n
+    eng = engine_for(model, req, scan_unroll=scan_unroll)
+    handles = _submit_all(eng, req)
+    n = len(handles)
+    rows = [_RowText(model.tokenizer, req.stop_strings) for _ in range(n)]
+    seen = [0] * n
+    finished = [False] * n
+    final = [None] * n
+    eng.advance(0)
     while True:
-        tokens, lengths, hit_stop, lps = run.snapshot()
-        done = np.asarray(run.state.done)  # one transfer per chunk, not one per row
         newly_stopped = []
         for i, row in enumerate(rows):
-            if finished[i]:
+            if finished[i] or not eng.live(handles[i]):
                 continue
-            new = tokens[i, seen[i]:lengths[i]].tolist()
-            seen[i] = lengths[i]
-            done_dev = bool(done[i])
-            text = row.push(new, final=done_dev)
+            ids, lps, hit = eng.result(handles[i])
+            done_dev = eng.finished(handles[i])
+            text = row.push(ids[seen[i]:], final=done_dev)
+            seen[i] = len(ids)
             if row.stopped and not done_dev:
-                newly_stopped.append(i)
+                newly_stopped.append(handles[i])
             if done_dev or row.stopped:
                 finished[i] = True
-                reason = "stop" if (row.stopped or hit_stop[i]) else "length"
-                yield StreamEvent(i, text, reason)
+                final[i] = (ids, lps, hit)
+                yield StreamEvent(i, text, "stop" if (row.stopped or hit) else "length")
             elif text:
                 yield StreamEvent(i, text)
         if newly_stopped:
-            run.stop_rows(newly_stopped)
+            eng.release(newly_stopped)
         if all(finished):
             break
-        run.advance(chunk)
+        eng.advance(chunk)
     if results is not None:
-        tokens, lengths, hit_stop, lps = run.snapshot()
         for i, row in enumerate(rows):
-            ids = row.ids if row.stopped else tokens[i, :lengths[i]].tolist()
+            ids, lps, hit = final[i]
+            ids = row.ids if row.stopped else ids
             results.append(Completion(
                 prompt=prompts_text[i], prompt_token_ids=list(req.prompts[i]), token_ids=ids,
-                text=row.text, finish_reason="stop" if (row.stopped or hit_stop[i]) else "length",
-                logprobs=lps[i, :len(ids)].tolist() if logprobs else None))
+                text=row.text, finish_reason="stop" if (row.stopped or hit) else "length",
+                logprobs=lps[:len(ids)] if logprobs else None))

@@ -115,11 +115,13 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, index, jnp.float32(v)), axis=-1).astype(jnp.int32)
 
 
-def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, step: jax.Array):
+def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, counter: jax.Array):
     """Next tokens [B] and their log-probabilities [B] under the raw model distribution.
 
-    logits [B, V] float32; seen bool [B, V] (tokens for the repetition penalty); step: the
-    index of the token being drawn, folded into each row's seed so draws are reproducible.
+    logits [B, V] float32; seen bool [B, V] (tokens for the repetition penalty); counter [B]
+    (or one for all rows): the index of the token each row is drawing within its request,
+    folded into the row's seed, so a request's draws depend on its seed alone (not on its
+    slot, on what else runs or on when it started).
     """
     lse = jax.nn.logsumexp(logits, axis=-1)
     raw = logits
@@ -128,7 +130,9 @@ def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, step: jax.Arra
 
     def draw(_):
         filtered = filter_logits(logits, s)
-        keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), step))(s.seed)
+        counters = jnp.broadcast_to(counter, s.seed.shape)
+        keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.key(seed), c))(s.seed,
+                                                                                     counters)
         drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
         return jnp.where(s.temperature > 0, drawn, greedy_tok)
 

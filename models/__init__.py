@@ -58,7 +58,8 @@ def forward(config: ModelConfig, params, tokens: jax.Array, positions: jax.Array
     logits are float32 [B, T, V]. Positions of -1 mark padding tokens: they are neither
     attended to nor (meaningfully) scored. With a cache, the new keys/values are written at
     each row's next free slot and attention covers everything cached for that row.
-    last_only (static) returns logits for the last column only: [B, 1, V].
+    last_only (static) returns logits of each row's last real token only (its highest
+    position; `layers.last_token`): [B, 1, V].
     params["layers"] may also be a tuple of per-layer trees (see `unstack_layers`): the same
     model, run with one weight buffer per layer instead of nn.scan over stacked ones.
     """

@@ -7,6 +7,7 @@ attention masks are built from positions alone (-1 marks an empty slot or a padd
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import flax.struct
@@ -99,12 +100,51 @@ def write_positions(cache: KVCache, positions: jax.Array) -> tuple[KVCache, jax.
     """Record the positions [B, T] of the tokens about to be written at each row's `end`.
 
     Returns the cache with `pos` and `end` advanced, and the slot indices [B, T] written.
+    Rows are right-padded (position -1 after the real tokens), and `end` advances by the real
+    tokens only: padding, and the single padding token a finished row is fed at each decode
+    step, are written (marked empty) where the row's next real token will go, so they never
+    take a cache slot.
     """
     t = positions.shape[1]
     slots = cache.end[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     rows = jnp.arange(positions.shape[0])[:, None]
     pos = cache.pos.at[rows, slots].set(positions.astype(jnp.int32), mode="drop")
-    return cache.replace(pos=pos, end=cache.end + t), slots
+    end = cache.end + jnp.sum(positions >= 0, axis=1, dtype=jnp.int32)
+    return cache.replace(pos=pos, end=end), slots
+
+
+def _map_rows(fn, cache: KVCache, *others: KVCache) -> KVCache:
+    """cache with fn(buffer, batch axis, *the others' buffers) for every buffer (per-layer
+    tuples item by item; the batch axis comes from the fields' logical axes)."""
+    new = {}
+    for f in dataclasses.fields(cache):
+        axes, value = f.metadata.get("axes"), getattr(cache, f.name)
+        if axes is None or value is None:
+            continue
+        new[f.name] = jax.tree.map(
+            lambda a, *o, axes=axes: fn(a, axes.index("batch") - (len(axes) - a.ndim), *o),
+            value, *(getattr(c, f.name) for c in others))
+    return cache.replace(**new)
+
+
+def take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+    """The cache of rows [G] (a row index >= B reads some row: its result is for `put_rows` to
+    drop)."""
+    return _map_rows(lambda a, ax: jnp.take(a, rows, axis=ax, mode="clip"), cache)
+
+
+def put_rows(cache: KVCache, rows: jax.Array, part: KVCache) -> KVCache:
+    """cache with rows [G] replaced by the G-row cache `part` (indices >= B are dropped)."""
+    def put(a, ax, p):
+        return a.at[(slice(None),) * ax + (rows,)].set(p, mode="drop")
+
+    return _map_rows(put, cache, part)
+
+
+def clear_rows(cache: KVCache, clear: jax.Array) -> KVCache:
+    """cache with the rows where clear [B] is True emptied (every slot free, end 0)."""
+    return cache.replace(pos=jnp.where(clear[:, None], -1, cache.pos),
+                         end=jnp.where(clear, 0, cache.end))
 
 
 def _quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:

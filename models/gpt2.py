@@ -24,6 +24,7 @@ from models.config import GPT2Config
 from models.layers import (
     NO_WINDOW,
     embed_lookup,
+    last_token,
     layer_norm,
     linear,
     run_layers,
@@ -118,7 +119,7 @@ class GPT2(nn.Module):
     def __call__(self, tokens, positions, cache: kvc.KVCache | None = None, last_only=False):
         """tokens, positions [B, T] int32 (position -1 = padding) -> logits [B, T, V] float32.
 
-        last_only: compute logits for the last column only ([B, 1, V]).
+        last_only: logits of each row's last real token only ([B, 1, V]; see last_token).
         """
         c = self.config
         top = {"wte": weight(self, "wte", (c.vocab_size, c.d_model), ("vocab", "embed")),
@@ -135,7 +136,7 @@ class GPT2(nn.Module):
                                  kernel=None if cache is None else cache.attention)
         top["ln_f_scale"] = weight(self, "ln_f_scale", (c.d_model,), ("embed",), ONES)
         top["ln_f_bias"] = weight(self, "ln_f_bias", (c.d_model,), ("embed",), ZEROS)
-        logits = head(c, top, x[:, -1:] if last_only else x)
+        logits = head(c, top, last_token(x, positions) if last_only else x)
         if cache is not None:
             cache = cache.replace(k=cache_kv[0], v=cache_kv[1], k_scale=cache_kv[2],
                                   v_scale=cache_kv[3])

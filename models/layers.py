@@ -35,6 +35,13 @@ def weight(mod: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, .
     return mod.variable("params", name, make).value
 
 
+def last_token(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """x [B, T, D] -> [B, 1, D] at each row's last real token (its highest position): the
+    last column of a left-padded row, the last non-padding one of a right-padded row."""
+    idx = jnp.argmax(positions, axis=1)[:, None, None]
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
 def run_layers(mod: nn.Module, block, config, n_layers: int, carry, per_layer, *shared,
                unroll: int = 1, unstacked: bool = False, **block_attrs):
     """Apply `n_layers` decoder blocks in sequence: carry -> carry.

@@ -25,6 +25,7 @@ from models.config import LlamaConfig
 from models.layers import (
     NO_WINDOW,
     embed_lookup,
+    last_token,
     linear,
     linear_many,
     rms_norm,
@@ -132,7 +133,7 @@ class Llama(nn.Module):
     def __call__(self, tokens, positions, cache: kvc.KVCache | None = None, last_only=False):
         """tokens, positions [B, T] int32 (position -1 = padding) -> logits [B, T, V] float32.
 
-        last_only: compute logits for the last column only ([B, 1, V]).
+        last_only: logits of each row's last real token only ([B, 1, V]; see last_token).
         """
         c = self.config
         top = {"embed": weight(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"))}
@@ -149,7 +150,7 @@ class Llama(nn.Module):
         top["final_norm"] = weight(self, "final_norm", (c.d_model,), ("embed",), ONES)
         if not c.tie_embeddings:
             top["lm_head"] = weight(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"))
-        logits = head(c, top, x[:, -1:] if last_only else x)
+        logits = head(c, top, last_token(x, positions) if last_only else x)
         if cache is not None:
             cache = cache.replace(k=cache_kv[0], v=cache_kv[1], k_scale=cache_kv[2],
                                   v_scale=cache_kv[3])

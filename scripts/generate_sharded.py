@@ -58,6 +58,8 @@ def main(argv=None) -> int:
     tok = model.tokenizer
     outs = [{"token_ids": r.token_ids, "finish_reason": r.finish_reason,
              "text": tok.decode(r.token_ids) if tok else None} for r in results]
+    if not placement.prints:
+        return 0
     if args.json:
         print(json.dumps({"outputs": outs, "placement": placement.info(),
                           "notes": placement.notes, "total_s": round(total, 3)}))

@@ -22,7 +22,7 @@ import jaxinfer
 import models
 from jaxinfer import engine, text
 from jaxinfer.errors import CheckpointError, InputError
-from jaxinfer.generate import Request, Run, generate_ids
+from jaxinfer.generate import Engine, Request, engine_for, generate_ids
 from jaxinfer.model import Model
 from jaxinfer.sampling import Sampling, SamplingArrays, filter_logits, first_argmax
 
@@ -137,7 +137,8 @@ def log_softmax(x):
 
 
 def cache_sizes():
-    return engine.prefill._cache_size(), engine.decode._cache_size()
+    return tuple(f._cache_size() for f in (engine.init_state, engine.admit, engine.decode,
+                                           engine.release))
 
 
 @contextlib.contextmanager
@@ -260,23 +261,105 @@ def test_decode_in_chunks_equals_one_call(tiny, chunk):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
 
 
-def test_prefill_then_decode_state(tiny):
-    """engine.prefill draws one token per row; each engine.decode call adds `steps` more."""
+def test_admit_then_decode_state(tiny):
+    """engine.admit draws one token per request; each decode call adds `steps` more."""
     ref = run_ids(tiny, RAGGED, max_new=16, logprobs=True)
     req = Request(prompts=RAGGED, sampling=[Sampling()], max_new_tokens=16, stop_token_ids=())
-    run = Run(tiny, req)
-    state = jax.device_get(run.state)
-    assert state.tokens.shape == (4, 16)  # batch bucket 4, token buffer 16
+    eng = engine_for(tiny, req)
+    handles = [eng.submit(p, Sampling(), 16) for p in RAGGED]
+    eng.advance(0)
+    state = jax.device_get(eng.state)
+    assert state.tokens.shape == (4, 16)  # 4 slots (3 used), token buffer 16
     assert list(state.length) == [1, 1, 1, 0] and list(state.done) == [False] * 3 + [True]
-    assert int(state.step) == 1
-    run.advance(4)
-    tokens, lengths, hit_stop, lps = run.snapshot()
-    assert list(lengths) == [5, 5, 5] and not hit_stop.any() and not run.finished()
+    assert list(state.cache.end) == [len(p) for p in RAGGED] + [0]  # no padding in the cache
+    assert int(state.step) == 0
+    eng.advance(4)
+    tokens, lengths, done, hit_stop, lps = eng.snapshot()
+    assert list(lengths[:3]) == [5, 5, 5] and not hit_stop.any()
+    assert not any(eng.finished(h) for h in handles)
     for i, c in enumerate(ref):
         assert tokens[i, :5].tolist() == c.token_ids[:5]
         np.testing.assert_allclose(lps[i, :5], c.logprobs[:5], atol=1e-6)
-    run.advance(100)
-    assert run.finished() and list(run.snapshot()[1]) == [16, 16, 16]
+    eng.advance(100)
+    assert all(eng.finished(h) for h in handles) and list(eng.snapshot()[1][:3]) == [16] * 3
+
+
+def _alone(model, prompt, sampling, max_new):
+    c = generate_ids(model, Request(prompts=[prompt], sampling=[sampling], max_new_tokens=max_new,
+                                    stop_token_ids=()), logprobs=True)[0]
+    return c.token_ids, c.logprobs
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0, top_p=0.9, seed=7)])
+def test_request_joining_a_running_batch_gets_its_own_tokens(tiny, sampling):
+    """Whatever runs beside it, whichever slot it gets and whenever it joins, a request's
+    tokens are the ones it gets alone; finished slots are reused; no recompiles."""
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    want, want_lp = _alone(tiny, prompt, sampling, 12)
+    eng = Engine(tiny, slots=4, cache_len=64, buf_len=16)
+    others = [eng.submit(p, Sampling(temperature=0.8, seed=i), 16) for i, p in enumerate(RAGGED)]
+    eng.advance(3)
+    h = eng.submit(prompt, sampling, 12)  # joins mid-run, in the last free slot
+    while not eng.finished(h):
+        eng.advance(2)
+    before = cache_sizes()  # admits of 1 and of 4 requests compiled: group sizes are bucketed
+    assert eng.entries[h].slot == 3
+    ids, lps, _ = eng.result(h)
+    assert ids == want
+    np.testing.assert_allclose(lps, want_lp, atol=1e-5)
+    eng.forget(others[0])  # its slot is given back (finished or not) and reused
+    h2 = eng.submit(prompt, sampling, 12)
+    while not eng.finished(h2):
+        eng.advance(4)
+    assert eng.entries[h2].slot == 0 and eng.result(h2)[0] == want
+    assert cache_sizes() == before
+
+
+def test_released_request_frees_its_slot_and_others_continue(tiny):
+    eng = Engine(tiny, slots=2, cache_len=64, buf_len=16)
+    a, b = eng.submit(RAGGED[0], Sampling(), 16), eng.submit(RAGGED[1], Sampling(), 16)
+    eng.advance(2)
+    eng.release([a])
+    assert eng.finished(a) and len(eng.result(a)[0]) == 3
+    eng.forget(a)
+    c = eng.submit(RAGGED[2], Sampling(), 5)
+    while not (eng.finished(b) and eng.finished(c)):
+        eng.advance(3)
+    assert eng.result(b)[0] == _alone(tiny, RAGGED[1], Sampling(), 16)[0]
+    assert eng.result(c)[0] == _alone(tiny, RAGGED[2], Sampling(), 5)[0]
+
+
+def test_chunked_prefill_equals_one_prefill(tiny, monkeypatch):
+    """A prompt longer than MAX_CHUNK is prefilled in chunks between decode steps of the other
+    slots, with the same tokens and log-probs as in one piece."""
+    from jaxinfer import generate
+
+    prompt = [int(t) for t in np.random.default_rng(0).integers(3, 120, 45)]
+    sampling = Sampling(temperature=1.0, seed=11, repetition_penalty=1.3)
+    want, want_lp = _alone(tiny, prompt, sampling, 10)
+    monkeypatch.setattr(generate, "MAX_CHUNK", 16)
+    eng = Engine(tiny, slots=2, cache_len=64, buf_len=16)
+    other = eng.submit(RAGGED[0], Sampling(), 16)
+    eng.advance(1)
+    h = eng.submit(prompt, sampling, 10)
+    steps = 0
+    while not eng.finished(h):
+        eng.advance(1)
+        steps += 1
+    assert steps >= 3 and len(eng.result(other)[0]) >= 4  # the other slot kept decoding
+    ids, lps, _ = eng.result(h)
+    assert ids == want
+    np.testing.assert_allclose(lps, want_lp, atol=1e-5)
+
+
+def test_engine_refuses_what_does_not_fit(tiny):
+    eng = Engine(tiny, slots=1, cache_len=32, buf_len=16)
+    with pytest.raises(InputError, match="exceeds the engine's 32 cache slots"):
+        eng.submit(list(range(1, 30)), Sampling(), 8)
+    with pytest.raises(InputError, match=r"max_new_tokens must be in \[1, 16\]"):
+        eng.submit([1, 2], Sampling(), 17)
+    with pytest.raises(InputError, match="at most 8 stop token ids"):
+        eng.submit([1, 2], Sampling(), 4, stop_ids=tuple(range(9)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +446,6 @@ def test_sampled_tokens_lie_in_filtered_support(tiny, name):
 
 
 def test_sampling_settings_do_not_recompile(tiny):
-    assert hasattr(engine.prefill, "_cache_size") and hasattr(engine.decode, "_cache_size")
     run_ids(tiny, RAGGED, max_new=16)  # compile these shapes
     before = cache_sizes()
     settings = [
@@ -650,14 +732,13 @@ def test_greedy_with_repetition_penalty_matches_transformers(tiny_pair, penalty)
 
 
 def test_cpu_generation_runs_per_layer_weights_with_same_tokens(tiny, monkeypatch):
-    """On CPU, Run uses one buffer per layer (made once per params); stacked gives the same."""
+    """On CPU, the engine uses one buffer per layer (made once per params); stacked gives the same."""
     from jaxinfer import generate
 
     params = generate.run_params(tiny)
     assert isinstance(params["layers"], tuple) and generate.run_params(tiny) is params
-    run = Run(tiny, Request(prompts=RAGGED, sampling=[Sampling()], max_new_tokens=2,
-                            stop_token_ids=()))
-    assert run.state.cache.per_layer and len(run.state.cache.k) == tiny.config.n_layers
+    eng = Engine(tiny, slots=2, cache_len=32, buf_len=16)
+    assert eng.state.cache.per_layer and len(eng.state.cache.k) == tiny.config.n_layers
     per_layer = run_ids(tiny, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5)
     monkeypatch.setattr(generate, "UNSTACK_MAX_BYTES", 0)
     stacked_params = generate.run_layout(tiny.params, tiny.config)

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import models
 from jaxinfer.engine import DecodeState
 from jaxinfer.errors import InputError
-from jaxinfer.generate import Request, _pack, generate_ids
+from jaxinfer.generate import Request, engine_for, generate_ids
 from jaxinfer.model import Model
 from jaxinfer.parallel import (
     RULES,
@@ -156,7 +156,8 @@ def test_kv_cache_and_state_shardings(smol):
     assert spec((2, 16), cache["pos"]) == P("data", None)
     assert spec((2,), state["length"]) == P("data")
     assert spec((2, 49152), state["seen"]) == P("data", "model")
-    assert spec((8,), state["stop_ids"]) == P(None)
+    assert spec((2, 8), state["stop_ids"]) == P("data", None)  # per slot
+    assert spec((), state["step"]) == P()
 
 
 def test_every_decode_state_field_has_a_sharding_rule():
@@ -305,12 +306,15 @@ def test_default_placement_on_one_cpu_process_is_one_device(smollm2):
     assert "8 CPU devices share this host's cores" in placement.notes[0]
 
 
-def test_batch_padded_to_the_data_axis():
+def test_slots_padded_to_the_data_axis(tiny):
+    model, _ = tiny
+    placement = Placement((3, 1))
+    placed = placement.apply(model)
     req = Request(prompts=[[1], [2], [3], [4]], sampling=[Sampling()], max_new_tokens=2,
                   stop_token_ids=())
-    assert _pack(req)[0][0].shape[0] == 4
-    args, _ = _pack(req, batch_multiple=3)
-    assert args[0].shape[0] == 6 and np.asarray(args[-1]).tolist() == [True] * 4 + [False] * 2
+    assert engine_for(model, req).slots == 4
+    eng = engine_for(placed, req)
+    assert eng.slots == 6 and eng.state.done.shape == (6,) and bool(np.all(eng.state.done))
 
 
 def test_cli_support(smollm2_gguf_path, capsys):
@@ -339,8 +343,11 @@ def test_placed_inputs_are_sharded(tiny):
     placed = placement.apply(model)
     req = Request(prompts=TINY_PROMPTS, sampling=[Sampling()], max_new_tokens=4,
                   stop_token_ids=())
-    args, sizes = _pack(req, placement.batch_multiple)
-    state = placement.prefill(placed.params, *args, config=model.config, **sizes)
+    eng = engine_for(placed, req)
+    for p in TINY_PROMPTS:
+        eng.submit(p, Sampling(), 4)
+    eng.advance(0)
+    state = eng.state
     want = NamedSharding(placement.mesh, P(None, "data", "model"))
     assert state.cache.k.sharding.is_equivalent_to(want, 5)
     assert state.tokens.sharding.spec == P("data")

@@ -6,9 +6,10 @@
     placement.info()                          # {"mesh": {...}, "num_devices": ..., ...}
 
 `apply` returns a `PlacedModel` (a `jaxinfer.model.Model` carrying the placement), whose
-params are NamedSharded arrays; `jaxinfer.generate.Run` calls the placement's `prefill` /
-`decode`, which place the batch inputs (rows on `data`) and run the jitted engine with a
-sharding hook on the KV cache and decode state. The batch is padded to a multiple of `data`.
+params are NamedSharded arrays; `jaxinfer.generate.Engine` calls the placement's
+`init_state` / `admit` / `decode` / `release`, which run the jitted engine with a sharding hook
+on the KV cache and decode state (slots over `data`), or pmap it. The slot count is a multiple of
+`data`.
 A placement on one device (and no pmap) leaves the model untouched.
 """
 
@@ -32,9 +33,7 @@ from jaxinfer.parallel.sharding import (
     RULES,
     Report,
     StateSharding,
-    batch_spec,
     default_mesh_shape,
-    field_axes,
     make_mesh,
     mesh_shape,
     param_shardings,
@@ -171,33 +170,38 @@ class Placement:
         fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(Model) if f.init}
         return PlacedModel(**(fields | {"params": params}), placement=self)
 
-    # -- the engine hooks used by jaxinfer.generate.Run -----------------------------------------
+    # -- the engine functions used by jaxinfer.generate.Engine ---------------------------------
 
-    def prefill(self, params, prompt, positions, sampling, stop_ids, max_new, active, **static):
-        """engine.prefill with the batch inputs placed (rows on `data`) or pmapped."""
+    def init_state(self, params, **static):
+        """engine.init_state with the state placed (or one per device under pmap)."""
         if self.pmap:
-            return pmap_path.prefill(self.devices, params, prompt, positions, sampling,
-                                     stop_ids, max_new, active, **static)
-        m = self.mesh
+            return pmap_path.init_state(self.devices, params, **static)
+        return engine.init_state(params, shard=self.hook, **static)
 
-        def rows(a):
-            return place(a, NamedSharding(m, batch_spec(np.ndim(a), m)))
-
-        rep = NamedSharding(m, PartitionSpec())
-        return engine.prefill(params, rows(prompt), rows(positions), jax.tree.map(rows, sampling),
-                              place(stop_ids, rep), place(max_new, rep), rows(active),
-                              shard=self.hook, **static)
+    def admit(self, params, state, slots, *group, **static):
+        """engine.admit with the (small, host-built) group inputs replicated, or regrouped per
+        device under pmap."""
+        if self.pmap:
+            return pmap_path.admit(self.devices, params, state, slots, *group, **static)
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        group = jax.tree.map(lambda a: place(np.asarray(a), rep), (slots, *group))
+        return engine.admit(params, state, *group, shard=self.hook, **static)
 
     def decode(self, params, state, limit, **static):
         """engine.decode on the placed state (or pmapped)."""
         if self.pmap:
             return pmap_path.decode(self.devices, params, state, limit, **static)
-        m = self.mesh
-        # `done` may have been edited on the host (stop strings): put it back in place
-        done = place(state.done, self.hook.sharding(state.done, *field_axes(engine.DecodeState)["done"]))
-        return engine.decode(params, state.replace(done=done),
-                             place(limit, NamedSharding(m, PartitionSpec())),
+        return engine.decode(params, state, place(limit, NamedSharding(self.mesh, PartitionSpec())),
                              shard=self.hook, **static)
+
+    def release(self, state, slots):
+        """engine.release (under pmap: the done flags set from the host)."""
+        if self.pmap:
+            done = np.array(state.done)
+            done[slots] = True
+            return state.replace(done=done)
+        slots = place(np.asarray(slots, np.int32), NamedSharding(self.mesh, PartitionSpec()))
+        return engine.release(state, slots, shard=self.hook)
 
 
 def place_model(model: Model, mesh: tuple[int, int] | None = None, *, pmap: bool = False,

@@ -1,10 +1,11 @@
 """The pmap path: data-parallel generation over local devices with replicated params.
 
-The (bucketed, padded) batch is split into one equal slice per device; `engine.prefill` and
-`engine.decode` run under `jax.pmap`, each device on its own rows with its own copy of the
+The slots are split into one equal share per device; `engine.init_state`, `engine.admit` and
+`engine.decode` run under `jax.pmap`, each device on its own slots with its own copy of the
 params and its own KV cache. No collectives: every device runs its decode loop until its own
 rows finish. `PmapState` shows the stacked per-device state [n, B/n, ...] to the host side
-(`jaxinfer.generate.Run`) as one batch [B, ...].
+(`jaxinfer.generate.Engine`) as one batch [B, ...]: global slot s is slot s % (B/n) of
+device s // (B/n).
 """
 
 from __future__ import annotations
@@ -29,10 +30,18 @@ def replicate(params, mesh: Mesh):
 
 
 @functools.lru_cache(maxsize=32)
-def _prefill_fn(devices: tuple, static: tuple):
-    f = functools.partial(engine.prefill, **dict(static))
-    # params, prompt, positions, sampling, stop_ids, max_new, active
-    return jax.pmap(f, in_axes=(None, 0, 0, 0, None, None, 0), devices=list(devices))
+def _init_fn(devices: tuple, static: tuple):
+    def f(_, params):
+        return engine.init_state(params, **dict(static))
+
+    return jax.pmap(f, in_axes=(0, None), devices=list(devices))
+
+
+@functools.lru_cache(maxsize=32)
+def _admit_fn(devices: tuple, static: tuple):
+    f = functools.partial(engine.admit, **dict(static))
+    # params, state, slots, tokens, positions, first, last, sampling, stop_ids, max_new
+    return jax.pmap(f, in_axes=(None,) + (0,) * 9, devices=list(devices), donate_argnums=(1,))
 
 
 @functools.lru_cache(maxsize=32)
@@ -79,15 +88,40 @@ class PmapState:
                                                  for k, v in fields.items()}))
 
 
-def prefill(devices: tuple, params, prompt, positions, sampling, stop_ids, max_new, active,
-            **static) -> PmapState:
-    """engine.prefill over len(devices) slices of the batch (params already replicated)."""
+def init_state(devices: tuple, params, **static) -> PmapState:
+    """engine.init_state on every device: static["slots"] slots split evenly over them."""
     n = len(devices)
-    fn = _prefill_fn(devices, tuple(sorted(static.items())))
-    rows = functools.partial(_split, n=n)
-    stacked = fn(params, rows(prompt), rows(positions), jax.tree.map(rows, sampling), stop_ids,
-                 max_new, rows(active))
-    return PmapState(stacked)
+    static = dict(static, slots=static["slots"] // n)
+    fn = _init_fn(devices, tuple(sorted(static.items())))
+    return PmapState(fn(jnp.arange(n), params))
+
+
+def admit(devices: tuple, params, state: PmapState, slots, *group, **static) -> PmapState:
+    """engine.admit with the group [G, ...] (global slot indices) regrouped per device:
+    [n, G', ...] with local slot indices (filler rows out of range)."""
+    n = len(devices)
+    local = state.stacked.length.shape[1]
+    slots = np.asarray(slots)
+    mine = [np.flatnonzero(slots // local == d) for d in range(n)]
+    g = max(1, 1 << (max(len(m) for m in mine) - 1).bit_length()) if any(len(m) for m in mine) \
+        else 1
+
+    def regroup(a, filler):
+        a = np.asarray(a)
+        out = np.broadcast_to(np.asarray(filler, a.dtype), (n, g) + a.shape[1:]).copy()
+        for d, rows in enumerate(mine):
+            out[d, :len(rows)] = a[rows]
+        return out
+
+    local_slots = regroup(slots % local, local)
+    for d, rows in enumerate(mine):
+        local_slots[d, len(rows):] = local
+    fillers = (0, -1, True, False)  # tokens, positions, first, last
+    parts = [regroup(a, f) for a, f in zip(group[:4], fillers, strict=True)]
+    sampling = jax.tree.map(lambda a: regroup(a, 0), group[4])
+    rest = [regroup(group[5], -1), regroup(group[6], 1)]  # stop_ids, max_new
+    fn = _admit_fn(devices, tuple(sorted(static.items())))
+    return PmapState(fn(params, state.stacked, local_slots, *parts, sampling, *rest))
 
 
 def decode(devices: tuple, params, state: PmapState, limit, **static) -> PmapState:
