@@ -179,10 +179,14 @@ class Engine:
 
     params: the params to run (default `run_params(model)`; e.g. `run_layout(...)` of another
     layout). A placed model (jaxinfer.parallel) runs through its placement's functions.
+    admit_group: most requests prefilled in one admit call (None: all that fit). A server
+    admits one at a time: every admit then has one of a few shapes (one per prompt-chunk
+    bucket), compiled up front by `warm_up`.
     """
 
     def __init__(self, model, *, slots: int, cache_len: int, buf_len: int,
-                 kv_cache: str = "float", params=None, scan_unroll: int = 1):
+                 kv_cache: str = "float", params=None, scan_unroll: int = 1,
+                 admit_group: int | None = None):
         if kv_cache not in ("float", "int8"):
             raise InputError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
         self.model = model
@@ -194,6 +198,7 @@ class Engine:
         self.static = dict(config=model.config, scan_unroll=scan_unroll)
         self.state = self.ops.init_state(self.params, config=model.config, slots=self.slots,
                                          cache_len=cache_len, buf_len=buf_len, kv_cache=kv_cache)
+        self.admit_group = admit_group or self.slots
         self.entries: dict[int, _Entry] = {}
         self.waiting: list[int] = []
         self.free = list(range(self.slots))
@@ -264,8 +269,8 @@ class Engine:
     def _admit(self) -> None:
         """One admit call for every request with a slot (or a free one) and prompt left."""
         group = [h for h, e in self.entries.items() if e.slot is not None and
-                 e.prefilled < len(e.ids)]
-        while self.waiting and self.free:
+                 e.prefilled < len(e.ids)][:self.admit_group]
+        while self.waiting and self.free and len(group) < self.admit_group:
             h = self.waiting.pop(0)
             self.entries[h].slot = self.free.pop(0)
             self.by_slot[self.entries[h].slot] = h
@@ -301,6 +306,18 @@ class Engine:
         for i, h in enumerate(group):
             if last[i]:
                 self.entries[h].first_token_s = now - self.entries[h].submitted
+
+    def warm_up(self) -> None:
+        """Compile every admit shape this engine can use with admit_group 1 (one per prompt
+        chunk bucket) and the decode loop, on a dummy request per bucket."""
+        c = bucket(1)
+        while True:
+            h = self.submit([0] * min(c, self.cache_len - 1), Sampling(), 1)
+            self.advance(1)
+            self.forget(h)
+            if c >= min(MAX_CHUNK, self.cache_len - 1):
+                break
+            c *= 2
 
     def snapshot(self):
         """(tokens [B, N], lengths [B], done [B], hit_stop [B], logprobs [B, N]) as numpy,

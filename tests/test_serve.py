@@ -3,49 +3,22 @@
 
 import concurrent.futures
 import json
-import socket
-import threading
 import time
 
 import httpx2 as httpx  # the HTTP client the openai package is built on
 import openai
 import pytest
-import uvicorn
 
-from jaxinfer.serve.app import create_app
+from jaxinfer.serve.app import BackgroundServer, create_app
 from jaxinfer.text import generate
 
 KEY = "test-key"
 PROMPTS = ["What is the capital of France?", "Name a color.", "Say hello.", "Count to three."]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    """A uvicorn server in a background thread, stopped at the end."""
-
-    def __init__(self, app):
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.05)
-        self.base = f"http://127.0.0.1:{self.port}"
-
+class Served(BackgroundServer):
     def client(self, key=KEY, **kw):
         return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, **kw)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,8 @@ MAX_BODY = 1 << 20  # bytes of a request body
 
 def create_app(model, *, model_name: str, slots: int = 8, max_len: int = 2048,
                max_queue: int = 64, api_key: str | None = None,
-               timeout_s: float | None = 600.0, step_tokens: int = 4,
-               kv_cache: str = "float") -> FastAPI:
+               timeout_s: float | None = 600.0, step_tokens: int = 8,
+               kv_cache: str = "float", warm_up: bool = True) -> FastAPI:
     """The app serving `model` as `model_name`: `slots` decode slots of `max_len` tokens
     (prompt + completion), at most `max_queue` requests waiting for a slot."""
     metrics = Metrics()
@@ -37,7 +37,7 @@ def create_app(model, *, model_name: str, slots: int = 8, max_len: int = 2048,
                         metrics=metrics, step_tokens=step_tokens, kv_cache=kv_cache)
 
     async def lifespan(app):
-        engine.start()
+        engine.start(warm_up)
         yield
         engine.stop()
 
@@ -190,6 +190,38 @@ async def _stream(job: Job, s: api.Settings, kind: str, rid: str, model_name: st
     finally:
         if not all(done):
             job.cancelled = True  # the client went away (or the job failed): free the slots
+
+
+class BackgroundServer:
+    """A uvicorn server for `app` in a background thread (tests, benchmarks, notebooks):
+    `.base` is its URL once constructed; `.stop()` shuts it down."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0,
+                 start_timeout_s: float = 120.0):
+        import socket
+        import threading
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as sock:
+                sock.bind((host, 0))
+                port = sock.getsockname()[1]
+        self.port = port
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + start_timeout_s
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server on {host}:{port} did not start")
+            time.sleep(0.05)
+        self.base = f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:

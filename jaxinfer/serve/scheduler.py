@@ -83,7 +83,7 @@ class EngineLoop:
         self.model, self.metrics, self.max_queue = model, metrics, max_queue
         self.step_tokens = step_tokens
         self.engine = Engine(model, slots=slots, cache_len=max_len, buf_len=max_len,
-                             kv_cache=kv_cache)
+                             kv_cache=kv_cache, admit_group=1)
         self.max_len = max_len
         self.inbox: queue.Queue = queue.Queue()
         self.choices: list[_Choice] = []
@@ -92,7 +92,11 @@ class EngineLoop:
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
 
-    def start(self) -> EngineLoop:
+    def start(self, warm_up: bool = True) -> EngineLoop:
+        """Start the thread (after compiling every admit and decode shape, unless warm_up is
+        False: then the first requests of each prompt size compile theirs)."""
+        if warm_up:
+            self.engine.warm_up()
         self.thread.start()
         return self
 
