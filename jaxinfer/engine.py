@@ -128,6 +128,21 @@ def release(state: DecodeState, slots: jax.Array, *, shard=None) -> DecodeState:
     return _shard(shard, state.replace(done=_set(state.done, slots, True)))
 
 
+@functools.partial(jax.jit, static_argnames=("length",))
+def save_prefix(state: DecodeState, slot: jax.Array, *, length: int) -> models.KVCache:
+    """The KV of slot `slot`'s first `length` (static) cache slots, as a 1-row cache."""
+    return kvc.read_prefix(state.cache, slot, length)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def load_prefix(state: DecodeState, slot: jax.Array, prefix: models.KVCache, used: jax.Array,
+                seen: jax.Array) -> DecodeState:
+    """Slot `slot` starts from a saved prefix (its first `used` tokens; seen [V] the tokens
+    among them): the rest of its prompt is then admitted with first=False."""
+    return state.replace(cache=kvc.write_prefix(state.cache, slot, prefix, used),
+                         seen=state.seen.at[slot].set(seen))
+
+
 def _record(state: DecodeState, tok: jax.Array, logp: jax.Array) -> DecodeState:
     """Append tok/logp [B] to the slots still running and update their finished flags."""
     live = ~state.done

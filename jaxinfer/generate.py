@@ -134,6 +134,52 @@ def run_params(model):
 
 
 MAX_CHUNK = 512  # prompt tokens prefilled per request per admit call (chunked prefill)
+PREFIX_BLOCK = 16  # prefixes are cached and matched in whole blocks of this many tokens
+
+
+class PrefixCache:
+    """KV of prompts seen before, kept on the device up to `max_bytes` (least recently used
+    evicted first). A saved prompt serves every prompt sharing any whole number of its
+    PREFIX_BLOCKs: each block boundary of it is indexed."""
+
+    def __init__(self, max_bytes: int):
+        import collections
+
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: collections.OrderedDict = collections.OrderedDict()  # ids -> (kv, bytes)
+        self.index: dict[tuple, tuple] = {}  # block prefix -> the saved ids holding it
+        self.hits = self.misses = 0
+
+    def lookup(self, ids: Sequence[int]):
+        """(length, saved KV) of the longest cached prefix of ids leaving at least one token
+        to prefill, or (0, None)."""
+        for n in range((len(ids) - 1) // PREFIX_BLOCK * PREFIX_BLOCK, 0, -PREFIX_BLOCK):
+            full = self.index.get(tuple(ids[:n]))
+            if full is not None:
+                self.entries.move_to_end(full)
+                self.hits += 1
+                return n, self.entries[full][0]
+        self.misses += 1
+        return 0, None
+
+    def add(self, ids: Sequence[int], kv) -> None:
+        """Keep kv, the KV of ids (a whole number of blocks)."""
+        key = tuple(ids)
+        if key in self.entries or not key:
+            return
+        size = sum(int(a.nbytes) for a in jax.tree.leaves(kv))
+        if size > self.max_bytes:
+            return
+        self.entries[key] = (kv, size)
+        self.bytes += size
+        for n in range(PREFIX_BLOCK, len(key) + 1, PREFIX_BLOCK):
+            self.index[key[:n]] = key
+        while self.bytes > self.max_bytes:
+            old, (_, old_size) = self.entries.popitem(last=False)
+            self.bytes -= old_size
+            for n in range(PREFIX_BLOCK, len(old) + 1, PREFIX_BLOCK):
+                if self.index.get(old[:n]) == old:
+                    del self.index[old[:n]]
 
 
 @dataclasses.dataclass
@@ -181,12 +227,14 @@ class Engine:
     layout). A placed model (jaxinfer.parallel) runs through its placement's functions.
     admit_group: most requests prefilled in one admit call (None: all that fit). A server
     admits one at a time: every admit then has one of a few shapes (one per prompt-chunk
-    bucket), compiled up front by `warm_up`.
+    bucket), compiled up front by `warm_up`. prefix_cache_bytes: keep the KV of prompt
+    prefixes (whole PREFIX_BLOCKs) up to this many bytes, and start requests that share one
+    from it instead of prefilling it again (one device, no placement; 0: off).
     """
 
     def __init__(self, model, *, slots: int, cache_len: int, buf_len: int,
                  kv_cache: str = "float", params=None, scan_unroll: int = 1,
-                 admit_group: int | None = None):
+                 admit_group: int | None = None, prefix_cache_bytes: int = 0):
         if kv_cache not in ("float", "int8"):
             raise InputError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
         self.model = model
@@ -199,6 +247,8 @@ class Engine:
         self.state = self.ops.init_state(self.params, config=model.config, slots=self.slots,
                                          cache_len=cache_len, buf_len=buf_len, kv_cache=kv_cache)
         self.admit_group = admit_group or self.slots
+        local = isinstance(self.ops, _LocalOps)
+        self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes and local else None
         self.entries: dict[int, _Entry] = {}
         self.waiting: list[int] = []
         self.free = list(range(self.slots))
@@ -272,8 +322,11 @@ class Engine:
                  e.prefilled < len(e.ids)][:self.admit_group]
         while self.waiting and self.free and len(group) < self.admit_group:
             h = self.waiting.pop(0)
-            self.entries[h].slot = self.free.pop(0)
-            self.by_slot[self.entries[h].slot] = h
+            e = self.entries[h]
+            e.slot = self.free.pop(0)
+            self.by_slot[e.slot] = h
+            if self.prefixes is not None:
+                self._start_from_prefix(e)
             group.append(h)
         if not group:
             return
@@ -306,6 +359,28 @@ class Engine:
         for i, h in enumerate(group):
             if last[i]:
                 self.entries[h].first_token_s = now - self.entries[h].submitted
+                if self.prefixes is not None:
+                    self._save_prefix(self.entries[h])
+
+    def _start_from_prefix(self, e: _Entry) -> None:
+        """Load the longest cached prefix of e's prompt into its slot."""
+        n, kv = self.prefixes.lookup(e.ids)
+        if kv is None:
+            return
+        seen = np.zeros((self.model.config.vocab_size,), bool)
+        seen[np.asarray(e.ids[:n])] = True
+        self.state = engine.load_prefix(self.state, jnp.int32(e.slot), kv, jnp.int32(n),
+                                        jnp.asarray(seen))
+        e.prefilled = n
+
+    def _save_prefix(self, e: _Entry) -> None:
+        """Keep the KV of e's prompt (whole blocks) for later requests sharing it."""
+        n = len(e.ids) // PREFIX_BLOCK * PREFIX_BLOCK
+        if n == 0 or tuple(e.ids[:n]) in self.prefixes.entries:
+            return
+        kv = engine.save_prefix(self.state, jnp.int32(e.slot), length=min(bucket(n),
+                                                                          self.cache_len))
+        self.prefixes.add(e.ids[:n], kv)
 
     def warm_up(self) -> None:
         """Compile every admit shape this engine can use with admit_group 1 (one per prompt

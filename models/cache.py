@@ -114,29 +114,28 @@ def write_positions(cache: KVCache, positions: jax.Array) -> tuple[KVCache, jax.
 
 
 def _map_rows(fn, cache: KVCache, *others: KVCache) -> KVCache:
-    """cache with fn(buffer, batch axis, *the others' buffers) for every buffer (per-layer
-    tuples item by item; the batch axis comes from the fields' logical axes)."""
+    """cache with fn(buffer, its logical axes, *the others' buffers) for every buffer (per-layer
+    tuples item by item, their axes without the leading "layers")."""
     new = {}
     for f in dataclasses.fields(cache):
         axes, value = f.metadata.get("axes"), getattr(cache, f.name)
         if axes is None or value is None:
             continue
-        new[f.name] = jax.tree.map(
-            lambda a, *o, axes=axes: fn(a, axes.index("batch") - (len(axes) - a.ndim), *o),
-            value, *(getattr(c, f.name) for c in others))
+        new[f.name] = jax.tree.map(lambda a, *o, axes=axes: fn(a, axes[len(axes) - a.ndim:], *o),
+                                   value, *(getattr(c, f.name) for c in others))
     return cache.replace(**new)
 
 
 def take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
     """The cache of rows [G] (a row index >= B reads some row: its result is for `put_rows` to
     drop)."""
-    return _map_rows(lambda a, ax: jnp.take(a, rows, axis=ax, mode="clip"), cache)
+    return _map_rows(lambda a, ax: jnp.take(a, rows, axis=ax.index("batch"), mode="clip"), cache)
 
 
 def put_rows(cache: KVCache, rows: jax.Array, part: KVCache) -> KVCache:
     """cache with rows [G] replaced by the G-row cache `part` (indices >= B are dropped)."""
     def put(a, ax, p):
-        return a.at[(slice(None),) * ax + (rows,)].set(p, mode="drop")
+        return a.at[(slice(None),) * ax.index("batch") + (rows,)].set(p, mode="drop")
 
     return _map_rows(put, cache, part)
 
@@ -214,3 +213,30 @@ def write_layer(buf: jax.Array, layer, slots: jax.Array, new: jax.Array) -> jax.
     vals = jnp.swapaxes(new.astype(buf.dtype), 1, 2)  # [B, K, T, (H)]
     idx = (rows, heads, slots[:, None, :])
     return buf.at[idx if layer is None else (layer, *idx)].set(vals, mode="drop")
+
+
+
+def read_prefix(cache: KVCache, row: jax.Array, length: int) -> KVCache:
+    """A 1-row cache holding row `row`'s first `length` (static) slots: the keys, values and
+    positions of its first tokens (`end` as it is)."""
+    part = take_rows(cache, jnp.reshape(row, (1,)))
+    return _map_rows(lambda a, ax: jax.lax.slice_in_dim(a, 0, length, axis=ax.index("sequence"))
+                     if "sequence" in ax else a, part)
+
+
+def write_prefix(cache: KVCache, row: jax.Array, prefix: KVCache, used: jax.Array) -> KVCache:
+    """cache with row `row` holding `prefix` (from `read_prefix`) in its first slots, only its
+    first `used` tokens kept (the rest of the row empty, end = used)."""
+    def put(a, ax, p):
+        if "sequence" not in ax:
+            return a
+        start = [0] * a.ndim
+        start[ax.index("batch")] = row
+        return jax.lax.dynamic_update_slice(a, p.astype(a.dtype), start)
+
+    cache = clear_rows(cache, jnp.arange(cache.end.shape[0]) == row)
+    cache = _map_rows(put, cache, prefix)
+    keep = jnp.arange(cache.pos.shape[1]) < used
+    pos = jnp.where((jnp.arange(cache.pos.shape[0]) == row)[:, None] & ~keep[None, :], -1,
+                    cache.pos)
+    return cache.replace(pos=pos, end=cache.end.at[row].set(used))

@@ -20,7 +20,7 @@ import transformers
 
 import jaxinfer
 import models
-from jaxinfer import engine, text
+from jaxinfer import engine, generate, text
 from jaxinfer.errors import CheckpointError, InputError
 from jaxinfer.generate import Engine, Request, engine_for, generate_ids
 from jaxinfer.model import Model
@@ -350,6 +350,31 @@ def test_chunked_prefill_equals_one_prefill(tiny, monkeypatch):
     ids, lps, _ = eng.result(h)
     assert ids == want
     np.testing.assert_allclose(lps, want_lp, atol=1e-5)
+
+
+def test_prefix_cache_hit_equals_a_fresh_prefill(tiny):
+    """A request sharing whole blocks of an earlier prompt starts from its cached KV and gets
+    the tokens and log-probs of a fresh prefill; the cache evicts by size (LRU)."""
+    rng = np.random.default_rng(1)
+    system = [int(t) for t in rng.integers(3, 120, 37)]
+    first, second = system + [5, 6, 7], system[:35] + [9, 8, 7, 6]
+    sampling = Sampling(temperature=1.0, seed=5, repetition_penalty=1.2)
+    eng = Engine(tiny, slots=2, cache_len=96, buf_len=16, prefix_cache_bytes=1 << 24)
+    for prompt in (first, second, first):
+        want, want_lp = _alone(tiny, prompt, sampling, 8)
+        h = eng.submit(prompt, sampling, 8)
+        while not eng.finished(h):
+            eng.advance(4)
+        ids, lps, _ = eng.result(h)
+        assert ids == want
+        np.testing.assert_allclose(lps, want_lp, atol=1e-5)
+        eng.forget(h)
+    assert (eng.prefixes.hits, eng.prefixes.misses) == (2, 1)  # 32 shared tokens, twice
+    small = generate.PrefixCache(max_bytes=eng.prefixes.bytes)
+    kv = next(iter(eng.prefixes.entries.values()))[0]
+    small.add([1] * 16, kv)
+    small.add([2] * 16, kv)
+    assert list(small.entries) == [(2,) * 16]  # the older entry was evicted
 
 
 def test_engine_refuses_what_does_not_fit(tiny):

@@ -136,6 +136,18 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served, body, status,
     assert ok.choices[0].text is not None
 
 
+def test_shared_system_prompt_hits_the_prefix_cache(served):
+    system = {"role": "system", "content": "You are a helpful assistant who answers in one short "
+                                          "sentence, politely, and never uses lists or markdown."}
+    client = served.client()
+    before = _metric(served, "jaxinfer_prefix_cache_hits")
+    answers = [client.chat.completions.create(
+        model="smollm2", messages=[system, {"role": "user", "content": q}], max_tokens=4,
+        temperature=0).choices[0].message.content for q in ("Hi!", "Hello!", "Hi!")]
+    assert answers[0] == answers[2]
+    assert _metric(served, "jaxinfer_prefix_cache_hits") >= before + 2
+
+
 def test_malformed_json_api_key_and_health(served):
     auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     r = httpx.post(served.base + "/v1/completions", content=b"{not json", headers=auth)

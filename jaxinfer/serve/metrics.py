@@ -28,3 +28,7 @@ class Metrics:
                               "from arrival to the first token", buckets=_LATENCY, registry=r)
         self.itl = Histogram("jaxinfer_inter_token_latency_seconds",
                              "between tokens of one stream", buckets=_LATENCY, registry=r)
+        self.prefix_hits = Counter("jaxinfer_prefix_cache_hits",
+                                   "requests started from a cached prompt prefix", registry=r)
+        self.prefix_misses = Counter("jaxinfer_prefix_cache_misses",
+                                     "requests that found no cached prefix", registry=r)

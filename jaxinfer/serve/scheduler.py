@@ -79,17 +79,20 @@ class EngineLoop:
     """The engine thread (see the module docstring). metrics: a `serve.metrics.Metrics`."""
 
     def __init__(self, model, *, slots: int, max_len: int, max_queue: int, metrics,
-                 step_tokens: int = 4, kv_cache: str = "float"):
+                 step_tokens: int = 8, kv_cache: str = "float",
+                 prefix_cache_bytes: int = 256 << 20):
         self.model, self.metrics, self.max_queue = model, metrics, max_queue
         self.step_tokens = step_tokens
         self.engine = Engine(model, slots=slots, cache_len=max_len, buf_len=max_len,
-                             kv_cache=kv_cache, admit_group=1)
+                             kv_cache=kv_cache, admit_group=1,
+                             prefix_cache_bytes=prefix_cache_bytes)
         self.max_len = max_len
         self.inbox: queue.Queue = queue.Queue()
         self.choices: list[_Choice] = []
         self._waiting = 0  # jobs submitted whose choices do not all have a slot yet
         self._lock = threading.Lock()
         self._stop = False
+        self._hits = self._misses = 0
         self.thread = threading.Thread(target=self._run, name="jaxinfer-engine", daemon=True)
 
     def start(self, warm_up: bool = True) -> EngineLoop:
@@ -128,6 +131,7 @@ class EngineLoop:
                 self._drop_cancelled()
                 if self.choices:
                     self.engine.advance(self.step_tokens)
+                    self._count_prefixes()
                     self._emit()
             except Exception as e:  # never let one failure stop the engine
                 log.exception("engine step failed")
@@ -219,6 +223,14 @@ class EngineLoop:
                                     if o.job is c.job):
                 self._unqueue(c.job)
         self.metrics.active_slots.set(len(self.engine.by_slot))
+
+    def _count_prefixes(self) -> None:
+        p = self.engine.prefixes
+        if p is None:
+            return
+        self.metrics.prefix_hits.inc(p.hits - self._hits)
+        self.metrics.prefix_misses.inc(p.misses - self._misses)
+        self._hits, self._misses = p.hits, p.misses
 
     def _fail_all(self, message: str) -> None:
         for c in list(self.choices):
