@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import models
 from jaxinfer.engine import DecodeState
 from jaxinfer.errors import InputError
-from jaxinfer.generate import Request, engine_for, generate_ids
+from jaxinfer.generate import Engine, Request, engine_for, generate_ids
 from jaxinfer.model import Model
 from jaxinfer.parallel import (
     RULES,
@@ -304,6 +304,26 @@ def test_default_placement_on_one_cpu_process_is_one_device(smollm2):
     assert placement.apply(smollm2) is smollm2
     assert placement.info()["mesh"] == {"data": 1, "model": 1}
     assert "8 CPU devices share this host's cores" in placement.notes[0]
+
+
+@pytest.mark.parametrize("mesh, pmap", [((2, 2), False), ((4, 1), True)])
+def test_requests_join_a_running_batch_on_any_placement(tiny, mesh, pmap):
+    """Continuous batching on a mesh and under pmap: a request admitted mid-run (into a slot
+    of another device) gets the tokens it gets alone on one device."""
+    model, _ = tiny
+    placed = Placement(mesh, pmap=pmap).apply(model)
+    eng = Engine(placed, slots=4, cache_len=64, buf_len=16)
+    jobs = [(TINY_PROMPTS[0], Sampling(), 12), (TINY_PROMPTS[1], Sampling(temperature=1.0, seed=3),
+                                               10), (TINY_PROMPTS[2], Sampling(), 6)]
+    handles = [eng.submit(*jobs[0])]
+    eng.advance(3)
+    handles += [eng.submit(*j) for j in jobs[1:]]
+    while not all(eng.finished(h) for h in handles):
+        eng.advance(2)
+    for h, (prompt, sampling, n) in zip(handles, jobs, strict=True):
+        alone = generate_ids(model, Request(prompts=[prompt], sampling=[sampling],
+                                            max_new_tokens=n, stop_token_ids=()))[0]
+        assert eng.result(h)[0] == alone.token_ids
 
 
 def test_slots_padded_to_the_data_axis(tiny):
