@@ -4,6 +4,7 @@ Main entry points: `load(source, dtype=None) -> Model`; `sparsify(params, ...)` 
 see jaxinfer.sparse); quantization lives in jaxinfer.quant.
 """
 
+from jaxinfer import profile  # noqa: F401  (first: its clock starts the "imports" phase)
 from jaxinfer.errors import CheckpointError, ConfigError, FetchError, InputError, JaxinferError
 from jaxinfer.loading import load
 from jaxinfer.model import Model

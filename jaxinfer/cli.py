@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from jaxinfer import profile
 from jaxinfer.errors import InputError, JaxinferError
+from jaxinfer.loading import convert_cache
 from jaxinfer.loading.fetch import DEFAULT_MODEL, cache_dir
 from jaxinfer.parallel.cli_support import add_parallel_args, devices_command, setup_parallel
 
@@ -30,6 +32,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="do not use the persistent compilation cache")
     p.add_argument("--kv-cache", choices=["float", "int8"], default="float",
                    help="KV cache storage: float (parameter dtype) or int8 with per-token scales")
+    p.add_argument("--profile", action="store_true",
+                   help="print where start-up time goes to stderr (also JAXINFER_PROFILE=1)")
     _quant_args(p)
 
 
@@ -99,11 +103,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory (must not exist)")
     q.set_defaults(compile_cache=None, no_compile_cache=True)
     _prune_parser(sub)
+    _serve_parser(sub)
     d = sub.add_parser("devices", help="devices, processes and the mesh that would be chosen")
     _common(d)
     add_parallel_args(d)
     d.add_argument("--json", action="store_true")
     return parser
+
+
+def _serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    _common(s)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
+    s.add_argument("--max-len", type=int, default=2048,
+                   help="tokens per request, prompt + completion (default 2048)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a slot before new ones get 429 (default 64)")
+    s.add_argument("--api-key", default=os.environ.get("JAXINFER_API_KEY"),
+                   help="require Authorization: Bearer KEY (default $JAXINFER_API_KEY)")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    s.add_argument("--prefix-cache-mb", type=int, default=256,
+                   help="memory for the KV of shared prompt prefixes (0: off; default 256)")
+    s.add_argument("--served-model-name", default=None,
+                   help="the model id clients use (default: --model)")
+    add_parallel_args(s)
 
 
 def _prune_parser(sub) -> None:
@@ -165,15 +191,18 @@ def _load(args, placement=None, calibration: dict | None = None):
 
     t = time.perf_counter()
     quant = getattr(args, "quant", None)
-    model = jaxinfer.load(args.model, dtype=args.dtype, keep_packed=quant == "native")
+    with profile.phase("load"):
+        model = jaxinfer.load(args.model, dtype=args.dtype, keep_packed=quant == "native")
     if quant not in (None, "native"):
         from jaxinfer.quant.recipes import quantize_model
 
-        model = quantize_model(model, quant, group_size=args.group_size,
-                               symmetric=not args.asymmetric, embed=args.quant_embed,
-                               **(calibration or {}))
+        with profile.phase("quantize"):
+            model = quantize_model(model, quant, group_size=args.group_size,
+                                   symmetric=not args.asymmetric, embed=args.quant_embed,
+                                   **(calibration or {}))
     if placement is not None:
-        model = placement.apply(model)
+        with profile.phase("placement"):
+            model = placement.apply(model)
     return model, time.perf_counter() - t
 
 
@@ -215,6 +244,8 @@ def cmd_generate(args) -> int:
         if live:
             print(ev.text, end="", flush=True)
     total = time.perf_counter() - t0
+    profile.record("first output (layout, compile or cache load, prefill)", (first or t0) - t0)
+    profile.record("rest of generation", total - ((first or t0) - t0))
     n_tokens = sum(len(r.token_ids) for r in results)
     timings = {"load_s": round(load_s, 3), "first_output_s": round((first or t0) - t0, 3),
                "total_s": round(total, 3), "generated_tokens": n_tokens,
@@ -373,21 +404,52 @@ def cmd_prune(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "quantize": cmd_quantize, "generate": cmd_generate, "chat": cmd_chat,
-            "bench": cmd_bench, "eval": cmd_eval, "devices": devices_command}
+def cmd_serve(args) -> int:
+    from jaxinfer.serve.app import create_app, serve
+
+    if not 0 < args.port < 65536 or args.slots < 1 or args.max_queue < 0 or args.max_len < 2:
+        raise InputError("need 0 < --port < 65536, --slots >= 1, --max-queue >= 0, --max-len >= 2")
+    placement = setup_parallel(args)
+    model, load_s = _load(args, placement)
+    if args.max_len > model.config.max_seq_len:
+        raise InputError(f"--max-len {args.max_len} exceeds the model's context of "
+                         f"{model.config.max_seq_len}")
+    _status(f"loaded {args.model} in {load_s:.1f}s")
+    app = create_app(model, model_name=args.served_model_name or args.model, slots=args.slots,
+                     max_len=args.max_len, max_queue=args.max_queue, api_key=args.api_key,
+                     timeout_s=args.timeout, kv_cache=args.kv_cache,
+                     prefix_cache_bytes=args.prefix_cache_mb << 20)
+    serve(app, args.host, args.port)
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "prune": cmd_prune, "quantize": cmd_quantize,
+            "generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench, "eval": cmd_eval,
+            "devices": devices_command}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "profile", False):
+        profile.enable()
+    profile.mark_imports_done()
     try:
-        setup_compile_cache(args)
-        return COMMANDS[args.command](args)
+        with profile.phase("compile cache set-up"):
+            setup_compile_cache(args)
+            if profile.enabled():
+                profile.watch_jax()
+        code = COMMANDS[args.command](args)
+        with profile.phase("wait for the converted-weights cache write"):
+            convert_cache.wait_for_writes()
+        return code
     except JaxinferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        profile.report()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
-from jaxinfer.chat_template import render_chat_template
 from jaxinfer.errors import CheckpointError, InputError
 from jaxinfer.loading.hf_dir import read_json
 
@@ -181,6 +180,52 @@ class Tokenizer:
             chat_template=metadata.get("tokenizer.chat_template"), source=source,
         )
 
+    _STATE_FIELDS = ("bos_token_id", "eos_token_ids", "pad_token_id", "unk_token_id",
+                     "chat_template", "add_bos_token", "vocab_size")
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The ``tokenizers.Tokenizer`` (from ``from_state``: parsed on first use)."""
+        if self._backend is None:
+            try:
+                self._backend = tokenizers.Tokenizer.from_str(self._pending)
+            except Exception as e:
+                raise CheckpointError(f"{self.source}: the cached tokenizer cannot be rebuilt "
+                                      f"({e})") from None
+            self._pending = None
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: tokenizers.Tokenizer) -> None:
+        self._backend, self._pending = value, None
+
+    def state(self) -> dict:
+        """Everything ``from_state`` needs to rebuild this tokenizer, as a JSON-able dict (the
+        backend as its tokenizer.json text)."""
+        state = {name: getattr(self, name) for name in self._STATE_FIELDS}
+        state["eos_token_ids"] = list(self.eos_token_ids)
+        return {**state, "byte_ids": sorted(self._byte_ids), "backend": self.backend.to_str(),
+                "tokenizers": tokenizers.__version__}
+
+    @classmethod
+    def from_state(cls, state: dict, source: str) -> Tokenizer:
+        """The tokenizer ``state()`` described. Its backend (~0.2 s for a 49k vocabulary) is
+        parsed on first use, so loading a model costs nothing for it. ValueError if the state
+        was written by another version of the tokenizers library or lacks a field (the caller
+        rebuilds it then)."""
+        if state.get("tokenizers") != tokenizers.__version__:
+            raise ValueError(f"tokenizer state from tokenizers {state.get('tokenizers')}")
+        missing = {*cls._STATE_FIELDS, "byte_ids", "backend"} - set(state)
+        if missing:
+            raise ValueError(f"tokenizer state lacks {sorted(missing)}")
+        self = cls.__new__(cls)
+        for name in cls._STATE_FIELDS:
+            setattr(self, name, state[name])
+        self.eos_token_ids = tuple(state["eos_token_ids"])
+        self._byte_ids, self.source = frozenset(state["byte_ids"]), source
+        self._backend, self._pending = None, state["backend"]
+        return self
+
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> Tokenizer | None:
         """Load ``tokenizer.json`` and the config files beside it; None without tokenizer.json."""
@@ -251,6 +296,8 @@ class Tokenizer:
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, **extra) -> str:
         """Render ``messages`` with the checkpoint's chat template (InputError if it has none)."""
+        from jaxinfer.chat_template import render_chat_template  # jinja2 only when chatting
+
         names = {"bos_token": self.bos_token_id, "eos_token": self.eos_token_id,
                  "unk_token": self.unk_token_id, "pad_token": self.pad_token_id}
         special = {name: self.id_to_token(i) for name, i in names.items() if i is not None}

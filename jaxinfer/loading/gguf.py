@@ -1,9 +1,9 @@
 """Reading GGUF checkpoints (llama.cpp's file format) and mapping them to Hugging Face Llama.
 
-`GGUFFile` wraps `gguf.GGUFReader`, which memory-maps the file: tensor bytes are read only when a
-tensor is loaded. Dequantization is done here in numpy, block by block, following the ggml block
-layouts (see the `_deq_*` functions). Shapes are given in numpy/PyTorch order, the reverse of
-GGML's `ne` order, so a 2-D weight is `(out_features, in_features)`.
+`GGUFFile` parses the header with our own reader (gguf_reader.py) and memory-maps the file:
+tensor bytes are read only when a tensor is loaded. Dequantization is done here in numpy, block
+by block, following the ggml block layouts (see the `_deq_*` functions). Shapes are given in
+numpy/PyTorch order, the reverse of GGML's `ne` order, so a 2-D weight is `(out_features, in_features)`.
 
 `hf_config_from_gguf` and `hf_tensor_items` turn a llama GGUF into a Hugging Face
 `config.json`-style dict and a `LlamaForCausalLM` state dict (float32, one tensor at a time),
@@ -17,11 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType
 
 from jaxinfer.errors import CheckpointError
 from jaxinfer.loading.convert import NAMES, gguf_name, hf_name
-from jaxinfer.quant.gguf_blocks import unpermute_qk
+from jaxinfer.loading.gguf_reader import GGUFByteOrderError, GGUFFormatError, map_file, read_header
 
 _CHUNK_BLOCKS = 1 << 16  # blocks dequantized per numpy pass, bounds temporary memory
 
@@ -136,26 +135,11 @@ def dequantize(raw: np.ndarray, type_name: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- GGUF file
 
 
-def _field_value(field) -> object:
-    """A gguf ReaderField -> plain Python value (str, int, float, bool, or a list of those)."""
-    types, parts = field.types, field.parts
-    if types[0] != GGUFValueType.ARRAY:
-        if types[0] == GGUFValueType.STRING:
-            return bytes(parts[-1]).decode("utf-8")
-        return parts[-1][0].item()
-    if len(types) == 1:  # empty array
-        return []
-    if types[1] == GGUFValueType.STRING:
-        return [bytes(parts[i]).decode("utf-8") for i in field.data]
-    if types[1] == GGUFValueType.ARRAY:
-        return field.contents()
-    return np.concatenate([parts[i] for i in field.data]).tolist()
-
-
 class GGUFFile:
     """A memory-mapped GGUF file: metadata, tensor directory, and per-tensor loading.
 
-    Raises `CheckpointError` if the path is missing, not a GGUF file, truncated or corrupt.
+    The header is parsed by `gguf_reader.read_header`. Raises `CheckpointError` if the path is
+    missing, not a GGUF file, truncated or corrupt.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -167,32 +151,23 @@ class GGUFFile:
         try:
             with open(self.path, "rb") as f:
                 magic = f.read(4)
+            if magic != b"GGUF":
+                raise CheckpointError(f"{self.path} is not a GGUF file (bad magic number)")
+            self._mmap, self._data = map_file(self.path)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read file ({e.strerror})") from None
-        if magic != b"GGUF":
-            raise CheckpointError(f"{self.path} is not a GGUF file (bad magic number)")
         try:
-            self._reader = GGUFReader(self.path)
-        except Exception as e:
-            raise CheckpointError(f"{self.path}: truncated or corrupt GGUF file ({e})") from None
-        if self._reader.byte_order != "I":
-            raise CheckpointError(f"{self.path}: byte-swapped (big-endian) GGUF is not supported")
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        size = self._reader.data.size
-        for t in self._tensors.values():
-            if t.data_offset + t.n_bytes > size:
-                raise CheckpointError(
-                    f"{self.path}: truncated or corrupt GGUF file (tensor {t.name} ends at byte "
-                    f"{t.data_offset + t.n_bytes}, past the end of the file at {size})"
-                )
-        self.metadata: dict[str, object] = {}
-        for key, field in self._reader.fields.items():
-            if key.startswith("GGUF."):  # version/counts pseudo-fields of the reader
-                continue
-            try:
-                self.metadata[key] = _field_value(field)
-            except Exception as e:
-                raise CheckpointError(f"{self.path}: corrupt metadata field {key} ({e})") from None
+            self.header = read_header(self._mmap)
+        except GGUFByteOrderError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+        except GGUFFormatError as e:
+            raise CheckpointError(f"{self.path}: truncated or corrupt GGUF file: {e}") from None
+        self.metadata: dict[str, object] = self.header.metadata
+        self._tensors = self.header.tensors
+
+    def header_bytes(self) -> bytes:
+        """Bytes [0, end of the tensor directory): everything that describes the file."""
+        return bytes(self._mmap[: self.header.header_end])
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r})"
@@ -220,11 +195,11 @@ class GGUFFile:
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         """Shape in numpy order (reversed GGML ne): a 2-D weight is (out, in)."""
-        return tuple(int(d) for d in reversed(self._tensor(name).shape.tolist()))
+        return tuple(reversed(self._tensor(name).ne))
 
     def tensor_type(self, name: str) -> str:
         """GGML type name, e.g. "Q4_1", "F32"."""
-        return self._tensor(name).tensor_type.name
+        return self._tensor(name).type_name
 
     def raw(self, name: str) -> np.ndarray:
         """The packed bytes as a read-only uint8 view of the mapped file (no copy).
@@ -233,7 +208,7 @@ class GGUFFile:
         """
         t = self._tensor(name)
         shape = self.tensor_shape(name)
-        data = self._reader.data[t.data_offset : t.data_offset + t.n_bytes]
+        data = self._data[t.offset : t.offset + t.n_bytes]
         return data.reshape(*shape[:-1], -1) if shape else data
 
     def load(self, name: str) -> np.ndarray:
@@ -411,6 +386,8 @@ def load_hf_tensor(gguf_file: GGUFFile, config: dict, hf_name: str) -> np.ndarra
             f"{gguf_file.path}: tensor {gguf_name} has shape {w.shape}, expected {expected} "
             f"for {hf_name}"
         )
+    from jaxinfer.quant.gguf_blocks import unpermute_qk  # quant only when converting
+
     if hf_name.endswith("q_proj.weight"):
         w = unpermute_qk(w, config["num_attention_heads"])
     elif hf_name.endswith("k_proj.weight"):
@@ -443,3 +420,13 @@ class GGUFSource:
 
     def describe(self, name: str) -> str:
         return str(self.file.path)
+
+
+def __getattr__(name):
+    """`unpermute_qk` (from jaxinfer.quant.gguf_blocks), imported on first use so that
+    reading a GGUF does not import the quantization package."""
+    if name == "unpermute_qk":
+        from jaxinfer.quant.gguf_blocks import unpermute_qk
+
+        return unpermute_qk
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -82,6 +82,12 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
 
+    def data(self) -> np.ndarray:
+        """The whole data section (every tensor's bytes, in file order) as a uint8 view."""
+        if self._mmap is None:
+            return np.zeros(0, np.uint8)
+        return self._mmap[self._start:]
+
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only numpy view of the mapped file (no copy)."""
         dtype, shape, begin, end = self._entries[name]
@@ -104,9 +110,12 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray],
     if metadata:
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    # Pad the header (with spaces, as the format allows) so the data starts 64-byte aligned:
+    # jax.device_put then aliases a memory-mapped tensor instead of copying it, when the
+    # tensor's own offset is a multiple of 64 too.
+    raw += b" " * (-(8 + len(raw)) % 64)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for arr in blobs:
-            f.write(arr.tobytes())
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))

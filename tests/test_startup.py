@@ -1,0 +1,252 @@
+"""Start-up: the own GGUF header reader, the converted-weights cache and `--profile`.
+
+The reader is compared with `gguf.GGUFReader` on the real SmolLM2 file and on small files
+written with `gguf.GGUFWriter`. The cache is checked on a tiny llama GGUF (corrupt, truncated,
+stale entries) and on SmolLM2 (a warm load equals a cold one bit for bit, tokenizer included).
+"""
+
+import json
+
+import numpy as np
+import pytest
+from gguf import GGUFReader, GGUFValueType
+from test_gguf import tiny_llama_gguf, tiny_llama_hf, write_gguf
+
+import jaxinfer
+from jaxinfer import cli, paths, profile
+from jaxinfer.bench import english_text
+from jaxinfer.errors import CheckpointError
+from jaxinfer.loading import convert_cache
+from jaxinfer.loading.gguf import GGUFFile
+from jaxinfer.tokenizer import Tokenizer
+
+
+def reader_metadata(path) -> dict:
+    """Metadata as gguf.GGUFReader gives it, as plain Python values (the previous loader's way)."""
+    out = {}
+    for key, field in GGUFReader(path).fields.items():
+        if key.startswith("GGUF."):
+            continue
+        types, parts = field.types, field.parts
+        if types[0] == GGUFValueType.STRING:
+            out[key] = bytes(parts[-1]).decode()
+        elif types[0] != GGUFValueType.ARRAY:
+            out[key] = parts[-1][0].item()
+        elif len(types) == 1:
+            out[key] = []
+        elif types[1] == GGUFValueType.STRING:
+            out[key] = [bytes(parts[i]).decode() for i in field.data]
+        else:
+            out[key] = np.concatenate([parts[i] for i in field.data]).tolist()
+    return out
+
+
+def assert_same_as_reader(path) -> None:
+    ours, ref = GGUFFile(path), GGUFReader(path)
+    expected = reader_metadata(path)
+    assert ours.metadata == expected
+    assert {k: type(v) for k, v in ours.metadata.items()} == {k: type(v) for k, v in expected.items()}
+    assert ours.tensor_names() == [t.name for t in ref.tensors]
+    for t in ref.tensors:
+        assert ours.tensor_type(t.name) == t.tensor_type.name
+        assert ours.tensor_shape(t.name) == tuple(reversed(t.shape.tolist()))
+        assert np.array_equal(ours.raw(t.name).reshape(-1),
+                              ref.data[t.data_offset : t.data_offset + t.n_bytes])
+
+
+def test_reader_matches_gguf_reader_smollm2(smollm2_gguf_path):
+    assert_same_as_reader(smollm2_gguf_path)
+
+
+def test_reader_matches_gguf_reader_small_files(tmp_path):
+    assert_same_as_reader(tiny_llama_gguf(tmp_path / "tiny.gguf", tiny_llama_hf()))
+    meta = {"a.bool": True, "a.int": 7, "a.float": 0.1, "a.str": "héllo", "a.empty_str": "",
+            "a.ints": [1, 2, 3], "a.floats": [0.5, -1.25], "a.strs": ["x", "", "ü"], "a.bools":
+            [True, False], "general.alignment": 64}
+    raw = np.arange(40, dtype=np.uint8).reshape(2, 20)
+    path = write_gguf(tmp_path / "m.gguf", {"f": np.ones((3, 5), np.float32),
+                                            "h": np.ones(7, np.float16), "q": (raw, 3)},
+                      metadata=meta)
+    assert_same_as_reader(path)
+    assert GGUFFile(path).header.data_start % 64 == 0
+
+
+def test_reader_every_truncation_is_one_clear_error(tmp_path):
+    full = tiny_llama_gguf(tmp_path / "full.gguf", tiny_llama_hf()).read_bytes()
+    end = GGUFFile(tmp_path / "full.gguf").header.header_end
+    cut = tmp_path / "cut.gguf"
+    for n in [*range(4, end + 1), len(full) - 1]:  # inside the header, and one data byte short
+        cut.write_bytes(full[:n])
+        with pytest.raises(CheckpointError, match="truncated or corrupt GGUF file"):
+            GGUFFile(cut)
+
+
+def test_reader_refuses_big_endian_and_unknown_versions(tmp_path):
+    path = tmp_path / "x.gguf"
+    for version, message in ((b"\0\0\0\3", "big-endian"), (b"\x09\0\0\0", "version 9")):
+        path.write_bytes(b"GGUF" + version + bytes(16))
+        with pytest.raises(CheckpointError, match=message):
+            GGUFFile(path)
+
+
+# ----------------------------------------------------------------------------- converted cache
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty jaxinfer cache directory for the test."""
+    monkeypatch.setenv("JAXINFER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("JAXINFER_CONVERTED_CACHE", raising=False)
+    return tmp_path / "cache" / "converted"
+
+
+def tiny_model_file(tmp_path):
+    """A tiny llama GGUF with a byte-level BPE tokenizer, loadable by jaxinfer.load."""
+    tokens = ["t", "0", "t0", *(f"x{i}" for i in range(37))]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": ["t 0"]}
+    return tiny_llama_gguf(tmp_path / "tiny.gguf", tiny_llama_hf(), extra_meta=meta)
+
+
+def leaves(model) -> dict:
+    return {p: np.asarray(x) for p, x in paths.iter_leaves(model.params)}
+
+
+def assert_same_params(a, b) -> None:
+    la, lb = leaves(a), leaves(b)
+    assert la.keys() == lb.keys()
+    for p in la:
+        assert la[p].dtype == lb[p].dtype and la[p].shape == lb[p].shape, p
+        assert la[p].tobytes() == lb[p].tobytes(), p
+
+
+def no_conversion(monkeypatch) -> None:
+    """Make any conversion from the GGUF fail: what loads then came from the cache."""
+    def fail(*args, **kwargs):
+        raise AssertionError("converted from the GGUF instead of the cache")
+
+    monkeypatch.setattr(jaxinfer.loading, "source_leaf", fail)
+    monkeypatch.setattr(Tokenizer, "from_gguf_metadata", fail)
+
+
+def entries(cache, pattern):
+    convert_cache.wait_for_writes()  # weights are written in the background
+    return sorted(cache.glob(pattern))
+
+
+def test_cache_written_then_used(tmp_path, cache, monkeypatch):
+    path = tiny_model_file(tmp_path)
+    cold = jaxinfer.load(path, dtype="float32", progress=False)
+    assert len(entries(cache, "*.float32.*.safetensors")) == 1
+    assert len(entries(cache, "*.tokenizer.json")) == 1
+    assert not entries(cache, ".*partial")
+    with monkeypatch.context() as m:
+        no_conversion(m)
+        warm = jaxinfer.load(path, dtype="float32", progress=False)
+    assert_same_params(cold, warm)
+    assert warm.tokenizer.state() == cold.tokenizer.state()
+    assert warm.eos_token_ids == cold.eos_token_ids and warm.config == cold.config
+    half = jaxinfer.load(path, dtype="bfloat16", progress=False)  # a separate entry per dtype
+    assert {str(x.dtype) for x in leaves(half).values()} == {"bfloat16"}
+    assert len(entries(cache, "*.safetensors")) == 2
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "header"])
+def test_damaged_weights_entry_is_rebuilt(tmp_path, cache, capsys, damage):
+    path = tiny_model_file(tmp_path)
+    cold = jaxinfer.load(path, dtype="float32", progress=False)
+    (entry,) = entries(cache, "*.safetensors")
+    data = bytearray(entry.read_bytes())
+    if damage == "flip":
+        data[-1] ^= 0x40  # the high byte of the last float32 of the last tensor
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "empty":
+        data = b""
+    else:
+        data[8:12] = b"XXXX"  # the JSON header
+    entry.write_bytes(bytes(data))
+    capsys.readouterr()
+    again = jaxinfer.load(path, dtype="float32", progress=False)
+    assert "rebuilding it" in capsys.readouterr().err
+    assert_same_params(cold, again)  # the damaged bytes were not used
+    convert_cache.wait_for_writes()
+    assert entry.read_bytes() != bytes(data)  # rebuilt whole
+    assert convert_cache.read_params(entry, cold.config, np.float32) is not None
+
+
+def test_damaged_tokenizer_entry_is_rebuilt(tmp_path, cache, capsys):
+    path = tiny_model_file(tmp_path)
+    cold = jaxinfer.load(path, progress=False)
+    (entry,) = entries(cache, "*.tokenizer.json")
+    text = entry.read_text()
+    record = json.loads(text)
+    record["state"]["backend"] = record["state"]["backend"].replace('"t0"', '"q0"')
+    entry.write_text(json.dumps(record))  # valid JSON, a checksum that no longer matches
+    capsys.readouterr()
+    again = jaxinfer.load(path, progress=False)
+    assert "rebuilding it" in capsys.readouterr().err
+    assert again.tokenizer.state() == cold.tokenizer.state()
+    assert entry.read_text() == text
+
+
+def test_changed_source_gets_a_new_entry(tmp_path, cache):
+    path = tiny_model_file(tmp_path)
+    first = jaxinfer.load(path, progress=False)
+    convert_cache.wait_for_writes()
+    tiny_llama_gguf(path, tiny_llama_hf(seed=1), extra_meta={
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.merges": ["t 0"],
+        "tokenizer.ggml.tokens": ["t", "0", "t0", *(f"x{i}" for i in range(37))]})
+    second = jaxinfer.load(path, progress=False)
+    assert not np.array_equal(leaves(first)["embed"], leaves(second)["embed"])
+    assert len(entries(cache, "*.safetensors")) == 1  # the stale entry was removed
+
+
+def test_cache_off(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("JAXINFER_CONVERTED_CACHE", "0")
+    jaxinfer.load(tiny_model_file(tmp_path), progress=False)
+    assert not cache.exists()
+
+
+def test_smollm2_warm_load_equals_cold(smollm2_gguf_path, cache, monkeypatch):
+    cold = jaxinfer.load(smollm2_gguf_path, dtype="float32", progress=False)
+    with monkeypatch.context() as m:
+        no_conversion(m)
+        warm = jaxinfer.load(smollm2_gguf_path, dtype="float32", progress=False)
+    assert_same_params(cold, warm)
+    text = english_text()
+    ids = cold.tokenizer.encode(text)
+    assert len(ids) > 100_000
+    assert warm.tokenizer.encode(text) == ids
+    assert warm.tokenizer.decode(ids) == cold.tokenizer.decode(ids)
+    assert warm.tokenizer.state() == cold.tokenizer.state()
+    assert warm.tokenizer.chat_template == cold.tokenizer.chat_template
+
+
+# ----------------------------------------------------------------------------- --profile
+
+
+def test_profile_prints_phases(tmp_path, cache, capsys):
+    path = tiny_model_file(tmp_path)
+    profile.reset()
+    try:
+        code = cli.main(["generate", "--model", str(path), "--prompt", "t0", "--max-new-tokens",
+                         "2", "--no-compile-cache", "--profile"])
+    finally:
+        profile.reset()
+    assert code == 0
+    err = capsys.readouterr().err
+    for name in ("jaxinfer profile", "imports", "load", "parse GGUF header", "tokenizer",
+                 "tensor conversion (dequantize)", "wait for the converted-weights cache write",
+                 "first output",
+                 "jax: XLA compile or cache load"):
+        assert name in err, name
+    assert profile.records() == [] and not profile.enabled()  # reset: off again
+
+
+def test_profile_off_records_nothing(capsys):
+    profile.reset()
+    with profile.phase("x"):
+        pass
+    profile.report()
+    assert profile.records() == [] and capsys.readouterr().err == ""
