@@ -159,13 +159,15 @@ def _record(state: DecodeState, tok: jax.Array, logp: jax.Array) -> DecodeState:
                          seen=seen, step=state.step + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scan_unroll", "shard"),
+@functools.partial(jax.jit, static_argnames=("config", "scan_unroll", "shard", "kv_len"),
                    donate_argnums=(1,))
 def decode(params, state: DecodeState, limit: jax.Array, *, config,
-           scan_unroll: int = 1, shard=None) -> DecodeState:
+           scan_unroll: int = 1, shard=None, kv_len: int | None = None) -> DecodeState:
     """Decode on the device until every slot is done or `state.step` reaches `limit`.
 
     Done and free slots are fed one padding token (position -1) that takes no cache slot.
+    kv_len (static, optional): attention reads only the first kv_len cache slots (the caller
+    guarantees that no live slot gets past them within this call; see KVCache.visible).
     shard (static, optional): as in `init_state`, applied to the loop's state.
     """
 
@@ -175,9 +177,10 @@ def decode(params, state: DecodeState, limit: jax.Array, *, config,
     def body(s: DecodeState):
         pos = jnp.where(s.done, -1, s.next_pos)
         logits, cache = models.forward(config, params, s.last[:, None], pos[:, None],
-                                       s.cache, scan_unroll=scan_unroll)
+                                       s.cache.replace(visible=kv_len), scan_unroll=scan_unroll)
         tok, logp = sample(logits[:, 0], s.sampling, s.seen, s.length)
-        s = s.replace(cache=cache, next_pos=s.next_pos + (~s.done).astype(jnp.int32))
+        s = s.replace(cache=cache.replace(visible=None),
+                      next_pos=s.next_pos + (~s.done).astype(jnp.int32))
         return _shard(shard, _record(s, tok, logp))
 
     return _shard(shard, jax.lax.while_loop(cond, body, _shard(shard, state)))

@@ -308,8 +308,17 @@ class Engine:
         self._admit()
         if steps > 0 and self._any_live():
             limit = jnp.int32(int(self.state.step) + steps)
-            self.state = self.ops.decode(self.params, self.state, limit, **self.static)
+            self.state = self.ops.decode(self.params, self.state, limit, **self.static,
+                                         kv_len=self._kv_len(steps))
             self._host = None
+
+    def _kv_len(self, steps: int) -> int:
+        """Cache slots the next `steps` decode steps can reach (bucketed, at least 64): every
+        live slot holds its prompt and the tokens drawn so far, and no padding."""
+        length = self.snapshot()[1]
+        ends = [len(e.ids) + int(length[e.slot]) for e in self.entries.values()
+                if e.slot is not None and e.prefilled == len(e.ids)]
+        return min(self.cache_len, bucket(max(ends, default=1) + steps, minimum=64))
 
     def _any_live(self) -> bool:
         done = self.snapshot()[2]

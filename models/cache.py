@@ -55,6 +55,16 @@ class KVCache:
     k_scale: jax.Array | None = logical("layers", "batch", "kv_heads", "sequence", default=None)
     v_scale: jax.Array | None = logical("layers", "batch", "kv_heads", "sequence", default=None)
     attention: Callable | None = flax.struct.field(pytree_node=False, default=None)
+    # visible (static, optional): XLA attention reads only the first `visible` slots of every
+    # row (the caller guarantees no row holds tokens beyond them); None reads all.
+    visible: int | None = flax.struct.field(pytree_node=False, default=None)
+
+    def visible_pos(self) -> jax.Array:
+        """The key positions attention reads: pos [B, S], or its first `visible` slots (not
+        with an attention kernel, which reads each row's used slots itself)."""
+        if self.visible is None or self.attention is not None:
+            return self.pos
+        return self.pos[:, :self.visible]
 
     def layer_buffers(self):
         """(k, v, k_scale, v_scale): what the layers carry and update."""

@@ -129,7 +129,7 @@ class GPT2(nn.Module):
             k_pos, slots, cache_kv = positions, None, None
         else:
             cache, slots = kvc.write_positions(cache, positions)
-            k_pos, cache_kv = cache.pos, cache.layer_buffers()
+            k_pos, cache_kv = cache.visible_pos(), cache.layer_buffers()
         x, cache_kv = run_layers(self, Block, c, c.n_layers, (x, cache_kv),
                                  np.arange(c.n_layers, dtype=np.int32), positions, k_pos, slots,
                                  unroll=self.scan_unroll, unstacked=self.unstacked,

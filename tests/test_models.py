@@ -35,19 +35,25 @@ def test_cached_decode_equals_full_forward(name):
     assert list(np.asarray(cache.end)) == [11, 11]
 
 
-def test_left_padded_rows_in_cache_match_unpadded():
-    """A row padded on the left (positions -1) decodes exactly like the same row alone."""
+def test_right_padded_rows_in_cache_match_unpadded():
+    """A row padded on the right (positions -1 after its tokens) decodes exactly like the same
+    row alone, and its padding takes no cache slot (the next token overwrites it)."""
     config = CONFIGS["llama_gqa_window"]
     params = models.init_params(config, jax.random.key(3))
     row = jnp.array([[5, 9, 2, 7]])
     alone, _ = models.forward(config, params, row, jnp.arange(4)[None])
-    padded = jnp.array([[0, 0, 5, 9, 2, 7]])
-    pos = jnp.array([[-1, -1, 0, 1, 2, 3]])
     cache = models.init_cache(config, 1, 12)
-    out, cache = forward(config, params, padded[:, :5], pos[:, :5], cache)
-    np.testing.assert_allclose(out[:, 2:], alone[:, :3], atol=1e-5)
-    out, cache = forward(config, params, padded[:, 5:], pos[:, 5:], cache)
+    out, cache = forward(config, params, jnp.array([[5, 9, 2, 0, 0]]),
+                         jnp.array([[0, 1, 2, -1, -1]]), cache)
+    np.testing.assert_allclose(out[:, :3], alone[:, :3], atol=1e-5)
+    assert int(cache.end[0]) == 3
+    last, _ = models.forward(config, params, jnp.array([[5, 9, 2, 7, 0]]),
+                             jnp.array([[0, 1, 2, 3, -1]]), models.init_cache(config, 1, 12),
+                             last_only=True)  # the last real token, not the last column
+    out, cache = forward(config, params, row[:, 3:], jnp.array([[3]]), cache)
     np.testing.assert_allclose(out[:, 0], alone[:, 3], atol=1e-5)
+    np.testing.assert_allclose(last[:, 0], alone[:, 3], atol=1e-5)
+    assert int(cache.end[0]) == 4 and cache.pos[0, :5].tolist() == [0, 1, 2, 3, -1]
 
 
 def test_presets_have_expected_shapes_without_allocating():
