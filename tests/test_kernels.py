@@ -1,10 +1,15 @@
-"""The native CPU matmul (jaxinfer.kernels): exact enough against float64, dispatch, params
-wrapping, and generation with it equal to generation without it."""
+"""The native CPU kernels (jaxinfer.kernels) on every ISA this machine has: exact enough
+against float64, RoPE and the cache write bit for bit, dispatch, params wrapping, generation
+with them equal to generation without them, and the ISA selection (JAXINFER_CPU_ISA)."""
 
 from __future__ import annotations
 
+import functools
+import os
 import platform
 import shutil
+import subprocess
+import warnings
 from pathlib import Path
 
 import jax
@@ -13,15 +18,28 @@ import numpy as np
 import pytest
 
 import models
-from jaxinfer import generate, kernels
+from jaxinfer import generate, kernels, paths
 from jaxinfer.generate import Request, generate_ids
 from jaxinfer.model import Model
 from jaxinfer.quant import Int8Weight
 from jaxinfer.sampling import Sampling
 
-CAN_BUILD = (platform.system() == "Linux" and platform.machine() == "x86_64"
-             and "avx512f" in kernels._cpu_flags().split() and shutil.which("c++") is not None)
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs x86-64 Linux, AVX-512F and c++")
+HAVE_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def _isa_param(isa: str):
+    """One ISA as a test parameter, skipped only where this machine cannot run it."""
+    why = (f"this CPU lacks {isa}" if isa not in kernels.supported_isas()
+           else "no C++ compiler" if not HAVE_CXX else "")
+    return pytest.param(isa, id=isa, marks=pytest.mark.skipif(bool(why), reason=why))
+
+
+@pytest.fixture(params=[_isa_param(isa) for isa in kernels.ISA_FLAGS])
+def isa(request, monkeypatch):
+    """Each ISA the kernels have; the process runs it too (JAXINFER_CPU_ISA) while the test does."""
+    monkeypatch.setenv("JAXINFER_CPU_ISA", request.param)
+    monkeypatch.delenv("JAXINFER_NATIVE", raising=False)
+    return request.param
 
 
 CONFIGS = {
@@ -38,37 +56,46 @@ def tiny(request):
                  tokenizer=None, source=request.param, eos_token_ids=())
 
 
-@needs_kernel
-def test_kernel_builds_and_registers():
-    assert kernels.available()
-    lib = kernels.build()
+def test_kernel_builds_and_registers(isa):
+    """Each ISA is its own library, compiled for that ISA (checked when it loads; AVX-512
+    instructions only in the AVX-512 one), cached, registered under its own targets."""
+    assert kernels.isa() == isa and kernels.available()
+    assert kernels.describe().startswith(f"native CPU kernels: {isa} (")
+    lib = kernels.build(isa)
     mtime = lib.stat().st_mtime_ns
-    assert kernels.build() == lib and lib.stat().st_mtime_ns == mtime  # cached, not rebuilt
+    assert kernels.build(isa) == lib and lib.stat().st_mtime_ns == mtime  # cached, not rebuilt
+    assert kernels._library(isa).JaxinferIsa() == isa.encode()
+    assert len({kernels._library_path(i) for i in kernels.ISA_FLAGS}) == len(kernels.ISA_FLAGS)
+    if shutil.which("objdump"):
+        text = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True).stdout
+        assert ("zmm" in text) == (isa == "avx512")
 
 
-@needs_kernel
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 16, 17, 64])
-@pytest.mark.parametrize("k,n", [(7, 1), (64, 47), (64, 48), (100, 49), (576, 1536), (33, 200)])
-def test_matmul_matches_float64(m, k, n):
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 16, 17, 64])
+@pytest.mark.parametrize("k,n", [(7, 1), (64, 47), (64, 48), (100, 49), (576, 1536), (33, 200),
+                                 (16, 72)])
+def test_matmul_matches_float64(m, k, n, isa):
+    """Every row-block size (1 .. 8 rows, several blocks), ragged last panels (one column, half
+    a panel, 47 of 48)."""
     rng = np.random.default_rng(m * 1000 + k + n)
     x = rng.standard_normal((m, k), np.float32)
     w = rng.standard_normal((k, n), np.float32)
-    got = np.asarray(jax.jit(kernels.matmul, static_argnums=2)(x, kernels.pack(w), n))
+    fn = jax.jit(functools.partial(kernels.matmul, isa=isa), static_argnums=2)
+    got = np.asarray(fn(x, kernels.pack(w), n))
     ref = x.astype(np.float64) @ w.astype(np.float64)
     assert got.shape == (m, n)
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(ref).max() + 1e-6)
 
 
-@needs_kernel
-@pytest.mark.parametrize("m", [1, 8, 16, 17])
-def test_matmul_many_and_glu_match_float64(m):
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 17])
+def test_matmul_many_and_glu_match_float64(m, isa):
     """Several projections of one x in one call, and the fused SwiGLU gate silu(x Wg) * (x Wu),
     against float64 (weights with ragged last panels, rows over one register block)."""
     rng = np.random.default_rng(m)
     k, ns = 200, [96, 7, 130]
     x = rng.standard_normal((m, k), np.float32)
     ws = [rng.standard_normal((k, n), np.float32) for n in ns]
-    got = jax.jit(lambda x, *p: kernels.matmul_many(x, list(p), ns))(
+    got = jax.jit(lambda x, *p: kernels.matmul_many(x, list(p), ns, isa))(
         x, *[kernels.pack(w) for w in ws])
     x64 = x.astype(np.float64)
     for y, w in zip(got, ws, strict=True):
@@ -76,15 +103,28 @@ def test_matmul_many_and_glu_match_float64(m):
         np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(ref).max())
     for n in (130, 1536):
         wg, wu = (rng.standard_normal((k, n), np.float32) for _ in range(2))
-        got = jax.jit(kernels.glu, static_argnums=3)(x, kernels.pack(wg), kernels.pack(wu), n)
+        got = jax.jit(functools.partial(kernels.glu, isa=isa), static_argnums=3)(
+            x, kernels.pack(wg), kernels.pack(wu), n)
         g, u = x64 @ wg, x64 @ wu
         ref = g / (1 + np.exp(-g)) * u
         assert got.shape == (m, n)
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-5 * np.abs(ref).max())
 
 
-@needs_kernel
-def test_linear_many_and_swiglu_dispatch():
+def test_glu_over_the_whole_range_of_exp(isa):
+    """silu(g) for g from -120 to 120: exp's clamp and its scaling by 2^n at both ends
+    (n = 128 and -126) give silu within float32 rounding, never inf or nan."""
+    n = 481
+    g = np.linspace(-120, 120, n, dtype=np.float32)[None]
+    got = np.asarray(jax.jit(functools.partial(kernels.glu, isa=isa), static_argnums=3)(
+        np.ones((1, 1), np.float32), kernels.pack(g), kernels.pack(np.ones_like(g)), n))
+    g64 = g.astype(np.float64)
+    ref = g64 / (1 + np.exp(-g64))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-30)
+
+
+def test_linear_many_and_swiglu_dispatch(isa):
     """models.layers.linear_many / swiglu: packed weights run one custom call (biases added
     after), plain arrays and mixed weight types the unfused ops; all give the same numbers."""
     from models.layers import linear, linear_many, swiglu
@@ -92,55 +132,54 @@ def test_linear_many_and_swiglu_dispatch():
     keys = jax.random.split(jax.random.key(3), 6)
     ws = [jax.random.normal(keys[i], (64, n)) for i, n in enumerate((64, 32, 32))]
     bs = [None, jax.random.normal(keys[3], (32,)), None]
-    packed = [kernels.NativeWeight.from_array(w) for w in ws]
+    packed = [kernels.NativeWeight.from_array(w, isa) for w in ws]
+    many, fused_glu = kernels.target("matmul_many", isa), kernels.target("glu", isa)
     for rows in (4, 300):
         x = jax.random.normal(keys[4], (1, rows, 64))
         want = [linear(x, w, b) for w, b in zip(ws, bs, strict=True)]
-        for weights, target in [(packed, kernels.MANY_TARGET), (ws, None),
-                                ([packed[0], ws[1], packed[2]], None)]:
+        for weights, fused in [(packed, True), (ws, False), ([packed[0], ws[1], packed[2]], False)]:
             fn = jax.jit(lambda x, weights=weights: linear_many(x, weights, bs))
-            text = fn.lower(x).as_text()
-            assert (target is not None) == (kernels.MANY_TARGET in text)
+            assert (many in fn.lower(x).as_text()) == fused
             for y, w in zip(fn(x), want, strict=True):
                 np.testing.assert_allclose(y, w, rtol=1e-4, atol=1e-4)
         g, u = ws[1], jax.random.normal(keys[5], (64, 32))
         want = jax.nn.silu(x @ g) * (x @ u)
-        pg, pu = kernels.NativeWeight.from_array(g), kernels.NativeWeight.from_array(u)
+        pg, pu = kernels.NativeWeight.from_array(g, isa), kernels.NativeWeight.from_array(u, isa)
         for args, fused in [((pg, pu), True), ((g, u), False), ((pg, u), False),
                             ((pg, pu, bs[1]), False)]:
             fn = jax.jit(lambda x, args=args: swiglu(x, *args))
-            assert (kernels.GLU_TARGET in fn.lower(x).as_text()) == fused
+            assert (fused_glu in fn.lower(x).as_text()) == fused
             ref = want if len(args) == 2 else jax.nn.silu(x @ g + bs[1]) * (x @ u)
             np.testing.assert_allclose(fn(x), ref, rtol=1e-4, atol=1e-4)
 
 
-@needs_kernel
-def test_native_weight_dispatch_by_dtype():
-    """Float32 inputs of any number of rows (decode steps, prefill) run the custom call, other
-    dtypes XLA's dot on the unpacked weights; both give x @ w."""
+def test_native_weight_dispatch_by_dtype(isa):
+    """Float32 inputs of any number of rows (decode steps, prefill) run the leaf's ISA's custom
+    call, other dtypes XLA's dot on the unpacked weights; both give x @ w."""
     w = jax.random.normal(jax.random.key(0), (48, 80))
-    leaf = kernels.NativeWeight.from_array(w)
-    assert leaf.shape == w.shape and leaf.panels.shape == (2, 48, kernels.STRIP)
+    leaf = kernels.NativeWeight.from_array(w, isa)
+    assert leaf.shape == w.shape and leaf.panels.shape == (2, 48, kernels.STRIP) and leaf.isa == isa
     np.testing.assert_array_equal(kernels.unpack(leaf.panels, 80), w)
     for shape, dtype in [((1, 1, 48), jnp.float32), ((4, 1, 48), jnp.float32),
                          ((2, 3, 48), jnp.float32), ((300, 48), jnp.float32),
                          ((4, 48), jnp.bfloat16)]:
         x = jax.random.normal(jax.random.key(1), shape).astype(dtype)
         text = jax.jit(leaf.matmul).lower(x).as_text()
-        assert (kernels.TARGET in text) == (dtype == jnp.float32), shape
+        assert (kernels.target("matmul", isa) in text) == (dtype == jnp.float32), shape
         tol = 1e-5 if dtype == jnp.float32 else 5e-2
         np.testing.assert_allclose(np.asarray(jax.jit(leaf.matmul)(x), np.float32),
                                    np.asarray(x.astype(jnp.float32) @ w), rtol=tol, atol=tol)
 
 
-@needs_kernel
-def test_native_embedding_rows_and_head():
+def test_native_embedding_rows_and_head(isa):
     table = jax.random.normal(jax.random.key(2), (50, 24))
-    emb = kernels.NativeEmbedding.from_table(table)
+    emb = kernels.NativeEmbedding.from_table(table, isa)
     tokens = jnp.array([[3, 0, 49], [7, 7, 1]])
     np.testing.assert_array_equal(emb.take_rows(tokens), table[tokens])
     x = jax.random.normal(jax.random.key(3), (2, 1, 24))
-    np.testing.assert_allclose(jax.jit(emb.matmul_transposed)(x), x @ table.T, atol=1e-5)
+    fn = jax.jit(emb.matmul_transposed)
+    assert kernels.target("matmul", isa) in fn.lower(x).as_text()
+    np.testing.assert_allclose(fn(x), x @ table.T, atol=1e-5)
     assert emb.shape == table.shape
 
 
@@ -173,77 +212,117 @@ def test_decode_attention_fallback_is_rope_write_and_attend(rope):
         np.testing.assert_array_equal(g, w)
 
 
-@needs_kernel
-def test_native_params_wraps_matmul_weights_only(tiny):
+def test_native_params_wraps_matmul_weights_only(tiny, isa):
     params = models.unstack_layers(tiny.params)
     mlp = params["layers"][0]["mlp"]
     name = "up" if "up" in mlp else "fc"
     mlp[name] = Int8Weight.from_float(mlp[name])
     table = models.tied_table(tiny.config)
     wrapped = kernels.native_params(params, table)
-    flat = {jax.tree_util.keystr(p, simple=True, separator="/"): x for p, x in
-            jax.tree_util.tree_flatten_with_path(
-                wrapped, is_leaf=lambda x: not isinstance(x, dict | tuple | list))[0]}
-    for path, leaf in flat.items():
-        original = params
-        for part in path.split("/"):
-            original = original[int(part) if isinstance(original, tuple) else part]
+    for path, leaf in paths.iter_leaves(wrapped):
+        original = paths.get(params, path)
         if path == table:
-            assert isinstance(leaf, kernels.NativeEmbedding)
+            assert isinstance(leaf, kernels.NativeEmbedding) and leaf.isa == isa
             np.testing.assert_array_equal(kernels.unpack(leaf.panels, leaf.n), original.T)
         elif path == f"layers/0/mlp/{name}":
             assert leaf is original  # quantized leaves are left alone
-        elif getattr(original, "ndim", 0) == 2 and path.split("/")[0] not in ("embed", "wpe"):
-            assert isinstance(leaf, kernels.NativeWeight), path
+        elif getattr(original, "ndim", 0) == 2 and path not in ("embed", "wpe"):
+            assert isinstance(leaf, kernels.NativeWeight) and leaf.isa == isa, path
             np.testing.assert_array_equal(kernels.unpack(leaf.panels, leaf.n), original)
         else:
             assert leaf is original, path
 
 
-@needs_kernel
-def test_generation_with_kernel_equals_without(tiny, monkeypatch):
+def test_generation_with_kernel_equals_without(tiny, isa, monkeypatch):
     """Greedy tokens identical and log-probs within float32 rounding, batch of 5 ragged rows."""
     prompts = [[1 + i, 5, 9, 2 + 3 * i][: 2 + i % 3] for i in range(5)]
     req = Request(prompts=prompts, sampling=[Sampling()], max_new_tokens=10, stop_token_ids=())
-    tiny._run_params = None
-    params = generate.run_params(tiny)
-    assert isinstance(params["layers"][0]["attn"]["o"], kernels.NativeWeight)
-    with_kernel = generate_ids(tiny, req, logprobs=True)
-    monkeypatch.setitem(kernels._STATE, "ok", False)
-    tiny._run_params = None
-    assert not isinstance(generate.run_params(tiny)["layers"][0]["attn"]["o"],
-                          kernels.NativeWeight)
-    without = generate_ids(tiny, req, logprobs=True)
-    tiny._run_params = None
+    native = generate.run_layout(tiny.params, tiny.config)
+    assert native["layers"][0]["attn"]["o"].isa == isa
+    attention = kernels.attention_for(native, jnp.float32)
+    assert attention is kernels.attention_for(native, "float32") and attention.keywords == {"isa": isa}
+    with_kernel = generate_ids(tiny, req, logprobs=True, params=native)
+    monkeypatch.setenv("JAXINFER_NATIVE", "0")
+    plain = generate.run_layout(tiny.params, tiny.config)
+    assert not isinstance(plain["layers"][0]["attn"]["o"], kernels.NativeWeight)
+    without = generate_ids(tiny, req, logprobs=True, params=plain)
     for a, b in zip(with_kernel, without, strict=True):
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
-def test_unavailable_kernel_falls_back_to_xla(monkeypatch, tmp_path):
-    """A failing compiler gives a warning, available() False and params left as they are."""
-    monkeypatch.setattr(kernels, "_STATE", {})
-    monkeypatch.setattr(kernels, "_library_path", lambda: Path(tmp_path) / "k" / "m.so")
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "avx512f")
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """kernels' process state (registered libraries, warnings given) as in a new process, and
+    no ISA or kernel switch in the environment; restored after the test."""
+    monkeypatch.setattr(kernels, "_library", functools.cache(kernels._library.__wrapped__))
+    monkeypatch.setattr(kernels, "_warn_once", functools.cache(kernels._warn_once.__wrapped__))
+    monkeypatch.delenv("JAXINFER_CPU_ISA", raising=False)
+    monkeypatch.delenv("JAXINFER_NATIVE", raising=False)
+
+
+def _fake_cpu(monkeypatch, flags: str, machine: str = "x86_64") -> None:
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(platform, "system", lambda: "Linux")
-    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+
+
+def test_unavailable_kernel_falls_back_to_xla(fresh_state, monkeypatch, tmp_path):
+    """A failing compiler gives a warning, available() False and params left as they are."""
+    monkeypatch.setattr(kernels, "_library_path", lambda isa: Path(tmp_path) / "k" / f"{isa}.so")
+    _fake_cpu(monkeypatch, "avx2 fma f16c")
     monkeypatch.setenv("CXX", "false")
-    with pytest.warns(UserWarning, match="native CPU matmul unavailable"):
+    with pytest.warns(UserWarning, match=r"native CPU kernels \(avx2\) unavailable"):
         assert not kernels.available()
+    assert kernels.isa() is None
+    assert kernels.describe() == "native CPU kernels off (the avx2 build failed): XLA runs everything"
     assert list((Path(tmp_path) / "k").iterdir()) == []  # nothing half-written left behind
     params = {"layers": {"q": jnp.ones((4, 4))}}
     assert kernels.native_params(params, None) is params
-    monkeypatch.setattr(kernels, "_STATE", {})
     monkeypatch.setenv("JAXINFER_NATIVE", "0")
     assert not kernels.available()
+    assert kernels.describe() == "native CPU kernels off (JAXINFER_NATIVE=0): XLA runs everything"
 
 
-@needs_kernel
+def test_supported_isas_follow_the_cpu_flags(monkeypatch):
+    for flags, want in [("avx512f avx2 fma f16c", ("avx512", "avx2")), ("avx2 fma f16c", ("avx2",)),
+                        ("avx512f avx2 f16c", ()), ("sse4_2 avx", ())]:
+        _fake_cpu(monkeypatch, flags)
+        assert kernels.supported_isas() == want, flags
+    _fake_cpu(monkeypatch, "avx512f avx2 fma f16c", machine="aarch64")
+    assert kernels.supported_isas() == ()
+
+
+def test_no_avx2_means_xla(fresh_state, monkeypatch):
+    _fake_cpu(monkeypatch, "sse4_2 avx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.isa() is None
+    assert kernels.describe() == "native CPU kernels off (no AVX2/FMA): XLA runs everything"
+
+
+@pytest.mark.parametrize("value,why", [("sse9", "not one of avx512, avx2"),
+                                       ("avx512", "not supported by this CPU")])
+def test_isa_override_unknown_or_unsupported_warns_once(fresh_state, monkeypatch, value, why):
+    """JAXINFER_CPU_ISA naming no ISA, or one this CPU lacks: one warning, then XLA."""
+    _fake_cpu(monkeypatch, "avx2 fma f16c")
+    monkeypatch.setenv("JAXINFER_CPU_ISA", value)
+    with pytest.warns(UserWarning, match=f"JAXINFER_CPU_ISA={value}: {why}"):
+        assert kernels.isa() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert not kernels.available()
+    assert kernels.describe() == (f"native CPU kernels off (JAXINFER_CPU_ISA={value} {why}): "
+                                  "XLA runs everything")
+    params = {"w": jnp.ones((4, 4))}
+    assert kernels.native_params(params, None) is params
+
+
 @pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("window", [1 << 30, 5])
 @pytest.mark.parametrize("n,k,h,s", [(9, 3, 64, 192), (4, 4, 16, 7), (8, 1, 128, 40),
                                      (10, 2, 80, 70)])
-def test_decode_attention_matches_write_and_attend(n, k, h, s, window, rope):
+def test_decode_attention_matches_write_and_attend(n, k, h, s, window, rope, isa):
     """Same cache contents and output as RoPE, models.cache's write and models.layers.attend
     with the position mask: groups of 1, 4, 5 and 8 query heads per KV head, ragged rows, left
     padding (position -1 slots), unused slots, a sliding window, a row that sees no key at
@@ -251,7 +330,6 @@ def test_decode_attention_matches_write_and_attend(n, k, h, s, window, rope):
     from models.cache import write_keys, write_layer
     from models.layers import apply_rope, attend, attention_mask, rope_inv_freq
 
-    assert kernels.available()
     b = 6
     keys = jax.random.split(jax.random.key(s + n), 5)
     q = jax.random.normal(keys[0], (b, 1, n, h))
@@ -276,7 +354,9 @@ def test_decode_attention_matches_write_and_attend(n, k, h, s, window, rope):
     want_v = write_layer(vc, None, slots, v_new)
     want = attend(q_rot, want_k, want_v, attention_mask(q_pos, k_pos, window))
     fn = jax.jit(lambda q, kn, vn, kc, vc, qp, kp, sl: kernels.decode_attention(
-        q, kn, vn, kc, vc, qp, kp, window, sl, inv_freq))
+        q, kn, vn, kc, vc, qp, kp, window, sl, inv_freq, isa=isa))
+    assert kernels.target("attend", isa) in fn.lower(q, k_new, v_new, kc, vc, q_pos, k_pos,
+                                                     slots).as_text()
     got, got_k, got_v = fn(q, k_new, v_new, kc, vc, q_pos, k_pos, slots)
     np.testing.assert_array_equal(got_k, want_k)
     np.testing.assert_array_equal(got_v, want_v)

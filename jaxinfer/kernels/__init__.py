@@ -1,26 +1,33 @@
 """Native CPU kernels behind the dispatching matmul (`models.layers.linear`).
 
-`cpu.cc` holds float32 kernels (AVX-512, XLA's intra-op thread pool), called as XLA FFI
-custom calls: a matmul against weights packed in 48-column panels (also several weights of
-one input, and the SwiGLU gate, in one call), and single-token attention over the KV cache
-that rotates q and k (RoPE), writes the new token and reads only the used slots.
-It is compiled on first use with the system C++ compiler (`c++`, about 4 s) into the cache
-directory, keyed by source, compiler flags, jaxlib and Python versions and CPU flags, and
-loaded with ctypes. Where it cannot run (not x86-64 Linux with AVX-512F, no compiler,
-`JAXINFER_NATIVE=0`) `available()` is False and every caller keeps XLA's own dot: the
-kernel is a speed-up, never a requirement.
+`cpu.cc` holds float32 kernels (XLA's intra-op thread pool), called as XLA FFI custom calls: a
+matmul against weights packed in 48-column panels (also several weights of one input, and the
+SwiGLU gate, in one call), and single-token attention over the KV cache that rotates q and k
+(RoPE), writes the new token and reads only the used slots. The instruction set is a thin layer,
+`simd.h`; each ISA of `ISA_FLAGS` (AVX-512, AVX2 + FMA) is its own library with its own FFI
+target names (`target(kind, isa)`), so one process can run any ISA the CPU has.
+
+The process runs the most capable ISA this CPU supports, or `JAXINFER_CPU_ISA` (avx512, avx2:
+a lower one, to exercise its path); `isa()` says which, `describe()` says it in a line. A
+library is compiled on first use with the system C++ compiler (`c++`, about 5 s) into the cache
+directory, keyed by the sources, the ISA's compiler flags, jaxlib and Python versions and the
+CPU flags, and loaded with ctypes. Where the kernels cannot run (not x86-64 Linux, no AVX2/FMA,
+no compiler, `JAXINFER_NATIVE=0`, an unknown or unsupported `JAXINFER_CPU_ISA`) `isa()` is None,
+`available()` False and every caller keeps XLA's own dot: the kernel is a speed-up, never a
+requirement.
 
 `native_params(params, tied)` replaces float32 2-D weights by packed `NativeWeight` leaves
-(and a tied embedding by `NativeEmbedding`, the packed LM head); their matmul runs the kernel
-for float32 inputs (decode steps and prefill alike) and XLA's dot on the unpacked weights for
-other dtypes. Why packed: XLA:CPU's dot streams weights
-and computes in turn, while the kernel reads each contiguous panel once with prefetching
-(measured in docs/BENCHMARKS.md).
+(and a tied embedding by `NativeEmbedding`, the packed LM head), which carry their ISA; their
+matmul runs the kernel for float32 inputs (decode steps and prefill alike) and XLA's dot on the
+unpacked weights for other dtypes. Why packed: XLA:CPU's dot streams weights and computes in
+turn, while the kernel reads each contiguous panel once with prefetching (measured in
+docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -35,58 +42,117 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("cpu.cc")
-TARGET = "jaxinfer_matmul_f32"
-MANY_TARGET = "jaxinfer_matmul_many_f32"
-GLU_TARGET = "jaxinfer_glu_f32"
-ATTEND_TARGET = "jaxinfer_attend_f32"
-# XLA FFI target name -> symbol in cpu.cc
-_SYMBOLS = {TARGET: "JaxinferMatmulF32", MANY_TARGET: "JaxinferMatmulManyF32",
-            GLU_TARGET: "JaxinferGluF32", ATTEND_TARGET: "JaxinferAttendF32"}
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
+from jaxinfer import paths
 
-_STATE: dict[str, object] = {}
+SOURCES = (Path(__file__).with_name("cpu.cc"), Path(__file__).with_name("simd.h"))
+SOURCE = SOURCES[0]
+# ISA -> (CPU flags it needs, compiler flags that select its path in simd.h); most capable first.
+# Explicit flags, not -march=native: a lower ISA must compile its own path on a higher CPU.
+ISA_FLAGS = {
+    "avx512": (("avx512f", "avx2", "fma", "f16c"), ("-mavx512f", "-mavx2", "-mfma", "-mf16c")),
+    "avx2": (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
+}
+FLAGS = ("-O3", "-mtune=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
+# kernel kind -> symbol in cpu.cc (the same in every ISA's library)
+_SYMBOLS = {"matmul": "JaxinferMatmulF32", "matmul_many": "JaxinferMatmulManyF32",
+            "glu": "JaxinferGluF32", "attend": "JaxinferAttendF32"}
+STRIP = 48  # columns per packed panel (kStrip in cpu.cc, checked when a library loads)
+
+
+def target(kind: str, isa: str) -> str:
+    """The XLA FFI target of one kernel kind ("matmul", "matmul_many", "glu", "attend") for
+    one ISA, e.g. "jaxinfer_matmul_f32_avx2"."""
+    return f"jaxinfer_{kind}_f32_{isa}"
+
+
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
 
 
 def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    """This CPU's feature flags, space separated ("" where unknown)."""
+    return _cpuinfo().get("flags", "")
 
 
-def _library_path() -> Path:
+def supported_isas() -> tuple[str, ...]:
+    """The ISAs of ISA_FLAGS this CPU can run (x86-64 Linux with their CPU flags), most
+    capable first. Builds nothing."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return ()
+    have = set(_cpu_flags().split())
+    return tuple(isa for isa, (needs, _) in ISA_FLAGS.items() if have.issuperset(needs))
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
+
+
+def _selection() -> tuple[str | None, str]:
+    """(the ISA this process should run, "") or (None, why none runs); builds nothing."""
+    if os.environ.get("JAXINFER_NATIVE", "1") == "0":
+        return None, "JAXINFER_NATIVE=0"
+    supported = supported_isas()
+    wanted = os.environ.get("JAXINFER_CPU_ISA", "").strip().lower()
+    if wanted:
+        if wanted in supported:
+            return wanted, ""
+        why = "not one of " + ", ".join(ISA_FLAGS) if wanted not in ISA_FLAGS else "not supported by this CPU"
+        _warn_once(f"JAXINFER_CPU_ISA={wanted}: {why}; the native CPU kernels are off, XLA runs everything")
+        return None, f"JAXINFER_CPU_ISA={wanted} {why}"
+    if supported:
+        return supported[0], ""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return None, f"not x86-64 Linux: {platform.system()} {platform.machine()}"
+    return None, "no AVX2/FMA"
+
+
+def _library_path(isa: str) -> Path:
+    """Where `isa`'s library is cached: named by the ISA and a hash of everything it depends on."""
     import jaxlib
 
     from jaxinfer.loading.fetch import cache_dir
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
+    for part in (*(s.read_bytes() for s in SOURCES), " ".join((*FLAGS, *ISA_FLAGS[isa][1])).encode(),
+                 os.environ.get("CXX", "c++").encode(), jaxlib.__version__.encode(),
                  _cpu_flags().encode(), sys.version.encode()):
         key.update(part)
-    return cache_dir() / "kernels" / f"cpu-{key.hexdigest()[:16]}.so"
+    return cache_dir() / "kernels" / f"cpu-{isa}-{key.hexdigest()[:16]}.so"
 
 
-def build() -> Path:
-    """Compile cpu.cc (once; later calls reuse the cached library). Returns its path.
+def build(isa: str | None = None) -> Path:
+    """Compile cpu.cc for `isa` (default: the one this process runs; once, later calls reuse
+    the cached library). Returns its path.
 
     RuntimeError with the compiler's message if compilation fails.
     """
-    lib = _library_path()
+    isa = isa or _selection()[0]
+    if isa not in ISA_FLAGS:
+        raise RuntimeError(f"no ISA to build the native CPU kernels for ({_selection()[1]})")
+    lib = _library_path(isa)
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
-    cmd = [os.environ.get("CXX", "c++"), *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE),
-           "-o", tmp]
+    cmd = [os.environ.get("CXX", "c++"), *FLAGS, *ISA_FLAGS[isa][1], f"-I{jax.ffi.include_dir()}",
+           str(SOURCE), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+            raise RuntimeError(f"building {SOURCE.name} ({isa}) failed:\n{done.stderr[-2000:]}")
         os.replace(tmp, lib)  # atomic: a library in the cache is always complete
     finally:
         if os.path.exists(tmp):
@@ -94,30 +160,54 @@ def build() -> Path:
     return lib
 
 
+@functools.cache
+def _library(isa: str) -> ctypes.CDLL | None:
+    """`isa`'s kernels built, loaded and registered with XLA for the CPU platform, once per
+    process (the one registration state, everything asks here); None, with a warning, where
+    they cannot be (compiler missing or failing)."""
+    try:
+        lib = ctypes.CDLL(str(build(isa)))
+        lib.JaxinferIsa.restype = ctypes.c_char_p
+        lib.JaxinferStrip.restype = ctypes.c_int64
+        built = (lib.JaxinferIsa().decode(), lib.JaxinferStrip())
+        if built != (isa, STRIP):
+            raise RuntimeError(f"the library was compiled for {built}, expected {(isa, STRIP)}")
+        for kind, symbol in _SYMBOLS.items():
+            jax.ffi.register_ffi_target(target(kind, isa), jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
+        return lib
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        warnings.warn(f"native CPU kernels ({isa}) unavailable, using XLA: {e}", stacklevel=3)
+        return None
+
+
+def _active() -> str | None:
+    chosen, _ = _selection()
+    return chosen if chosen is not None and _library(chosen) is not None else None
+
+
+def isa() -> str | None:
+    """The ISA whose kernels this process runs ("avx512" or "avx2", built and registered on
+    the first call), or None where XLA runs everything (see `describe`)."""
+    return _active()
+
+
 def available() -> bool:
-    """True once the kernel is built, loaded and registered with XLA for the CPU platform."""
-    if "ok" in _STATE:
-        return bool(_STATE["ok"])
-    ok = False
-    if os.environ.get("JAXINFER_NATIVE", "1") == "0":
-        pass
-    elif platform.system() != "Linux" or platform.machine() != "x86_64" \
-            or "avx512f" not in _cpu_flags().split():
-        pass
-    else:
-        try:
-            lib = ctypes.cdll.LoadLibrary(str(build()))
-            for target, symbol in _SYMBOLS.items():
-                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                            platform="cpu")
-            ok = True
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            warnings.warn(f"native CPU matmul unavailable, using XLA's dot: {e}", stacklevel=2)
-    _STATE["ok"] = ok
-    return ok
+    """True once the kernels are built, loaded and registered with XLA for the CPU platform."""
+    return _active() is not None
 
 
-STRIP = 48  # columns per packed panel (kStrip in cpu.cc)
+def describe() -> str:
+    """One line saying which path runs, e.g. "native CPU kernels: avx2 (AMD EPYC, 2 threads)"
+    or "native CPU kernels off (JAXINFER_NATIVE=0): XLA runs everything". Builds the kernels
+    if they are not built yet."""
+    chosen, why = _selection()
+    if chosen is not None and _library(chosen) is None:
+        why = f"the {chosen} build failed"
+    if why:
+        return f"native CPU kernels off ({why}): XLA runs everything"
+    model = _cpuinfo().get("model name", platform.processor() or "unknown CPU")
+    return f"native CPU kernels: {chosen} ({model}, {len(os.sched_getaffinity(0))} threads)"
 
 
 def pack(w: jax.Array) -> jax.Array:
@@ -134,31 +224,34 @@ def unpack(panels: jax.Array, n: int) -> jax.Array:
     return panels.transpose(1, 0, 2).reshape(k, p * s)[:, :n]
 
 
-def _require() -> None:
-    """Builds and registers the kernels on first use; an error where they cannot run."""
-    if not available():
-        raise RuntimeError("the native CPU kernels are unavailable here (see kernels.available)")
+def _require(isa: str | None) -> str:
+    """`isa` (default: the process's, see `isa()`) once its kernels are built and registered;
+    RuntimeError where they cannot run here."""
+    chosen = isa or _active()
+    if chosen is None or chosen not in supported_isas() or _library(chosen) is None:
+        raise RuntimeError(f"the native CPU kernels ({isa or 'any ISA'}) are unavailable here: "
+                           f"{describe()}")
+    return chosen
 
 
-def matmul(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
-    """x [M, K] @ W [K, n] -> [M, n] float32, W given packed (see `pack`); needs `available()`."""
-    _require()
+def matmul(x: jax.Array, panels: jax.Array, n: int, isa: str | None = None) -> jax.Array:
+    """x [M, K] @ W [K, n] -> [M, n] float32, W given packed (see `pack`), on `isa`'s kernel
+    (default: the process's)."""
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x, panels)
+    return jax.ffi.ffi_call(target("matmul", _require(isa)), out)(x, panels)
 
 
-def matmul_many(x: jax.Array, panels: list[jax.Array], ns: list[int]) -> list[jax.Array]:
+def matmul_many(x: jax.Array, panels: list[jax.Array], ns: list[int],
+                isa: str | None = None) -> list[jax.Array]:
     """[x @ W_j] for several packed weights of one x [M, K], in one call -> [M, n_j] each."""
-    _require()
     outs = [jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32) for n in ns]
-    return list(jax.ffi.ffi_call(MANY_TARGET, outs)(x, *panels))
+    return list(jax.ffi.ffi_call(target("matmul_many", _require(isa)), outs)(x, *panels))
 
 
-def glu(x: jax.Array, gate: jax.Array, up: jax.Array, n: int) -> jax.Array:
+def glu(x: jax.Array, gate: jax.Array, up: jax.Array, n: int, isa: str | None = None) -> jax.Array:
     """silu(x @ Wg) * (x @ Wu) for x [M, K], both packed with n columns, in one call -> [M, n]."""
-    _require()
-    return jax.ffi.ffi_call(GLU_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(
-        x, gate, up)
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(target("glu", _require(isa)), out)(x, gate, up)
 
 
 def _kernel_rows(x: jax.Array) -> int | None:
@@ -167,25 +260,32 @@ def _kernel_rows(x: jax.Array) -> int | None:
     return rows if x.dtype == jnp.float32 and rows > 0 else None
 
 
-def _dot(x: jax.Array, panels: jax.Array, n: int) -> jax.Array:
-    """x [..., K] @ W [K, n]: the kernel for float32 rows, XLA's dot on the unpacked weights
+def _dot(x: jax.Array, panels: jax.Array, n: int, isa: str) -> jax.Array:
+    """x [..., K] @ W [K, n]: `isa`'s kernel for float32 rows, XLA's dot on the unpacked weights
     otherwise."""
     rows = _kernel_rows(x)
     if rows is None:
         return x @ unpack(panels, n).astype(x.dtype)
-    return matmul(x.reshape(rows, x.shape[-1]), panels, n).reshape(*x.shape[:-1], n)
+    return matmul(x.reshape(rows, x.shape[-1]), panels, n, isa).reshape(*x.shape[:-1], n)
+
+
+def _isa_field():
+    """The ISA a packed leaf runs on: static (aux data), so each ISA traces its own calls."""
+    return flax.struct.field(pytree_node=False)
 
 
 @flax.struct.dataclass
 class NativeWeight:
-    """A float32 weight W [K, n] kept packed for the kernel: panels [ceil(n / 48), K, 48]."""
+    """A float32 weight W [K, n] kept packed for `isa`'s kernels: panels [ceil(n / 48), K, 48]."""
 
     panels: jax.Array
     n: int = flax.struct.field(pytree_node=False)
+    isa: str = _isa_field()
 
     @classmethod
-    def from_array(cls, w: jax.Array) -> NativeWeight:
-        return cls(panels=pack(w), n=int(w.shape[1]))
+    def from_array(cls, w: jax.Array, isa: str | None = None) -> NativeWeight:
+        """w [K, n] packed for `isa` (default: the process's ISA; RuntimeError if none runs)."""
+        return cls(panels=pack(w), n=int(w.shape[1]), isa=_require(isa))
 
     shape = property(lambda self: (self.panels.shape[1], self.n))
     dtype = property(lambda self: self.panels.dtype)
@@ -193,37 +293,40 @@ class NativeWeight:
 
     def matmul(self, x: jax.Array) -> jax.Array:
         """x [..., K] -> [..., n]."""
-        return _dot(x, self.panels, self.n)
+        return _dot(x, self.panels, self.n, self.isa)
 
     def matmul_many(self, x: jax.Array, others: list[NativeWeight]) -> list[jax.Array]:
         """[x @ W for W in (self, *others)] in one call: x [..., K] -> [..., n] each."""
         ws = [self, *others]
         rows = _kernel_rows(x)
-        if rows is None:
+        if rows is None or any(w.isa != self.isa for w in others):
             return [w.matmul(x) for w in ws]
-        ys = matmul_many(x.reshape(rows, x.shape[-1]), [w.panels for w in ws], [w.n for w in ws])
+        ys = matmul_many(x.reshape(rows, x.shape[-1]), [w.panels for w in ws], [w.n for w in ws],
+                         self.isa)
         return [y.reshape(*x.shape[:-1], w.n) for y, w in zip(ys, ws, strict=True)]
 
     def glu(self, x: jax.Array, up: NativeWeight) -> jax.Array:
         """silu(x @ self) * (x @ up) in one call: x [..., K] -> [..., n]."""
         rows = _kernel_rows(x)
-        if rows is None or up.n != self.n:
+        if rows is None or up.n != self.n or up.isa != self.isa:
             return jax.nn.silu(self.matmul(x)) * up.matmul(x)
-        y = glu(x.reshape(rows, x.shape[-1]), self.panels, up.panels, self.n)
+        y = glu(x.reshape(rows, x.shape[-1]), self.panels, up.panels, self.n, self.isa)
         return y.reshape(*x.shape[:-1], self.n)
 
 
 @flax.struct.dataclass
 class NativeEmbedding:
-    """A tied embedding table [V, D] kept as the packed LM head: panels of table^T, so
-    x @ table^T runs the kernel; rows for the lookup are gathered from the panels."""
+    """A tied embedding table [V, D] kept as the packed LM head for `isa`'s kernels: panels of
+    table^T, so x @ table^T runs the kernel; rows for the lookup are gathered from the panels."""
 
     panels: jax.Array
     n: int = flax.struct.field(pytree_node=False)
+    isa: str = _isa_field()
 
     @classmethod
-    def from_table(cls, table: jax.Array) -> NativeEmbedding:
-        return cls(panels=pack(table.T), n=int(table.shape[0]))
+    def from_table(cls, table: jax.Array, isa: str | None = None) -> NativeEmbedding:
+        """table [V, D] packed for `isa` (default: the process's ISA)."""
+        return cls(panels=pack(table.T), n=int(table.shape[0]), isa=_require(isa))
 
     shape = property(lambda self: (self.n, self.panels.shape[1]))
     dtype = property(lambda self: self.panels.dtype)
@@ -235,10 +338,11 @@ class NativeEmbedding:
 
     def matmul_transposed(self, x: jax.Array) -> jax.Array:
         """x [..., D] -> logits [..., V]."""
-        return _dot(x, self.panels, self.n)
+        return _dot(x, self.panels, self.n, self.isa)
 
 
-def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv_freq=None):
+def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv_freq=None,
+                     isa=None):
     """The KVCache.attention kernel: each row's new token is rotated by RoPE (when inv_freq
     [H/2] is given), written into this layer's cache and attends over the row's used slots,
     in one call (the buffers are updated in place).
@@ -246,13 +350,14 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
     q [B, 1, N, H]; k, v [B, 1, K, H] (new, q and k before RoPE); k_buf [B, K, H, S], v_buf
     [B, K, S, H]; positions [B, 1]; k_pos [B, S]; window (int); slots [B, 1] (where the new
     token goes) -> (out [B, 1, N * H], k_buf, v_buf), as models.layers.self_attention's XLA
-    path. Float32 with H a multiple of 16 (at most 256) runs the kernel (once `available()`);
-    anything else XLA.
+    path. Float32 with H a multiple of 16 (at most 256) runs `isa`'s kernel (default: the
+    process's, when one runs); anything else XLA.
     """
     from models.layers import rope_tables, self_attention
 
     b, _, n, h = q.shape
-    if not (h % 16 == 0 and h <= 256 and available() and
+    isa = isa or _active()
+    if not (h % 16 == 0 and h <= 256 and isa is not None and
             all(a.dtype == jnp.float32 for a in (q, k, v, k_buf, v_buf))):
         # The model's own XLA path, on this layer's buffers as a one-layer cache.
         out, (kb, vb, _, _) = self_attention(q, k, v, positions, k_pos, window, 0, slots,
@@ -267,42 +372,51 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
     shapes = (jax.ShapeDtypeStruct((b, n, h), jnp.float32),
               jax.ShapeDtypeStruct(k_buf.shape, jnp.float32),
               jax.ShapeDtypeStruct(v_buf.shape, jnp.float32))
-    out, k_buf, v_buf = jax.ffi.ffi_call(ATTEND_TARGET, shapes, input_output_aliases={0: 1, 1: 2})(
-        k_buf, v_buf, q[:, 0], k[:, 0], v[:, 0], rope.astype(jnp.float32),
-        positions[:, 0].astype(i32), k_pos.astype(i32),
-        jnp.reshape(jnp.asarray(window, i32), (1,)), slots[:, 0].astype(i32))
+    call = jax.ffi.ffi_call(target("attend", _require(isa)), shapes,
+                            input_output_aliases={0: 1, 1: 2})
+    out, k_buf, v_buf = call(k_buf, v_buf, q[:, 0], k[:, 0], v[:, 0], rope.astype(jnp.float32),
+                             positions[:, 0].astype(i32), k_pos.astype(i32),
+                             jnp.reshape(jnp.asarray(window, i32), (1,)), slots[:, 0].astype(i32))
     return out.reshape(b, 1, n * h), k_buf, v_buf
 
 
+@functools.cache
+def _attention(isa: str):
+    """decode_attention on `isa`'s kernel: one object per ISA, since KVCache.attention is a
+    static field (a new object each call would recompile the decode step)."""
+    return functools.partial(decode_attention, isa=isa)
+
+
+def _is_native(x) -> bool:
+    return isinstance(x, NativeWeight | NativeEmbedding)
+
+
 def attention_for(params, dtype):
-    """The decode attention kernel for a cache of `dtype` next to `params`: decode_attention
-    when params were prepared by native_params (the kernels are built and registered) and the
-    cache is float32, else None (the model's own attention)."""
-    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, NativeWeight | NativeEmbedding))
-    native = any(isinstance(x, NativeWeight | NativeEmbedding) for x in leaves)
-    return decode_attention if native and jnp.dtype(dtype) == jnp.float32 else None
+    """The decode attention kernel for a cache of `dtype` next to `params`: decode_attention on
+    the ISA of the packed leaves when params were prepared by native_params and the cache is
+    float32, else None (the model's own attention)."""
+    native = [x for x in jax.tree.leaves(params, is_leaf=_is_native) if _is_native(x)]
+    return _attention(native[0].isa) if native and jnp.dtype(dtype) == jnp.float32 else None
 
 
 def native_params(params, tied_key: str | None):
     """params with every float32 2-D matmul weight (top level or in per-layer trees, see
     `models.unstack_layers`) packed as NativeWeight and the tied embedding `tied_key` (if any)
-    packed as NativeEmbedding. Other leaves, and stacked layers, unchanged.
-    Returns params itself when the kernel is unavailable."""
-    if not available():
+    packed as NativeEmbedding, for the process's ISA. Other leaves (lookup tables, quantized
+    weights, stacked layers) unchanged. Returns params itself when no kernel runs here."""
+    chosen = _active()
+    if chosen is None:
         return params
 
-    def wrap(path, leaf):
+    def wrap(path: str, leaf):
         if not isinstance(leaf, jax.Array) or leaf.ndim != 2 or leaf.dtype != jnp.float32:
             return leaf
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        parts = name.split("/")
-        if parts[0] == "layers" and not parts[1].isdigit():
+        if paths.is_stacked(path):
             return leaf  # stacked layers [L, ...]: 2-D leaves there are per-layer vectors
-        if name == tied_key:
-            return NativeEmbedding.from_table(leaf)
-        if parts[0] in ("embed", "wte", "wpe"):
+        if path == tied_key:
+            return NativeEmbedding.from_table(leaf, chosen)
+        if paths.is_lookup_table(path):
             return leaf  # looked up, never multiplied
-        return NativeWeight.from_array(leaf)
+        return NativeWeight.from_array(leaf, chosen)
 
-    return jax.tree_util.tree_map_with_path(
-        wrap, params, is_leaf=lambda x: not isinstance(x, dict | tuple | list))
+    return paths.map_leaves(wrap, params)

@@ -1,20 +1,22 @@
-// Decode-step kernels for AVX-512 CPUs, as XLA FFI calls: float32 matmuls against packed
-// weights (one weight, several weights of one input, the fused SwiGLU gate), and
-// single-query attention over the KV cache with RoPE and the cache write folded in.
+// Decode-step kernels for x86-64 CPUs (AVX-512, or AVX2 + FMA: the vector layer is simd.h), as
+// XLA FFI calls: float32 matmuls against packed weights (one weight, several weights of one
+// input, the fused SwiGLU gate), and single-query attention over the KV cache with RoPE and
+// the cache write folded in.
 //
 // Work is shared between the calling thread and XLA's intra-op thread pool through an atomic
 // counter (ParallelFor); the caller never waits for an item nobody has claimed, so a busy pool
 // cannot deadlock it.
 //
-// Matmul: y [M, N] = x [M, K] @ W [K, N], where W is given packed as w [P, K, S] (panel p holds columns
-// p*S .. p*S+S-1 of W, zero padded past N; S = kStrip). Each panel is one contiguous stream,
-// read once from memory while up to kRows rows of x (packed k-major) are multiplied against it
-// in registers. Row-major [K, N] weights stream badly here (a power-of-two row
-// stride maps a panel onto a few cache sets), which is why the weights are packed once.
-// More than kRows rows read a panel again from L2 per block of rows; those extra passes pull
-// the next panel into L2 meanwhile, so the stream from memory overlaps the arithmetic.
-#include <immintrin.h>
-
+// Matmul: y [M, N] = x [M, K] @ W [K, N], where W is given packed as w [P, K, S] (panel p holds
+// columns p*S .. p*S+S-1 of W, zero padded past N; S = kStrip = 48 on every ISA). Each panel
+// is one contiguous stream, read once from memory while up to kRows rows of x (packed k-major)
+// are multiplied against it in registers (in one pass over the panel with AVX-512, 3 vectors of
+// 16; with AVX2's 16 registers, in two passes of 3 vectors of 8 columns when more than one row
+// is multiplied, the second from L1/L2). Row-major [K, N] weights stream badly here (a
+// power-of-two row stride maps a panel onto a few cache sets), which is why the weights are
+// packed once. More than kRows rows read a panel again from L2 per block of rows; those extra
+// passes pull the next panel into L2 meanwhile, so the stream from memory overlaps the
+// arithmetic.
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -22,59 +24,111 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <thread>
 #include <utility>
 #include <vector>
 
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kRows = 8;    // rows of x per register block
-constexpr int64_t kCols = 3;    // zmm registers per row of a block
-constexpr int64_t kStrip = 16 * kCols;  // S: columns per panel
-constexpr int64_t kAhead = 16;  // panel rows prefetched ahead into L1
-constexpr int64_t kFar = 128;   // and into L2: more bytes in flight, faster streaming
+using simd::kWidth;
+using simd::Mask;
+using simd::Vec;
 
-// y[r, n0 + j] = sum_k x[r, k] * panel[k, j] for R rows; xp is x packed [K][kRows].
-// pf (optional): panel rows to bring into L2 meanwhile, one every `every` steps of k (the next
-// panel, while this one is read from L2 again for more rows: the memory stream never stops).
-template <int R>
-void Block(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0,
-           const float* pf, int64_t every) {
-  __m512 acc[R][kCols];
+constexpr int64_t kStrip = 48;              // S: columns per panel (Python's kernels.STRIP)
+constexpr int64_t kCols = kStrip / kWidth;  // vectors per panel row: 3 (AVX-512) or 6 (AVX2)
+constexpr int64_t kLine = 16;               // floats per cache line
+static_assert(kStrip % kWidth == 0 && kStrip % kLine == 0, "panel rows: whole vectors and lines");
+constexpr int64_t kRows = simd::kRegs >= 32 ? 8 : 6;  // rows of x per register block
+constexpr int64_t kAhead = simd::kAheadL1;  // panel rows prefetched ahead into L1
+constexpr int64_t kFar = simd::kAheadL2;    // and into L2
+
+// Vectors of columns per pass over a panel for R rows: the most whose R * C accumulators, C
+// weight vectors and one broadcast of x fit in the registers, taking the whole panel row or
+// whole cache lines of it (a pass never re-reads a line another pass reads). AVX-512: 3 for
+// up to 8 rows; AVX2: 6 for one row, else 2 (16 columns: 3 passes, 6 rows x 2 per block).
+constexpr int PassCols(int rows) {
+  for (int c = kCols; c > 1; --c)
+    if (kCols % c == 0 && (c == kCols || c * kWidth % kLine == 0) && rows * c + c + 1 <= simd::kRegs)
+      return c;
+  return 1;
+}
+
+// Vectors of columns y[r, n0 + (C0 + c) * kWidth] for c < C of R rows: sum_k x[r, k] *
+// panel[k, .]; xp is x packed [K][kRows]. pf (optional): panel rows to bring into L2
+// meanwhile, one every `every` steps of k (the next panel, while this one is read from L2
+// again for more rows: the memory stream never stops). The first pass (C0 == 0) asks for the
+// whole panel row ahead (L2 and L1), later passes for their own columns only (L1).
+template <int R, int C, int C0>
+void BlockCols(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0,
+               const float* pf, int64_t every) {
+  constexpr int64_t kFirst = C0 * kWidth / kLine * kLine, kLast = (C0 + C) * kWidth;
+  Vec acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kCols; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[r][c] = simd::Zero();
   const float* wk = panel;
   int64_t count = 0;
   for (int64_t k = 0; k < K; ++k, wk += kStrip) {
-    for (int c = 0; c < kCols; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(wk + kAhead * kStrip + 16 * c), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(wk + kFar * kStrip + 16 * c), _MM_HINT_T1);
+    if constexpr (kAhead > 0) {
+      for (int64_t f = kFirst; f < kLast; f += kLine) simd::PrefetchL1(wk + kAhead * kStrip + f);
+    }
+    if constexpr (C0 == 0 && kFar > 0) {
+      for (int64_t f = 0; f < kStrip; f += kLine) simd::PrefetchL2(wk + kFar * kStrip + f);
     }
     if (pf != nullptr && ++count == every) {
       count = 0;
-      for (int c = 0; c < kCols; ++c) _mm_prefetch(reinterpret_cast<const char*>(pf + 16 * c), _MM_HINT_T1);
+      for (int64_t f = 0; f < kStrip; f += kLine) simd::PrefetchL2(pf + f);
       pf += kStrip;
     }
-    __m512 wv[kCols];
-    for (int c = 0; c < kCols; ++c) wv[c] = _mm512_loadu_ps(wk + 16 * c);
+    Vec wv[C];
+    for (int c = 0; c < C; ++c) {
+      wv[c] = simd::Load(wk + (C0 + c) * kWidth);
+      simd::InRegister(wv[c]);
+    }
     const float* xk = xp + k * kRows;
     for (int r = 0; r < R; ++r) {
-      const __m512 xb = _mm512_set1_ps(xk[r]);
-      for (int c = 0; c < kCols; ++c) acc[r][c] = _mm512_fmadd_ps(xb, wv[c], acc[r][c]);
+      const Vec xb = simd::Set1(xk[r]);
+      for (int c = 0; c < C; ++c) acc[r][c] = simd::Fma(xb, wv[c], acc[r][c]);
     }
   }
-  for (int c = 0; c < kCols; ++c) {
-    const int64_t left = N - n0 - 16 * c;
-    const __mmask16 m = left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * N + n0 + 16 * c, m, acc[r][c]);
+  for (int c = 0; c < C; ++c) {
+    const int64_t col = n0 + (C0 + c) * kWidth, left = N - col;
+    if (left <= 0) break;
+    for (int r = 0; r < R; ++r) {
+      if (left >= kWidth) {
+        simd::Store(y + r * N + col, acc[r][c]);
+      } else {
+        simd::StoreMasked(y + r * N + col, simd::Head(left), acc[r][c]);
+      }
+    }
   }
 }
 
+// The passes of C vectors from column vector C0 on, skipping those wholly past N (padding);
+// the next-panel prefetch pf rides on the first.
+template <int R, int C, int C0 = 0>
+void Passes(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0,
+            const float* pf, int64_t every) {
+  BlockCols<R, C, C0>(xp, panel, y, K, N, n0, pf, every);
+  if constexpr (C0 + C < kCols) {
+    if (n0 + (C0 + C) * kWidth < N) Passes<R, C, C0 + C>(xp, panel, y, K, N, n0, nullptr, every);
+  }
+}
+
+// y[r, n0 .. n0 + kStrip) (columns below N) = x rows @ panel for R rows, in passes of
+// PassCols(R) vectors.
+template <int R>
+void Block(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0,
+           const float* pf, int64_t every) {
+  Passes<R, PassCols(R)>(xp, panel, y, K, N, n0, pf, every);
+}
+
 using BlockFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t,
-                        const float*, int64_t);
+                         const float*, int64_t);
 
 template <int... R>
 constexpr auto MakeTable(std::integer_sequence<int, R...>) {
@@ -99,6 +153,8 @@ void Drain(Parallel& p) {
   }
 }
 
+constexpr int kSpins = 1024;  // pauses (tens of microseconds) before the waiting caller yields
+
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> fn) {
   auto p = std::make_shared<Parallel>();
   p->fn = std::move(fn);
@@ -106,29 +162,47 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> 
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   for (int64_t t = 1; t < std::min(threads, n); ++t) pool.Schedule([p] { Drain(*p); });
   Drain(*p);
-  // Items claimed by helpers are running; wait for them (fn may use the caller's stack).
-  while (p->done.load(std::memory_order_acquire) < n) _mm_pause();
+  // Items claimed by helpers are running; wait for them (fn may use the caller's stack),
+  // giving the core away when they take long (on a busy machine a helper may be preempted).
+  for (int spins = 0; p->done.load(std::memory_order_acquire) < n; ++spins) {
+    if (spins < kSpins) {
+      simd::Pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
 }
 
-// exp(x) for 16 lanes (Cephes expf polynomial, ~1 ulp), x clamped to [-87.3, 88.7].
-inline __m512 Exp(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
+// exp(x) per lane (Cephes expf polynomial, ~1 ulp), x clamped to [-87.3, 88.7].
+inline Vec Exp(Vec x) {
+  using simd::Set1;
+  x = simd::Min(simd::Max(x, Set1(-87.3f)), Set1(88.7f));
+  const Vec n = simd::RoundNearest(simd::Mul(x, Set1(1.44269504088896341f)));
+  Vec r = simd::Fnma(n, Set1(0.693359375f), x);
+  r = simd::Fnma(n, Set1(-2.12194440e-4f), r);
+  Vec p = Set1(1.9875691500e-4f);
+  p = simd::Fma(p, r, Set1(1.3981999507e-3f));
+  p = simd::Fma(p, r, Set1(8.3334519073e-3f));
+  p = simd::Fma(p, r, Set1(4.1665795894e-2f));
+  p = simd::Fma(p, r, Set1(1.6666665459e-1f));
+  p = simd::Fma(p, r, Set1(5.0000001201e-1f));
+  p = simd::Fma(simd::Mul(p, r), r, simd::Add(r, Set1(1.0f)));
+  return simd::Ldexp(p, n);
 }
 
-inline __mmask16 Tail(int64_t left) {
-  return left >= 16 ? 0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+// silu(g) * u per lane: g / (1 + exp(-g)) * u.
+inline Vec SiluMul(Vec g, Vec u) {
+  const Vec e = Exp(simd::Sub(simd::Zero(), g));
+  return simd::Mul(simd::Div(g, simd::Add(simd::Set1(1.0f), e)), u);
+}
+
+// Stores the first min(n, kWidth) lanes of v at p (none for n <= 0).
+inline void StoreHead(float* p, Vec v, int64_t n) {
+  if (n >= kWidth) {
+    simd::Store(p, v);
+  } else if (n > 0) {
+    simd::StoreMasked(p, simd::Head(n), v);
+  }
 }
 
 // x [M, K] row-major -> packed [ceil(M / kRows)][K][kRows] (rows past M zero).
@@ -147,12 +221,6 @@ struct Proj {
   float* y;
   int64_t n, panels;
 };
-
-// silu(g) * u for 16 lanes: g / (1 + exp(-g)) * u.
-inline __m512 SiluMul(__m512 g, __m512 u) {
-  const __m512 e = Exp(_mm512_sub_ps(_mm512_setzero_ps(), g));
-  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
-}
 
 // Runs every panel of every projection on the pool, `chunk` panels per work item.
 // glu: projs is one (gate, up) pair of equal n, and gate's y receives silu(x @ Wg) * (x @ Wu).
@@ -190,10 +258,10 @@ void RunProjections(ffi::ThreadPool& pool, const float* xs, int64_t m, int64_t k
         }
         for (int64_t r = 0; r < rows; ++r)
           for (int c = 0; c < kCols; ++c) {
-            const __mmask16 mk = Tail(pr.n - p * kStrip - 16 * c);
-            const __m512 g = _mm512_load_ps(tmp[0] + r * kStrip + 16 * c);
-            const __m512 u = _mm512_load_ps(tmp[1] + r * kStrip + 16 * c);
-            _mm512_mask_storeu_ps(pr.y + (r0 + r) * pr.n + p * kStrip + 16 * c, mk, SiluMul(g, u));
+            const Vec g = simd::Load(tmp[0] + r * kStrip + kWidth * c);
+            const Vec u = simd::Load(tmp[1] + r * kStrip + kWidth * c);
+            StoreHead(pr.y + (r0 + r) * pr.n + p * kStrip + kWidth * c, SiluMul(g, u),
+                      pr.n - p * kStrip - kWidth * c);
           }
       }
     }
@@ -261,11 +329,13 @@ ffi::Error Glu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F
   return ffi::Error::Success();
 }
 
+
 // ---------------------------------------------------------------------------------------------
 // Attention of one new token per row over the cache.
 
 // Rotates x [H] by the row's RoPE table cs [H] (cos [H/2], then sin [H/2]) into out [H]
-// (half-split layout): out = (x1 cos - x2 sin, x2 cos + x1 sin).
+// (half-split layout): out = (x1 cos - x2 sin, x2 cos + x1 sin). Scalar and unfused
+// (-ffp-contract=off), so the rotated keys equal XLA's bit for bit on every ISA.
 void Rotate(const float* x, const float* cs, int64_t H, float* out) {
   const int64_t half = H / 2;
   for (int64_t i = 0; i < half; ++i) {
@@ -277,6 +347,14 @@ void Rotate(const float* x, const float* cs, int64_t H, float* out) {
 
 constexpr int kHeads = 4;  // query heads attended together (one pass over K and V for all)
 
+// Vectors of slots (or of output columns) per step for NQ heads: the most, up to 4, whose
+// NQ * J accumulators, J vectors of keys (values) and one broadcast fit in the registers.
+constexpr int StepVecs(int heads) {
+  for (int j = 4; j > 1; --j)
+    if (heads * j + j + 1 <= simd::kRegs) return j;
+  return 1;
+}
+
 // NQ query heads q [NQ][H] of one KV head against keys k [H, S] (slots last) and values
 // v [S, H]. Slots s < used whose position p satisfies 0 <= p <= qpos and qpos - p < window are
 // visible. out [NQ][H] = softmax(q.k / sqrt(H)) v over visible slots; with none visible, the
@@ -286,82 +364,86 @@ template <int NQ>
 void AttendHeads(const float* q, const float* k, const float* v, const int32_t* kpos,
                  int32_t qpos, int32_t window, int64_t used, int64_t S, int64_t H,
                  float* scores, int64_t stride, float* out) {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
-  const __m512i qp = _mm512_set1_epi32(qpos), win = _mm512_set1_epi32(window);
-  __m512 vmax[NQ];
-  for (int g = 0; g < NQ; ++g) vmax[g] = _mm512_set1_ps(-INFINITY);
+  constexpr int J = StepVecs(NQ);
+  constexpr int64_t kStep = J * kWidth;
+  const Vec scale = simd::Set1(1.0f / std::sqrt(static_cast<float>(H)));
+  const Vec minus_inf = simd::Set1(-INFINITY);
+  Vec vmax[NQ];
+  for (int g = 0; g < NQ; ++g) vmax[g] = minus_inf;
   bool any = false;
-  for (int64_t s0 = 0; s0 < used; s0 += 64) {  // 4 x 16 slots for NQ heads per pass over k
-    __mmask16 in[4];
-    __m512 acc[NQ][4];
-    for (int j = 0; j < 4; ++j) {
-      in[j] = Tail(used - s0 - 16 * j);
-      for (int g = 0; g < NQ; ++g) acc[g][j] = _mm512_setzero_ps();
+  for (int64_t s0 = 0; s0 < used; s0 += kStep) {  // J vectors of slots, NQ heads per pass over k
+    Mask in[J];
+    Vec acc[NQ][J];
+    for (int j = 0; j < J; ++j) {
+      in[j] = simd::Head(used - s0 - kWidth * j);
+      for (int g = 0; g < NQ; ++g) acc[g][j] = simd::Zero();
     }
+    const bool full = s0 + kStep <= used;  // no lane past `used`: plain loads
     for (int64_t h = 0; h < H; ++h) {
-      __m512 kv[4];
-      for (int j = 0; j < 4; ++j) kv[j] = _mm512_maskz_loadu_ps(in[j], k + h * S + s0 + 16 * j);
+      const float* kh = k + h * S + s0;
+      Vec kv[J];
+      for (int j = 0; j < J; ++j) {
+        kv[j] = full ? simd::Load(kh + kWidth * j) : simd::LoadMasked(kh + kWidth * j, in[j]);
+        simd::InRegister(kv[j]);
+      }
       for (int g = 0; g < NQ; ++g) {
-        const __m512 qh = _mm512_set1_ps(q[g * H + h]);
-        for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_fmadd_ps(qh, kv[j], acc[g][j]);
+        const Vec qh = simd::Set1(q[g * H + h]);
+        for (int j = 0; j < J; ++j) acc[g][j] = simd::Fma(qh, kv[j], acc[g][j]);
       }
     }
-    for (int j = 0; j < 4; ++j) {
-      if (!in[j]) break;
-      const __m512i p = _mm512_maskz_loadu_epi32(in[j], kpos + s0 + 16 * j);
-      const __mmask16 vis = in[j] & _mm512_cmpge_epi32_mask(p, _mm512_setzero_si512()) &
-                            _mm512_cmple_epi32_mask(p, qp) &
-                            _mm512_cmplt_epi32_mask(_mm512_sub_epi32(qp, p), win);
-      any |= vis != 0;
+    for (int j = 0; j < J; ++j) {
+      if (s0 + kWidth * j >= used) break;
+      const Mask vis = simd::Visible(in[j], kpos + s0 + kWidth * j, qpos, window);
+      any |= simd::Any(vis);
       for (int g = 0; g < NQ; ++g) {
-        const __m512 sc = _mm512_mul_ps(acc[g][j], _mm512_set1_ps(scale));
-        _mm512_storeu_ps(scores + g * stride + s0 + 16 * j,
-                         _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), sc));
-        vmax[g] = _mm512_mask_max_ps(vmax[g], vis, vmax[g], sc);
+        const Vec sc = simd::Mul(acc[g][j], scale);
+        simd::Store(scores + g * stride + s0 + kWidth * j, simd::Select(vis, sc, minus_inf));
+        vmax[g] = simd::Select(vis, simd::Max(vmax[g], sc), vmax[g]);
       }
     }
   }
   if (!any) {
-    for (int64_t j = 0; j < H; j += 16) {
-      __m512 o = _mm512_setzero_ps();
-      for (int64_t s = 0; s < S; ++s) o = _mm512_add_ps(o, _mm512_loadu_ps(v + s * H + j));
-      o = _mm512_div_ps(o, _mm512_set1_ps(static_cast<float>(S)));
-      for (int g = 0; g < NQ; ++g) _mm512_storeu_ps(out + g * H + j, o);
+    for (int64_t j = 0; j < H; j += kWidth) {
+      Vec o = simd::Zero();
+      for (int64_t s = 0; s < S; ++s) o = simd::Add(o, simd::Load(v + s * H + j));
+      o = simd::Div(o, simd::Set1(static_cast<float>(S)));
+      for (int g = 0; g < NQ; ++g) simd::Store(out + g * H + j, o);
     }
     return;
   }
-  __m512 inv[NQ];
+  Vec inv[NQ];
   for (int g = 0; g < NQ; ++g) {  // probabilities (unnormalised), masked slots exactly 0
-    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax[g]));
-    __m512 vsum = _mm512_setzero_ps();
+    const Vec mx = simd::Set1(simd::ReduceMax(vmax[g]));
+    Vec vsum = simd::Zero();
     float* sg = scores + g * stride;
-    for (int64_t s0 = 0; s0 < used; s0 += 16) {
-      const __mmask16 in = Tail(used - s0);
-      const __m512 sc = _mm512_maskz_loadu_ps(in, sg + s0);
-      const __mmask16 vis = in & _mm512_cmp_ps_mask(sc, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-      const __m512 e = _mm512_maskz_mov_ps(vis, Exp(_mm512_sub_ps(sc, mx)));
-      _mm512_mask_storeu_ps(sg + s0, in, e);
-      vsum = _mm512_add_ps(vsum, e);
+    for (int64_t s0 = 0; s0 < used; s0 += kWidth) {  // lanes past `used` stay in the scratch
+      const Vec sc = simd::Load(sg + s0);
+      const Mask vis = simd::And(simd::Head(used - s0), simd::NotEqual(sc, minus_inf));
+      const Vec e = simd::Select(vis, Exp(simd::Sub(sc, mx)), simd::Zero());
+      simd::Store(sg + s0, e);
+      vsum = simd::Add(vsum, e);
     }
-    inv[g] = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+    inv[g] = simd::Set1(1.0f / simd::ReduceAdd(vsum));
   }
-  for (int64_t j0 = 0; j0 < H; j0 += 64) {  // 64 output columns of NQ heads per pass over v
-    const int64_t nv = std::min<int64_t>(4, (H - j0) / 16);
-    __m512 o[NQ][4];
+  for (int64_t j0 = 0; j0 < H; j0 += kStep) {  // J vectors of output columns per pass over v
+    const int64_t nv = std::min<int64_t>(J, (H - j0) / kWidth);
+    Vec o[NQ][J];
     for (int g = 0; g < NQ; ++g)
-      for (int j = 0; j < 4; ++j) o[g][j] = _mm512_setzero_ps();
+      for (int j = 0; j < J; ++j) o[g][j] = simd::Zero();
     for (int64_t s = 0; s < used; ++s) {
-      __m512 vv[4];
-      for (int j = 0; j < 4; ++j)
-        vv[j] = j < nv ? _mm512_loadu_ps(v + s * H + j0 + 16 * j) : _mm512_setzero_ps();
+      Vec vv[J];
+      for (int j = 0; j < J; ++j) {
+        vv[j] = j < nv ? simd::Load(v + s * H + j0 + kWidth * j) : simd::Zero();
+        simd::InRegister(vv[j]);
+      }
       for (int g = 0; g < NQ; ++g) {
-        const __m512 w = _mm512_set1_ps(scores[g * stride + s]);
-        for (int j = 0; j < 4; ++j) o[g][j] = _mm512_fmadd_ps(w, vv[j], o[g][j]);
+        const Vec w = simd::Set1(scores[g * stride + s]);
+        for (int j = 0; j < J; ++j) o[g][j] = simd::Fma(w, vv[j], o[g][j]);
       }
     }
     for (int g = 0; g < NQ; ++g)
       for (int j = 0; j < nv; ++j)
-        _mm512_storeu_ps(out + g * H + j0 + 16 * j, _mm512_mul_ps(o[g][j], inv[g]));
+        simd::Store(out + g * H + j0 + kWidth * j, simd::Mul(o[g][j], inv[g]));
   }
 }
 
@@ -369,6 +451,8 @@ using HeadsFn = void (*)(const float*, const float*, const float*, const int32_t
                          int32_t, int64_t, int64_t, int64_t, float*, int64_t, float*);
 constexpr HeadsFn kHeadsFns[kHeads] = {&AttendHeads<1>, &AttendHeads<2>, &AttendHeads<3>,
                                        &AttendHeads<4>};
+
+int64_t Count(const ffi::Buffer<ffi::F32>& b) { return static_cast<int64_t>(b.element_count()); }
 
 // Rotates each row's new token by RoPE, writes it into this layer's cache, then attends:
 // k [B, K, H, S], v [B, K, S, H] (aliased with the results k_out, v_out: updated in place),
@@ -388,9 +472,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
       qd[1] % kd[1] != 0 || kd[2] != qd[2] || qd[2] % 16 != 0 || qd[2] > 256 ||
       vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[3] || vd[3] != kd[2] ||
       kpos.dimensions()[1] != kd[3] || window.element_count() != 1 ||
-      k_new.element_count() != kd[0] * kd[1] * kd[2] ||
-      v_new.element_count() != kd[0] * kd[1] * kd[2] ||
-      rope.element_count() != qd[0] * qd[2]) {
+      Count(k_new) != kd[0] * kd[1] * kd[2] || Count(v_new) != kd[0] * kd[1] * kd[2] ||
+      Count(rope) != qd[0] * qd[2]) {
     return ffi::Error::InvalidArgument("jaxinfer_attend_f32: unexpected shapes");
   }
   const int64_t B = qd[0], N = qd[1], H = qd[2], K = kd[1], S = kd[3], G = N / K;
@@ -420,17 +503,18 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
     // Ask for this item's keys and values now: many strided rows of keys are more streams
     // than the hardware prefetcher follows.
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t s0 = 0; s0 < n_used; s0 += 16)
-        _mm_prefetch(reinterpret_cast<const char*>(kb + h * S + s0), _MM_HINT_T1);
-    for (int64_t i = 0; i < n_used * H; i += 16)
-      _mm_prefetch(reinterpret_cast<const char*>(vb + i), _MM_HINT_T1);
+      for (int64_t s0 = 0; s0 < n_used; s0 += kLine)
+        simd::PrefetchL2(kb + h * S + s0);
+    for (int64_t i = 0; i < n_used * H; i += kLine)
+      simd::PrefetchL2(vb + i);
     if (sl[b] >= 0 && sl[b] < S) {  // out of range: dropped, as the XLA write does
       float* rk = rq + G * H;
       Rotate(kn + item * H, cs + b * H, H, rk);
       for (int64_t h = 0; h < H; ++h) kb[h * S + sl[b]] = rk[h];
       std::copy_n(vn + item * H, H, vb + sl[b] * H);
     }
-    for (int64_t g = 0; g < G; ++g) Rotate(qs + (b * N + kh * G + g) * H, cs + b * H, H, rq + g * H);
+    for (int64_t g = 0; g < G; ++g)
+      Rotate(qs + (b * N + kh * G + g) * H, cs + b * H, H, rq + g * H);
     for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
       const int64_t nq = std::min<int64_t>(kHeads, G - g0);
       kHeadsFns[nq - 1](rq + g0 * H, kb, vb, kp + b * S, qp[b], win, n_used, S, H, scores,
@@ -441,6 +525,10 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
 }
 
 }  // namespace
+
+// What the library was compiled for: jaxinfer.kernels checks both when it loads it.
+extern "C" __attribute__((visibility("default"))) const char* JaxinferIsa() { return simd::kIsa; }
+extern "C" __attribute__((visibility("default"))) int64_t JaxinferStrip() { return kStrip; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferMatmulF32, Matmul,
                               ffi::Ffi::Bind()
