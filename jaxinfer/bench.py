@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from jaxinfer.generate import Request, engine_for
+from jaxinfer.generate import Request, engine_for, submit_all
 from jaxinfer.sampling import Sampling
 
 
@@ -43,8 +43,7 @@ def _timed_run(model, req: Request, new_tokens: int):
     """(prefill seconds incl. the first token, decode seconds, engine)."""
     t0 = time.perf_counter()
     eng = engine_for(model, req)
-    for p, s in zip(req.prompts, req.sampling, strict=True):
-        eng.submit(p, s, new_tokens, req.stop_token_ids)
+    submit_all(eng, req)
     eng.advance(0)
     eng.state.length.block_until_ready()
     t1 = time.perf_counter()

@@ -316,14 +316,12 @@ class Engine:
         """Cache slots the next `steps` decode steps can reach (bucketed, at least 64): every
         live slot holds its prompt and the tokens drawn so far, and no padding."""
         length = self.snapshot()[1]
-        ends = [len(e.ids) + int(length[e.slot]) for e in self.entries.values()
-                if e.slot is not None and e.prefilled == len(e.ids)]
+        ends = [len(e.ids) + int(length[e.slot]) for h, e in self.entries.items()
+                if self.live(h)]
         return min(self.cache_len, bucket(max(ends, default=1) + steps, minimum=64))
 
     def _any_live(self) -> bool:
-        done = self.snapshot()[2]
-        return any(not done[e.slot] for e in self.entries.values()
-                   if e.slot is not None and e.prefilled == len(e.ids))
+        return any(self.live(h) and not self.finished(h) for h in self.entries)
 
     def _admit(self) -> None:
         """One admit call for every request with a slot (or a free one) and prompt left."""
@@ -438,7 +436,8 @@ def engine_for(model, req: Request, **kw) -> Engine:
                   kv_cache=req.kv_cache, **kw)
 
 
-def _submit_all(eng: Engine, req: Request) -> list[int]:
+def submit_all(eng: Engine, req: Request) -> list[int]:
+    """Submit every prompt of req (one Sampling for all, or one each); returns the handles."""
     sampling = req.sampling if len(req.sampling) == len(req.prompts) else \
         req.sampling * len(req.prompts)
     return [eng.submit(p, s, req.max_new_tokens, req.stop_token_ids)
@@ -451,7 +450,7 @@ def generate_ids(model, req: Request, *, logprobs: bool = False, chunk: int | No
     see `Engine`."""
     validate_request(model, req)
     eng = engine_for(model, req, scan_unroll=scan_unroll, params=params)
-    handles = _submit_all(eng, req)
+    handles = submit_all(eng, req)
     while not all(eng.finished(h) for h in handles):
         eng.advance(chunk or req.max_new_tokens)
     out = []
@@ -514,7 +513,7 @@ def stream_requests(model, prompts_text: list[str | None], req: Request, *,
 
 def _stream(model, prompts_text, req, chunk, scan_unroll, logprobs, results):
     eng = engine_for(model, req, scan_unroll=scan_unroll)
-    handles = _submit_all(eng, req)
+    handles = submit_all(eng, req)
     n = len(handles)
     rows = [_RowText(model.tokenizer, req.stop_strings) for _ in range(n)]
     seen = [0] * n
