@@ -11,7 +11,11 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402
+
+from jaxinfer import kernels  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +44,24 @@ def hf_smollm2(smollm2_gguf_path):
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                  dtype=torch.float32)
     return model.eval()
+
+
+HAVE_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def _isa_param(isa: str):
+    """One ISA as a test parameter (skipped without a C++ compiler)."""
+    return pytest.param(isa, id=isa, marks=pytest.mark.skipif(not HAVE_CXX,
+                                                              reason="no C++ compiler"))
+
+
+# Every ISA this CPU runs (AVX2, and AVX-512 where the CPU has it): on an AVX2-only machine the
+# AVX-512 variants are not generated at all rather than skipped.
+@pytest.fixture(params=[_isa_param(isa) for isa in kernels.ISA_FLAGS
+                        if isa in kernels.supported_isas()])
+def isa(request, monkeypatch):
+    """Each ISA the kernels have and this CPU runs; the process runs it too (JAXINFER_CPU_ISA)
+    while the test does."""
+    monkeypatch.setenv("JAXINFER_CPU_ISA", request.param)
+    monkeypatch.delenv("JAXINFER_NATIVE", raising=False)
+    return request.param

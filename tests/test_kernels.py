@@ -5,7 +5,6 @@ with them equal to generation without them, and the ISA selection (JAXINFER_CPU_
 from __future__ import annotations
 
 import functools
-import os
 import platform
 import shutil
 import subprocess
@@ -23,27 +22,6 @@ from jaxinfer.generate import Request, generate_ids
 from jaxinfer.model import Model
 from jaxinfer.quant import Int8Weight
 from jaxinfer.sampling import Sampling
-
-HAVE_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
-
-
-def _isa_param(isa: str):
-    """One ISA as a test parameter (skipped without a C++ compiler)."""
-    return pytest.param(isa, id=isa, marks=pytest.mark.skipif(not HAVE_CXX,
-                                                              reason="no C++ compiler"))
-
-
-# Every ISA this CPU runs (AVX2, and AVX-512 where the CPU has it): on an AVX2-only machine the
-# AVX-512 variants are not generated at all rather than skipped.
-@pytest.fixture(params=[_isa_param(isa) for isa in kernels.ISA_FLAGS
-                        if isa in kernels.supported_isas()])
-def isa(request, monkeypatch):
-    """Each ISA the kernels have and this CPU runs; the process runs it too (JAXINFER_CPU_ISA)
-    while the test does."""
-    monkeypatch.setenv("JAXINFER_CPU_ISA", request.param)
-    monkeypatch.delenv("JAXINFER_NATIVE", raising=False)
-    return request.param
-
 
 CONFIGS = {
     "llama_tied": models.LlamaConfig.tiny(tie_embeddings=True),

@@ -44,8 +44,9 @@ import numpy as np
 
 from jaxinfer import paths
 
-SOURCES = (Path(__file__).with_name("cpu.cc"), Path(__file__).with_name("simd.h"))
-SOURCE = SOURCES[0]
+_HERE = Path(__file__).parent
+SOURCES = tuple(_HERE / name for name in ("cpu.cc", "quant.cc", "common.h", "simd.h"))
+COMPILED = SOURCES[:2]  # the translation units; the headers are hashed with them
 # ISA -> (CPU flags it needs, compiler flags that select its path in simd.h); most capable first.
 # Explicit flags, not -march=native: a lower ISA must compile its own path on a higher CPU.
 ISA_FLAGS = {
@@ -55,7 +56,7 @@ ISA_FLAGS = {
 FLAGS = ("-O3", "-mtune=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
 # kernel kind -> symbol in cpu.cc (the same in every ISA's library)
 _SYMBOLS = {"matmul": "JaxinferMatmulF32", "matmul_many": "JaxinferMatmulManyF32",
-            "glu": "JaxinferGluF32", "attend": "JaxinferAttendF32"}
+            "glu": "JaxinferGluF32", "attend": "JaxinferAttendF32", "qmatmul": "JaxinferQMatmul"}
 STRIP = 48  # columns per packed panel (kStrip in cpu.cc, checked when a library loads)
 
 
@@ -133,7 +134,7 @@ def _library_path(isa: str) -> Path:
 
 
 def build(isa: str | None = None) -> Path:
-    """Compile cpu.cc for `isa` (default: the one this process runs; once, later calls reuse
+    """Compile the kernel sources for `isa` (default: the one this process runs; once, later calls reuse
     the cached library). Returns its path.
 
     RuntimeError with the compiler's message if compilation fails.
@@ -148,11 +149,11 @@ def build(isa: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
     cmd = [os.environ.get("CXX", "c++"), *FLAGS, *ISA_FLAGS[isa][1], f"-I{jax.ffi.include_dir()}",
-           str(SOURCE), "-o", tmp]
+           *map(str, COMPILED), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} ({isa}) failed:\n{done.stderr[-2000:]}")
+            raise RuntimeError(f"building the kernels ({isa}) failed:\n{done.stderr[-2000:]}")
         os.replace(tmp, lib)  # atomic: a library in the cache is always complete
     finally:
         if os.path.exists(tmp):
@@ -341,6 +342,125 @@ class NativeEmbedding:
         return _dot(x, self.panels, self.n, self.isa)
 
 
+def _panels(rows: np.ndarray) -> np.ndarray:
+    """rows [N, X] -> panels [ceil(N / STRIP), X, STRIP] (rows zero padded to whole panels)."""
+    n, x = rows.shape
+    p = -(-n // STRIP)
+    padded = np.zeros((p * STRIP, x), rows.dtype)
+    padded[:n] = rows
+    return np.ascontiguousarray(padded.reshape(p, STRIP, x).transpose(0, 2, 1))
+
+
+@flax.struct.dataclass
+class NativeQuant:
+    """A quantized weight W [K, n] in panels for `isa`'s quantized matmul (quant.cc), made from
+    any quantized leaf's `kernel_rows()`:
+      q       int8 [P, K, 48] (8-bit) or uint8 [P, K / 2, 48] (4-bit: rows 2j and 2j + 1 of k
+              in the low and high nibbles, values 0..15), P = ceil(n / 48)
+      scales  float32 or float16 [P, K / G, 48];  mins float16 [P, K / G, 48] (4-bit only)
+    with W[k, col] = q * scales[k // G] (+ mins[k // G]). The kernel runs for float32 inputs
+    (activations stay float32), XLA's dot on the dequantized weight for other dtypes."""
+
+    q: jax.Array
+    scales: jax.Array
+    mins: jax.Array | None
+    n: int = flax.struct.field(pytree_node=False)
+    isa: str = _isa_field()
+
+    @classmethod
+    def from_rows(cls, rows, isa: str | None = None) -> NativeQuant:
+        """From a `jaxinfer.quant.base.KernelRows` (numpy, N rows of K) for `isa` (default: the
+        process's ISA; RuntimeError if none runs)."""
+        q = _panels(np.asarray(rows.q))
+        if rows.mins is not None:  # 4-bit: pack pairs of k into one byte
+            q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+        mins = None if rows.mins is None else jnp.asarray(_panels(rows.mins))
+        return cls(q=jnp.asarray(q), scales=jnp.asarray(_panels(rows.scales)), mins=mins,
+                   n=int(rows.q.shape[0]), isa=_require(isa))
+
+    bits = property(lambda self: 8 if self.q.dtype == jnp.int8 else 4)
+    shape = property(lambda self: (self.q.shape[1] * (8 // self.bits), self.n))
+    group = property(lambda self: self.shape[0] // self.scales.shape[1])
+    dtype = property(lambda self: jnp.dtype(jnp.float32))
+    nbytes = property(lambda self: sum(int(a.nbytes) for a in (self.q, self.scales, self.mins)
+                                       if a is not None))
+
+    def values_along(self, q: jax.Array, scales: jax.Array, mins: jax.Array | None,
+                     axis: int) -> jax.Array:
+        """Float32 weights from (parts of) the children, k running along `axis` (1 for whole
+        panels [P, K, 48], -1 for gathered columns [..., K])."""
+        if self.bits == 4:  # rows 2j, 2j + 1 of k: low and high nibbles, interleaved
+            both = jnp.stack([q & 0x0F, q >> 4], axis=axis + 1 if axis >= 0 else -1)
+            shape = list(q.shape)
+            shape[axis] *= 2
+            q = both.reshape(shape)
+        w = q.astype(jnp.float32) * jnp.repeat(scales.astype(jnp.float32), self.group, axis)
+        if mins is not None:
+            w = w + jnp.repeat(mins.astype(jnp.float32), self.group, axis)
+        return w
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """W [K, n]."""
+        return unpack(self.values_along(self.q, self.scales, self.mins, 1), self.n).astype(dtype)
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        """x [..., K] -> [..., n]."""
+        return _qdot(x, [self], False)[0]
+
+    def matmul_many(self, x: jax.Array, others: list[NativeQuant]) -> list[jax.Array]:
+        """[x @ W for W in (self, *others)] in one call: x [..., K] -> [..., n] each."""
+        if any(w.isa != self.isa for w in others):
+            return [w.matmul(x) for w in (self, *others)]
+        return _qdot(x, [self, *others], False)
+
+    def glu(self, x: jax.Array, up: NativeQuant) -> jax.Array:
+        """silu(x @ self) * (x @ up) in one call: x [..., K] -> [..., n]."""
+        if up.n != self.n or up.isa != self.isa or up.shape != self.shape:
+            return jax.nn.silu(self.matmul(x)) * up.matmul(x)
+        return _qdot(x, [self, up], True)[0]
+
+
+def _qdot(x: jax.Array, ws: list[NativeQuant], glu: bool) -> list[jax.Array]:
+    """x [..., K] against quantized panels: the kernel for float32 rows (one call for all of
+    ws; glu: ws = (gate, up) -> [silu(x @ gate) * (x @ up)]), else XLA on dequantized weights."""
+    rows = _kernel_rows(x)
+    if rows is None:
+        ys = [x @ w.dequantize(x.dtype) for w in ws]
+        return [jax.nn.silu(ys[0]) * ys[1]] if glu else ys
+    args = []
+    for w in ws:
+        args += [w.q, w.scales, jnp.zeros((0,), jnp.float16) if w.mins is None else w.mins]
+    outs = [jax.ShapeDtypeStruct((rows, w.n), jnp.float32) for w in ws[:1 if glu else None]]
+    call = jax.ffi.ffi_call(target("qmatmul", _require(ws[0].isa)), outs)
+    ys = call(x.reshape(rows, x.shape[-1]), *args, glu=np.int64(glu))
+    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
+@flax.struct.dataclass
+class NativeQuantEmbedding:
+    """A quantized tied embedding table [V, D] kept as the LM head's NativeQuant panels
+    (W = table^T [D, V]); rows for the lookup are gathered from the panels and dequantized to
+    `dtype`."""
+
+    head: NativeQuant
+    dtype: str = flax.struct.field(pytree_node=False, default="float32")
+
+    shape = property(lambda self: (self.head.n, self.head.shape[0]))
+    nbytes = property(lambda self: self.head.nbytes)
+    isa = property(lambda self: self.head.isa)
+
+    def take_rows(self, tokens: jax.Array) -> jax.Array:
+        """tokens [...] -> [..., D]."""
+        h = self.head
+        p, c = tokens // STRIP, tokens % STRIP
+        mins = None if h.mins is None else h.mins[p, :, c]
+        return h.values_along(h.q[p, :, c], h.scales[p, :, c], mins, -1).astype(self.dtype)
+
+    def matmul_transposed(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> logits [..., V]."""
+        return self.head.matmul(x)
+
+
 def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv_freq=None,
                      isa=None):
     """The KVCache.attention kernel: each row's new token is rotated by RoPE (when inv_freq
@@ -388,7 +508,7 @@ def _attention(isa: str):
 
 
 def _is_native(x) -> bool:
-    return isinstance(x, NativeWeight | NativeEmbedding)
+    return isinstance(x, NativeWeight | NativeEmbedding | NativeQuant | NativeQuantEmbedding)
 
 
 def attention_for(params, dtype):
@@ -409,6 +529,8 @@ def native_params(params, tied_key: str | None):
         return params
 
     def wrap(path: str, leaf):
+        if hasattr(leaf, "kernel_rows"):
+            return _native_quantized(path, leaf, tied_key, chosen)
         if not isinstance(leaf, jax.Array) or leaf.ndim != 2 or leaf.dtype != jnp.float32:
             return leaf
         if paths.is_stacked(path):
@@ -420,3 +542,19 @@ def native_params(params, tied_key: str | None):
         return NativeWeight.from_array(leaf, chosen)
 
     return paths.map_leaves(wrap, params)
+
+
+def _native_quantized(path: str, leaf, tied_key: str | None, isa: str):
+    """A quantized leaf's native form: NativeQuant for a projection, NativeQuantEmbedding for
+    the tied embedding; the leaf itself where the kernels do not take it (stacked, a lookup
+    table, a scheme without `kernel_rows`)."""
+    if paths.is_stacked(path):
+        return leaf
+    tied = path == tied_key and leaf.layout == "out_in"
+    if not tied and (paths.is_lookup_table(path) or leaf.layout != "in_out"):
+        return leaf
+    rows = leaf.kernel_rows()
+    if rows is None:
+        return leaf
+    head = NativeQuant.from_rows(rows, isa)
+    return NativeQuantEmbedding(head=head, dtype=leaf.dtype) if tied else head

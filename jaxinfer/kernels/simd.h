@@ -1,4 +1,4 @@
-// The instruction-set layer of cpu.cc: one float vector type and the few operations the
+// The instruction-set layer of the kernels (cpu.cc, quant.cc): one float vector type and the few operations the
 // kernels use, for the instruction set the library is compiled for (the compiler flags choose:
 // jaxinfer.kernels builds one library per ISA). Everything ISA-specific lives here; a new
 // instruction set (say aarch64 NEON: kWidth 4, kRegs 32) is one more section.
@@ -21,6 +21,9 @@
 //                                  0 <= pos <= qpos and qpos - pos < window (pos read under in)
 //   InRegister(v)                  compiler hint: keep v in a register here (not re-read from
 //                                  memory by each instruction that uses it)
+//   LoadI8(p)                      kWidth int8 values at p, as floats
+//   Nibbles(p, lo, hi)             kWidth bytes at p: their low and high nibbles (0..15), as floats
+//   LoadHalf(p)                    kWidth float16 values (uint16 bits) at p, as floats (F16C)
 //   PrefetchL1 PrefetchL2 Pause    hints
 #ifndef JAXINFER_KERNELS_SIMD_H_
 #define JAXINFER_KERNELS_SIMD_H_
@@ -74,6 +77,18 @@ inline Mask Visible(Mask in, const int32_t* pos, int32_t qpos, int32_t window) {
   const __m512i p = _mm512_maskz_loadu_epi32(in, pos), qp = _mm512_set1_epi32(qpos);
   return in & _mm512_cmpge_epi32_mask(p, _mm512_setzero_si512()) & _mm512_cmple_epi32_mask(p, qp) &
          _mm512_cmplt_epi32_mask(_mm512_sub_epi32(qp, p), _mm512_set1_epi32(window));
+}
+
+inline Vec LoadI8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline void Nibbles(const uint8_t* p, Vec& lo, Vec& hi) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
+inline Vec LoadHalf(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -142,8 +157,20 @@ inline Mask Visible(Mask in, const int32_t* pos, int32_t qpos, int32_t window) {
   return _mm256_and_ps(in, _mm256_castsi256_ps(vis));
 }
 
+inline Vec LoadI8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void Nibbles(const uint8_t* p, Vec& lo, Vec& hi) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+}
+inline Vec LoadHalf(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 #else
-#error "jaxinfer's cpu.cc needs AVX-512F, or AVX2 and FMA (-mavx512f, or -mavx2 -mfma)"
+#error "jaxinfer's kernels need AVX-512F, or AVX2 and FMA (-mavx512f, or -mavx2 -mfma)"
 #endif
 
 // x86 hints, shared by both sections above.

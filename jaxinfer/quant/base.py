@@ -24,6 +24,7 @@ matmul_transposed for OUT_IN); the other ops fall back to dequantize-then-comput
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +188,13 @@ class QuantizedWeight:
         """A short description of the quantization scheme (for quantization.json and reports)."""
         raise NotImplementedError
 
+    def kernel_rows(self) -> KernelRows | None:
+        """The matrix as the native kernels take it (see `KernelRows`), or None where this leaf
+        has no such form (a stacked leaf, or a scheme the kernels do not run). The rows are the
+        outputs of the matmul the layout serves: `matmul` for IN_OUT, the tied head's
+        `matmul_transposed` for OUT_IN."""
+        return None
+
     def validate(self) -> None:
         """Raise ValueError if the children's shapes/dtypes do not fit together."""
         raise NotImplementedError
@@ -194,6 +202,33 @@ class QuantizedWeight:
     def layer(self, i: int):
         """The per-layer slice i of a stacked leaf (what `nn.scan` hands each layer)."""
         return jax.tree.map(lambda c: c[i], self)
+
+
+class KernelRows(NamedTuple):
+    """A quantized matrix with N output rows and K inputs, in the one form the native kernels
+    repack (jaxinfer.kernels.NativeQuant): groups of `group` consecutive inputs share a scale,
+    W[n, k] = q[n, k] * scales[n, k // group] (+ mins[n, k // group]).
+
+    q       int8 [N, K] (8-bit) or uint8 [N, K] holding 0..15 (4-bit)
+    scales  float32 or float16 [N, K / group] (float16 for 4-bit)
+    mins    float16 [N, K / group] for 4-bit (a symmetric format: -8 * scales), None for 8-bit
+    """
+
+    q: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray | None
+    group: int
+
+    @classmethod
+    def four_bit(cls, q, scales, mins, group: int) -> KernelRows | None:
+        """4-bit rows from q (0..15) and float16 scales, with mins None for a symmetric format
+        (q - 8) * scale; None where -8 * scale overflows float16."""
+        scales = np.asarray(scales, np.float16)
+        if mins is None:
+            mins = (-8.0 * scales.astype(np.float32)).astype(np.float16)
+            if not np.all(np.isfinite(mins)):
+                return None
+        return cls(np.asarray(q, np.uint8), scales, np.asarray(mins, np.float16), group)
 
 
 def is_quantized(x) -> bool:

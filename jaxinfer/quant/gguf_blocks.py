@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.quant.base import IN_OUT, QuantizedWeight, check_layout, dot_in, split_axis
+from jaxinfer.quant.base import IN_OUT, KernelRows, QuantizedWeight, check_layout, dot_in, split_axis
 
 BLOCK = 32
 # kind -> (bytes per block, bytes of the d/m header)
@@ -171,6 +171,18 @@ class GGUFBlockWeight(QuantizedWeight):
 
     def scheme_dict(self) -> dict[str, object]:
         return {"name": "gguf", "type": self.kind}
+
+    def kernel_rows(self) -> KernelRows | None:
+        """The ggml rows (output features in either layout), a group per block."""
+        if self.stacked:
+            return None
+        r, nb = self.d.shape
+        if self.kind == "Q8_0":
+            return KernelRows(np.asarray(self.qs).reshape(r, nb * BLOCK), np.asarray(self.d),
+                              None, BLOCK)
+        q = np.asarray(unpack_halves(jnp.asarray(self.qs))).reshape(r, nb * BLOCK)
+        m = None if self.m is None else np.asarray(self.m)
+        return KernelRows.four_bit(q, np.asarray(self.d), m, BLOCK)
 
     def validate(self) -> None:
         check_layout(self.layout)

@@ -23,9 +23,11 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.quant.base import (
     IN_OUT,
+    KernelRows,
     QuantizedWeight,
     check_layout,
     dot_in,
@@ -133,6 +135,17 @@ class Int4Weight(QuantizedWeight):
     def dequantize(self, dtype=None) -> jax.Array:
         w = dequantize_int4(self.values, self.scales, self.mins, self.layout, self.group_size)
         return w.astype(dtype or self.dtype)
+
+    def kernel_rows(self) -> KernelRows | None:
+        """4-bit rows: the stored integers with their float16 scales and minimums (-8 * scale
+        when symmetric)."""
+        if self.stacked:
+            return None
+        q, s = np.asarray(self.unpacked()), np.asarray(self.scales)
+        m = None if self.mins is None else np.asarray(self.mins)
+        if self.layout == IN_OUT:  # [in, out] -> rows of out
+            q, s, m = q.T, s.T, None if m is None else m.T
+        return KernelRows.four_bit(np.ascontiguousarray(q), s, m, self.group_size)
 
     def unpacked(self) -> jax.Array:
         """The stored 4-bit integers as uint8 0..15, in the parameter's shape."""

@@ -16,9 +16,11 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.quant.base import (
     IN_OUT,
+    KernelRows,
     QuantizedWeight,
     check_layout,
     dot_in,
@@ -117,6 +119,15 @@ class Int8Weight(_ChannelInt8):
 
     def scheme_dict(self) -> dict[str, object]:
         return {"name": "int8"}
+
+    def kernel_rows(self) -> KernelRows | None:
+        """8-bit rows, one group (and float32 scale) per output channel."""
+        if self.stacked:
+            return None
+        values = np.asarray(self.values)
+        q = values.T if self.layout == IN_OUT else values
+        return KernelRows(np.ascontiguousarray(q), np.asarray(self.scales, np.float32)[:, None],
+                          None, q.shape[1])
 
 
 @flax.struct.dataclass
