@@ -310,6 +310,9 @@ def cmd_bench(args) -> int:
     res["load_s"] = round(load_s, 3)
     res["model"] = args.model
     res["placement"] = placement.info()
+    from jaxinfer import kernels
+
+    res["cpu_kernels"], res["cpu_isa"] = kernels.describe(), kernels.isa()
     if not placement.prints:
         return 0
     if args.json:

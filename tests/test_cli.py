@@ -40,6 +40,9 @@ def test_bench_json_keys(capsys, smollm2_gguf_path):
                 "peak_rss_mb", "weight_bytes"):
         assert key in data
     assert data["weight_bytes"] > 500_000_000 and data["decode_tokens_per_s"] > 0
+    from jaxinfer import kernels
+
+    assert data["cpu_isa"] == kernels.isa() and data["cpu_kernels"] == kernels.describe()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -115,10 +115,12 @@ def test_linear_many_and_swiglu_dispatch(isa):
     bs = [None, jax.random.normal(keys[3], (32,)), None]
     packed = [kernels.NativeWeight.from_array(w, isa) for w in ws]
     many, fused_glu = kernels.target("matmul_many", isa), kernels.target("glu", isa)
-    for rows in (4, 300):
+    for rows in (4, kernels.MAX_KERNEL_ROWS, 300):  # 300 rows: XLA's dot (a prefill)
         x = jax.random.normal(keys[4], (1, rows, 64))
+        small = rows <= kernels.MAX_KERNEL_ROWS
         want = [linear(x, w, b) for w, b in zip(ws, bs, strict=True)]
-        for weights, fused in [(packed, True), (ws, False), ([packed[0], ws[1], packed[2]], False)]:
+        for weights, fused in [(packed, small), (ws, False),
+                               ([packed[0], ws[1], packed[2]], False)]:
             fn = jax.jit(lambda x, weights=weights: linear_many(x, weights, bs))
             assert (many in fn.lower(x).as_text()) == fused
             for y, w in zip(fn(x), want, strict=True):
@@ -126,7 +128,7 @@ def test_linear_many_and_swiglu_dispatch(isa):
         g, u = ws[1], jax.random.normal(keys[5], (64, 32))
         want = jax.nn.silu(x @ g) * (x @ u)
         pg, pu = kernels.NativeWeight.from_array(g, isa), kernels.NativeWeight.from_array(u, isa)
-        for args, fused in [((pg, pu), True), ((g, u), False), ((pg, u), False),
+        for args, fused in [((pg, pu), small), ((g, u), False), ((pg, u), False),
                             ((pg, pu, bs[1]), False)]:
             fn = jax.jit(lambda x, args=args: swiglu(x, *args))
             assert (fused_glu in fn.lower(x).as_text()) == fused
@@ -135,8 +137,9 @@ def test_linear_many_and_swiglu_dispatch(isa):
 
 
 def test_native_weight_dispatch_by_dtype(isa):
-    """Float32 inputs of any number of rows (decode steps, prefill) run the leaf's ISA's custom
-    call, other dtypes XLA's dot on the unpacked weights; both give x @ w."""
+    """Float32 inputs of up to MAX_KERNEL_ROWS rows (decode steps, short prompts) run the leaf's
+    ISA's custom call; more rows (a prefill) and other dtypes XLA's dot on the unpacked weights;
+    all give x @ w."""
     w = jax.random.normal(jax.random.key(0), (48, 80))
     leaf = kernels.NativeWeight.from_array(w, isa)
     assert leaf.shape == w.shape and leaf.panels.shape == (2, 48, kernels.STRIP) and leaf.isa == isa
@@ -146,7 +149,8 @@ def test_native_weight_dispatch_by_dtype(isa):
                          ((4, 48), jnp.bfloat16)]:
         x = jax.random.normal(jax.random.key(1), shape).astype(dtype)
         text = jax.jit(leaf.matmul).lower(x).as_text()
-        assert (kernels.target("matmul", isa) in text) == (dtype == jnp.float32), shape
+        kernel = dtype == jnp.float32 and np.prod(shape[:-1]) <= kernels.MAX_KERNEL_ROWS
+        assert (kernels.target("matmul", isa) in text) == kernel, shape
         tol = 1e-5 if dtype == jnp.float32 else 5e-2
         np.testing.assert_allclose(np.asarray(jax.jit(leaf.matmul)(x), np.float32),
                                    np.asarray(x.astype(jnp.float32) @ w), rtol=tol, atol=tol)

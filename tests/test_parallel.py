@@ -355,6 +355,7 @@ def test_cli_support(smollm2_gguf_path, capsys):
     assert out["placement"] == {"mesh": {"data": 1, "model": 2}, "num_devices": 2,
                                 "num_processes": 1, "pmap": False}
     assert any("'heads' = 9" in n for n in out["notes"])
+    assert out["cpu_kernels"].startswith("native CPU kernels")  # which path runs, in one line
 
 
 def test_placed_inputs_are_sharded(tiny):

@@ -108,8 +108,8 @@ def test_quantized_many_and_glu(m, isa):
 
 
 def test_dispatch_by_dtype(isa):
-    """bfloat16 inputs (or zero rows) run XLA's dot on the dequantized weight, float32 rows the
-    kernel; both agree."""
+    """bfloat16 inputs, zero rows or more than MAX_KERNEL_ROWS rows (a prefill) run XLA's dot on
+    the dequantized weight, other float32 rows the kernel; all agree."""
     rng = np.random.default_rng(0)
     native = _native(FORMATS["int4_sym_g32"](rng.standard_normal((64, 50)).astype(np.float32)),
                      isa)
@@ -120,6 +120,10 @@ def test_dispatch_by_dtype(isa):
     assert y16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y16, np.float32), native.matmul(x), rtol=0.05, atol=0.3)
     assert native.matmul(jnp.zeros((0, 64))).shape == (0, 50)
+    long = jnp.asarray(rng.standard_normal((kernels.MAX_KERNEL_ROWS + 1, 64)), jnp.float32)
+    assert kernels.target("qmatmul", isa) not in jax.jit(native.matmul).lower(long).as_text()
+    np.testing.assert_allclose(native.matmul(long), long @ native.dequantize(), rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["int8", "Q8_0", "Q4_1"])

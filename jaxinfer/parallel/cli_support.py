@@ -109,6 +109,9 @@ def devices_command(args) -> int:
     placement = setup_parallel(args)
     config = load_config(args.model)
     rep = devices_report(placement, config)
+    from jaxinfer import kernels
+
+    rep["cpu_kernels"] = kernels.describe()
     if getattr(args, "json", False):
         lines = [json.dumps(rep)]
     else:
@@ -118,7 +121,8 @@ def devices_command(args) -> int:
         lines += [f"  {d['id']:>3}  {d['platform']:<5} {d['kind']:<20} process {d['process']}"
                   for d in rep["devices"]]
         lines += [f"{args.model}: heads {config.n_heads}, kv heads {config.n_kv_heads}, "
-                  f"mlp {config.d_ff}, vocab {config.vocab_size}", placement.describe()]
+                  f"mlp {config.d_ff}, vocab {config.vocab_size}", placement.describe(),
+                  rep["cpu_kernels"]]
     if placement.prints:
         print("\n".join(lines))
     return 0
