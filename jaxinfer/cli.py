@@ -183,6 +183,9 @@ def _status(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+GENERATING = ("generate", "chat", "bench", "serve")  # commands that only generate with the model
+
+
 def _load(args, placement=None, calibration: dict | None = None):
     """Load --model, quantize it as --quant asks (calibration: GPTQ's method and text, see
     `quantize_model`) and place it on the devices when a placement is given.
@@ -203,6 +206,11 @@ def _load(args, placement=None, calibration: dict | None = None):
     if placement is not None:
         with profile.phase("placement"):
             model = placement.apply(model)
+    if args.command in GENERATING:  # the weights in the run layout, held once
+        from jaxinfer.generate import prepare
+
+        with profile.phase("layout"):
+            model = prepare(model)
     return model, time.perf_counter() - t
 
 

@@ -21,11 +21,6 @@ from jaxinfer.errors import InputError
 from jaxinfer.sampling import Sampling, SamplingArrays
 
 MAX_STOP_IDS = engine.MAX_STOP_IDS
-# Per-layer weight buffers (see `run_params`) are used on CPU while the layer weights take at
-# most this many bytes (they are a second copy of the layers, kept beside model.params).
-UNSTACK_MAX_BYTES = 2 << 30
-
-
 def bucket(n: int, minimum: int = 16) -> int:
     """Next power of two >= n (and >= minimum): bounds the number of compiled shapes."""
     return max(minimum, 1 << (int(n) - 1).bit_length())
@@ -100,25 +95,33 @@ def run_layout(params, config, *, unstack: bool | None = None, native: bool | No
     are shared). unstack / native None: chosen for the backend, as below.
 
     On CPU:
-    - unstack: a per-layer copy of the layer weights (`models.unstack_layers`): XLA:CPU copies
-      each layer's slice out of stacked weights at every step under nn.scan, and one buffer
-      per layer avoids that (measured: SmolLM2 batch-16 decode step 94 vs 150 ms, batch 1 26
-      vs 28 ms; see docs/BENCHMARKS.md). It is a second copy of the layer weights, so by
-      default only made up to UNSTACK_MAX_BYTES of them;
-    - native: float32 matmul weights packed for the native kernels
-      (`jaxinfer.kernels.native_params`; the tied embedding is kept transposed, one more copy
-      of it) where the kernels are available.
-    Elsewhere (GPU/TPU): params as they are.
+    - unstack: one buffer per layer (`models.unstack_layers`): XLA:CPU copies each layer's
+      slice out of stacked weights at every step under nn.scan, and one buffer per layer avoids
+      that (measured: SmolLM2 batch-16 decode step 94 vs 150 ms, batch 1 26 vs 28 ms; see
+      docs/BENCHMARKS.md);
+    - native: every matmul weight the native kernels take in their packed form
+      (`jaxinfer.kernels.native_params`: float32 and quantized leaves, the tied embedding as the
+      packed head) where the kernels are available.
+    Layers are converted one at a time (a layer's slice is copied, packed and dropped), so the
+    conversion holds the input, the result and one layer. `prepare` keeps the result alone.
+    Elsewhere (GPU/TPU): params as they are. Idempotent: the result's layout is its own.
     """
     cpu = jax.default_backend() == "cpu"
     stacked = not isinstance(params.get("layers"), tuple | list)
-    if unstack is None:
-        unstack = cpu and stacked and sum(
-            x.nbytes for x in jax.tree.leaves(params["layers"])) <= UNSTACK_MAX_BYTES
-    run = models.unstack_layers(params) if unstack and stacked else params
-    if native if native is not None else cpu:
-        run = kernels.native_params(run, models.tied_table(config))
-    return run
+    unstack = cpu and stacked if unstack is None else unstack and stacked
+    native = cpu if native is None else native
+    tied = models.tied_table(config)
+
+    def convert(tree, prefix: str = ""):
+        return kernels.native_params(tree, tied, prefix) if native else tree
+
+    if not unstack:
+        return convert(params)
+    top = convert({k: v for k, v in params.items() if k != "layers"})
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    layers = tuple(convert(jax.tree.map(lambda a, i=i: jnp.array(a[i]), params["layers"]),
+                           f"layers/{i}") for i in range(n))
+    return {**top, "layers": layers}
 
 
 def run_params(model):
@@ -131,6 +134,19 @@ def run_params(model):
     if cached is None or cached[0] is not model.params:
         cached = model.run_cache = (model.params, run_layout(model.params, model.config))
     return cached[1]
+
+
+def prepare(model):
+    """`model` for a program that only generates with it (the CLI's generate, chat, bench and
+    serve): a new Model whose params are already in the run layout, so the weights are held
+    once, not twice (the input model's params are not referenced by it). Placed models are
+    returned as they are."""
+    if getattr(model, "placement", None) is not None:
+        return model
+    run = run_layout(model.params, model.config)
+    out = dataclasses.replace(model, params=run)
+    out.run_cache = (run, run)
+    return out
 
 
 MAX_CHUNK = 512  # prompt tokens prefilled per request per admit call (chunked prefill)

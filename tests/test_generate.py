@@ -756,7 +756,7 @@ def test_greedy_with_repetition_penalty_matches_transformers(tiny_pair, penalty)
         assert c.token_ids == ref[0, len(p):].tolist()
 
 
-def test_cpu_generation_runs_per_layer_weights_with_same_tokens(tiny, monkeypatch):
+def test_cpu_generation_runs_per_layer_weights_with_same_tokens(tiny):
     """On CPU, the engine uses one buffer per layer (made once per params); stacked gives the same."""
     from jaxinfer import generate
 
@@ -765,8 +765,7 @@ def test_cpu_generation_runs_per_layer_weights_with_same_tokens(tiny, monkeypatc
     eng = Engine(tiny, slots=2, cache_len=32, buf_len=16)
     assert eng.state.cache.per_layer and len(eng.state.cache.k) == tiny.config.n_layers
     per_layer = run_ids(tiny, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5)
-    monkeypatch.setattr(generate, "UNSTACK_MAX_BYTES", 0)
-    stacked_params = generate.run_layout(tiny.params, tiny.config)
+    stacked_params = generate.run_layout(tiny.params, tiny.config, unstack=False)
     assert all(a is b for a, b in zip(jax.tree.leaves(stacked_params["layers"]),  # stacked,
                                       jax.tree.leaves(tiny.params["layers"]), strict=True))
     assert generate.run_params(tiny) is params  # the model's own layout is kept
@@ -775,3 +774,15 @@ def test_cpu_generation_runs_per_layer_weights_with_same_tokens(tiny, monkeypatc
     assert [c.token_ids for c in per_layer] == [c.token_ids for c in stacked]
     for a, b in zip(per_layer, stacked, strict=True):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    # prepare: the model holds the run layout alone (no reference to the stacked params), the
+    # layout is its own (run_layout idempotent: no leaf copied) and the tokens are the same.
+    prepared = generate.prepare(tiny)
+    assert isinstance(prepared.params["layers"], tuple)
+    assert not {id(x) for x in jax.tree.leaves(tiny.params["layers"])} & {
+        id(x) for x in jax.tree.leaves(prepared.params)}
+    again = generate.run_layout(prepared.params, prepared.config)
+    assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(prepared.params),
+                                      strict=True))
+    assert generate.run_params(prepared) is prepared.params
+    ids = run_ids(prepared, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5)
+    assert [c.token_ids for c in ids] == [c.token_ids for c in per_layer]

@@ -145,20 +145,16 @@ def test_quantized_tied_head_and_rows(kind, isa):
     _close(got, ref, d)
 
 
-def _tiny_quantized(scheme: str) -> Model:
+def test_generation_with_quantized_kernels_equals_without(isa):
+    """A tiny model quantized as `--quant int4` does it (int4 layers, int8 tied embedding):
+    run_layout makes every quantized leaf (the tied head too) a kernel leaf; greedy tokens and
+    log-probs equal the XLA path on the same quantized weights."""
     from jaxinfer.quant.recipes import quantize_model
 
     config = models.LlamaConfig.tiny(tie_embeddings=True)
-    model = Model(config=config, params=models.init_params(config, jax.random.key(0)),
-                  tokenizer=None, source="tiny", eos_token_ids=())
-    return quantize_model(model, scheme, group_size=32 if scheme == "int4" else None, embed="same")
-
-
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_generation_with_quantized_kernels_equals_without(scheme, isa):
-    """A quantized tiny model: run_layout makes every quantized leaf (the tied head too) a
-    kernel leaf; greedy tokens equal the XLA path on the same quantized weights."""
-    model = _tiny_quantized(scheme)
+    model = quantize_model(Model(config=config, params=models.init_params(config, jax.random.key(0)),
+                                 tokenizer=None, source="tiny", eos_token_ids=()),
+                           "int4", group_size=32)
     native = generate.run_layout(model.params, model.config)
     layer = native["layers"][0]
     assert all(isinstance(layer[a][w], kernels.NativeQuant)

@@ -527,11 +527,13 @@ def attention_for(params, dtype):
     return _attention(native[0].isa) if native and jnp.dtype(dtype) == jnp.float32 else None
 
 
-def native_params(params, tied_key: str | None):
+def native_params(params, tied_key: str | None, prefix: str = ""):
     """params with every float32 2-D matmul weight (top level or in per-layer trees, see
-    `models.unstack_layers`) packed as NativeWeight and the tied embedding `tied_key` (if any)
-    packed as NativeEmbedding, for the process's ISA. Other leaves (lookup tables, quantized
-    weights, stacked layers) unchanged. Returns params itself when no kernel runs here."""
+    `models.unstack_layers`) packed as NativeWeight, every quantized one with `kernel_rows` as
+    NativeQuant, and the tied embedding `tied_key` (if any) as the packed head
+    (NativeEmbedding / NativeQuantEmbedding), for the process's ISA. Other leaves (lookup
+    tables, other schemes, stacked layers) unchanged. prefix: the path of `params` within the whole tree
+    (e.g. "layers/3" for one layer's tree). Returns params itself when no kernel runs here."""
     chosen = _active()
     if chosen is None:
         return params
@@ -549,7 +551,7 @@ def native_params(params, tied_key: str | None):
             return leaf  # looked up, never multiplied
         return NativeWeight.from_array(leaf, chosen)
 
-    return paths.map_leaves(wrap, params)
+    return paths.map_leaves(wrap, params, prefix)
 
 
 def _native_quantized(path: str, leaf, tied_key: str | None, isa: str):
