@@ -12,6 +12,7 @@ undoing the row permutation llama.cpp's converter applies to the Q and K project
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -210,6 +211,15 @@ class GGUFFile:
         shape = self.tensor_shape(name)
         data = self._data[t.offset : t.offset + t.n_bytes]
         return data.reshape(*shape[:-1], -1) if shape else data
+
+    def release(self, name: str) -> None:
+        """Drop tensor `name`'s pages of the mapped file from this process's resident memory
+        (after its bytes were copied): they are read again, from the page cache, if touched."""
+        t = self._tensor(name)
+        if not isinstance(self._mmap, mmap.mmap) or t.n_bytes == 0:
+            return
+        start = t.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        self._mmap.madvise(mmap.MADV_DONTNEED, start, t.offset + t.n_bytes - start)
 
     def load(self, name: str) -> np.ndarray:
         """Dequantized float32 array of shape `tensor_shape(name)` (a fresh copy)."""

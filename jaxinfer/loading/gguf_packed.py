@@ -32,6 +32,7 @@ def _packed(f, names: list[str], layout: str, heads: int | None, dtype: str):
         if heads is not None:
             leaf = leaf.unpermute_qk(heads)
         leaves.append(leaf)
+        f.release(n)  # copied: the mapped pages need not stay resident
     return stack_leaves(leaves) if len(leaves) > 1 else leaves[0]
 
 
