@@ -125,6 +125,9 @@ def _serve_parser(sub) -> None:
     s.add_argument("--api-key", default=os.environ.get("JAXINFER_API_KEY"),
                    help="require Authorization: Bearer KEY (default $JAXINFER_API_KEY)")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    s.add_argument("--prefill-tokens", type=int, default=256,
+                   help="prompt tokens prefilled per engine step before its decode steps "
+                        "(power of two, 16..512; default 256)")
     s.add_argument("--prefix-cache-mb", type=int, default=256,
                    help="memory for the KV of shared prompt prefixes (0: off; default 256)")
     s.add_argument("--served-model-name", default=None,
@@ -420,6 +423,9 @@ def cmd_serve(args) -> int:
 
     if not 0 < args.port < 65536 or args.slots < 1 or args.max_queue < 0 or args.max_len < 2:
         raise InputError("need 0 < --port < 65536, --slots >= 1, --max-queue >= 0, --max-len >= 2")
+    if not 16 <= args.prefill_tokens <= 512 or args.prefill_tokens & (args.prefill_tokens - 1):
+        raise InputError(f"--prefill-tokens must be a power of two from 16 to 512, got "
+                         f"{args.prefill_tokens}")
     placement = setup_parallel(args)
     model, load_s = _load(args, placement)
     if args.max_len > model.config.max_seq_len:
@@ -429,7 +435,8 @@ def cmd_serve(args) -> int:
     app = create_app(model, model_name=args.served_model_name or args.model, slots=args.slots,
                      max_len=args.max_len, max_queue=args.max_queue, api_key=args.api_key,
                      timeout_s=args.timeout, kv_cache=args.kv_cache,
-                     prefix_cache_bytes=args.prefix_cache_mb << 20)
+                     prefix_cache_bytes=args.prefix_cache_mb << 20,
+                     prefill_tokens=args.prefill_tokens)
     serve(app, args.host, args.port)
     return 0
 

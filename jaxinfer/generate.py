@@ -250,9 +250,14 @@ class Engine:
 
     def __init__(self, model, *, slots: int, cache_len: int, buf_len: int,
                  kv_cache: str = "float", params=None, scan_unroll: int = 1,
-                 admit_group: int | None = None, prefix_cache_bytes: int = 0):
+                 admit_group: int | None = None, prefix_cache_bytes: int = 0,
+                 prefill_tokens: int = MAX_CHUNK):
         if kv_cache not in ("float", "int8"):
             raise InputError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
+        if not 16 <= prefill_tokens <= MAX_CHUNK or prefill_tokens & (prefill_tokens - 1):
+            raise InputError(f"prefill_tokens must be a power of two from 16 to {MAX_CHUNK}, "
+                             f"got {prefill_tokens}")
+        self.prefill_tokens = prefill_tokens
         self.model = model
         self.ops = getattr(model, "placement", None) or _LocalOps()
         m = self.ops.batch_multiple
@@ -318,9 +323,9 @@ class Engine:
     # -- running ----------------------------------------------------------------------------
 
     def advance(self, steps: int) -> None:
-        """Admit waiting requests into free slots (one prompt chunk each; a request whose
-        prompt is longer than MAX_CHUNK gets its next chunk at the next call), then run up to
-        `steps` decode steps on the device if any slot is live."""
+        """Admit waiting requests into free slots (one prompt chunk each, within the
+        prefill_tokens budget; a longer prompt gets its next chunk at the next call), then run
+        up to `steps` decode steps on the device if any slot is live."""
         self._admit()
         if steps > 0 and self._any_live():
             limit = jnp.int32(int(self.state.step) + steps)
@@ -353,7 +358,8 @@ class Engine:
             group.append(h)
         if not group:
             return
-        chunk = bucket(max(min(len(self.entries[h].ids) - self.entries[h].prefilled, MAX_CHUNK)
+        share = max(16, 1 << (self.prefill_tokens // len(group)).bit_length() - 1)
+        chunk = bucket(max(min(len(self.entries[h].ids) - self.entries[h].prefilled, share)
                            for h in group))
         g = bucket(len(group), minimum=1)
         slots = np.full((g,), self.slots, np.int32)  # filler rows: out of range, dropped
@@ -413,7 +419,7 @@ class Engine:
             h = self.submit([0] * min(c, self.cache_len - 1), Sampling(), 1)
             self.advance(1)
             self.forget(h)
-            if c >= min(MAX_CHUNK, self.cache_len - 1):
+            if c >= min(self.prefill_tokens, self.cache_len - 1):
                 break
             c *= 2
 

@@ -55,6 +55,7 @@ def test_bench_json_keys(capsys, smollm2_gguf_path):
     (["generate", "--prompt", "hi", "--min-p", "2"], "min_p must be in [0, 1]"),
     (["generate", "--prompt", "hi", "--model", "/no/such/model"], "no such file or directory"),
     (["bench", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["serve", "--prefill-tokens", "24"], "--prefill-tokens must be a power of two"),
 ])
 def test_bad_input_one_error_line(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv, *BASE)

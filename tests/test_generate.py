@@ -329,16 +329,14 @@ def test_released_request_frees_its_slot_and_others_continue(tiny):
     assert eng.result(c)[0] == _alone(tiny, RAGGED[2], Sampling(), 5)[0]
 
 
-def test_chunked_prefill_equals_one_prefill(tiny, monkeypatch):
-    """A prompt longer than MAX_CHUNK is prefilled in chunks between decode steps of the other
-    slots, with the same tokens and log-probs as in one piece."""
-    from jaxinfer import generate
-
+def test_chunked_prefill_equals_one_prefill(tiny):
+    """A prompt longer than the step's prefill budget (prefill_tokens) is prefilled in chunks
+    between decode steps of the other slots, with the same tokens and log-probs as in one
+    piece."""
     prompt = [int(t) for t in np.random.default_rng(0).integers(3, 120, 45)]
     sampling = Sampling(temperature=1.0, seed=11, repetition_penalty=1.3)
     want, want_lp = _alone(tiny, prompt, sampling, 10)
-    monkeypatch.setattr(generate, "MAX_CHUNK", 16)
-    eng = Engine(tiny, slots=2, cache_len=64, buf_len=16)
+    eng = Engine(tiny, slots=2, cache_len=64, buf_len=16, prefill_tokens=16)
     other = eng.submit(RAGGED[0], Sampling(), 16)
     eng.advance(1)
     h = eng.submit(prompt, sampling, 10)
@@ -350,6 +348,29 @@ def test_chunked_prefill_equals_one_prefill(tiny, monkeypatch):
     ids, lps, _ = eng.result(h)
     assert ids == want
     np.testing.assert_allclose(lps, want_lp, atol=1e-5)
+
+
+def test_prefill_budget_is_shared_by_the_requests_admitted_together(tiny):
+    """Two long prompts admitted in one call split the budget (32 tokens: 16 each per call), so
+    no call prefills more than the budget; a budget that is not a power of two in [16, 512]
+    is one InputError."""
+    rng = np.random.default_rng(2)
+    prompts = [[int(t) for t in rng.integers(3, 120, 40)] for _ in range(2)]
+    eng = Engine(tiny, slots=2, cache_len=64, buf_len=8, prefill_tokens=32)
+    hs = [eng.submit(p, Sampling(), 4) for p in prompts]
+    done = []
+    while not all(eng.live(h) for h in hs):
+        before = sum(eng.entries[h].prefilled for h in hs)
+        eng.advance(1)
+        done.append(sum(eng.entries[h].prefilled for h in hs) - before)
+    assert max(done) <= 32 and len(done) == 3  # 16 + 16 + 8 tokens of each prompt
+    while not all(eng.finished(h) for h in hs):
+        eng.advance(4)
+    for h, p in zip(hs, prompts, strict=True):
+        assert eng.result(h)[0] == _alone(tiny, p, Sampling(), 4)[0]
+    for bad in (8, 24, 1024):
+        with pytest.raises(InputError, match="prefill_tokens must be a power of two"):
+            Engine(tiny, slots=1, cache_len=32, buf_len=8, prefill_tokens=bad)
 
 
 def test_prefix_cache_hit_equals_a_fresh_prefill(tiny):

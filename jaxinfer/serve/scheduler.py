@@ -80,12 +80,13 @@ class EngineLoop:
 
     def __init__(self, model, *, slots: int, max_len: int, max_queue: int, metrics,
                  step_tokens: int = 8, kv_cache: str = "float",
-                 prefix_cache_bytes: int = 256 << 20):
+                 prefix_cache_bytes: int = 256 << 20, prefill_tokens: int = 256):
         self.model, self.metrics, self.max_queue = model, metrics, max_queue
         self.step_tokens = step_tokens
         self.engine = Engine(model, slots=slots, cache_len=max_len, buf_len=max_len,
                              kv_cache=kv_cache, admit_group=1,
-                             prefix_cache_bytes=prefix_cache_bytes)
+                             prefix_cache_bytes=prefix_cache_bytes,
+                             prefill_tokens=prefill_tokens)
         self.max_len = max_len
         self.inbox: queue.Queue = queue.Queue()
         self.choices: list[_Choice] = []
