@@ -78,19 +78,51 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Ar
     return jnp.where(seen, penalised, logits)
 
 
+CANDIDATES = 256  # the largest logits `filter_logits` sorts (lax.top_k), when they suffice
+
+
 def filter_logits(logits: jax.Array, s: SamplingArrays) -> jax.Array:
-    """Temperature, top-k, top-p and min-p on logits [B, V]; removed entries become -inf."""
-    neg = jnp.float32(-jnp.inf)
+    """Temperature, top-k, top-p and min-p on logits [B, V]; removed entries become -inf.
+
+    top-k and top-p need the logits in descending order, but only as far as the k-th one and
+    the one where the mass reaches p: the CANDIDATES largest (lax.top_k, ~0.2 ms per row of
+    49,152 where a full sort takes ~40 ms on a 2-core Zen 3) give the same thresholds whenever
+    every row has top_k <= CANDIDATES (or off) and reaches top_p within them, or keeps at most
+    CANDIDATES tokens under min-p; otherwise the whole vocabulary is sorted.
+    """
     scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
-    sorted_desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
     v = logits.shape[-1]
-    # top-k: keep values >= the k-th largest (k = 0: keep all).
+    c = min(CANDIDATES, v)
     k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, v), v)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
-    keep = scaled >= kth
+    # (the barrier keeps XLA from rewriting the top_k into a full sort when its result is used)
+    top = jax.lax.optimization_barrier(jax.lax.top_k(scaled, c)[0])  # [B, c], descending
+    # Mass of the top-k entries (the top-p normaliser): from the candidates when k <= c.
+    kept = jnp.where(jnp.arange(c)[None, :] < k[:, None], top, -jnp.inf)
+    lse_k = jnp.where(k <= c, jax.nn.logsumexp(kept, axis=-1), jax.nn.logsumexp(scaled, axis=-1))
+    mass = jnp.sum(jnp.exp(kept - lse_k[:, None]), axis=-1)
+    # min-p survivors (all of the final set) within the candidates also settle top-p there.
+    floor = top[:, :1] + jnp.log(jnp.maximum(s.min_p[:, None], 1e-30))
+    few = jnp.sum(scaled >= floor, axis=-1) <= c
+    fits = ((k <= c) | (s.top_k <= 0)) & ((s.top_p >= 1.0) | (mass >= s.top_p) | few)
+    return jax.lax.cond(jnp.all(fits), lambda: _keep(scaled, top, k, s),
+                        lambda: _keep(scaled, -jnp.sort(-scaled, axis=-1), k, s))
+
+
+def _keep(scaled: jax.Array, sorted_desc: jax.Array, k: jax.Array, s: SamplingArrays):
+    """scaled [B, V] with entries outside top-k / top-p / min-p set to -inf, given the largest
+    entries in descending order (sorted_desc [B, C]: all V, or enough to reach both
+    thresholds, see `filter_logits`)."""
+    neg = jnp.float32(-jnp.inf)
+    c = sorted_desc.shape[-1]
+    # top-k: keep values >= the k-th largest (k = V: the smallest, i.e. keep all).
+    kth = jnp.where(k <= c, jnp.take_along_axis(sorted_desc, (jnp.minimum(k, c) - 1)[:, None],
+                                                axis=-1)[:, 0], jnp.min(scaled, axis=-1))
+    keep = scaled >= kth[:, None]
     # top-p over the top-k survivors: keep the smallest prefix whose mass reaches p.
-    sorted_kept = jnp.where(jnp.arange(v)[None, :] < k[:, None], sorted_desc, neg)
-    probs = jax.nn.softmax(sorted_kept, axis=-1)
+    sorted_kept = jnp.where(jnp.arange(c)[None, :] < k[:, None], sorted_desc, neg)
+    lse = jnp.where(k <= c, jax.nn.logsumexp(sorted_kept, axis=-1),
+                    jax.nn.logsumexp(scaled, axis=-1))
+    probs = jnp.exp(sorted_kept - lse[:, None])
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
     n_keep = jnp.maximum(jnp.sum(before < s.top_p[:, None], axis=-1), 1)
     pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
@@ -133,7 +165,9 @@ def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, counter: jax.A
         counters = jnp.broadcast_to(counter, s.seed.shape)
         keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.key(seed), c))(s.seed,
                                                                                      counters)
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        # jax.random.categorical's Gumbel-max draw, with the fast argmax (see first_argmax)
+        noise = jax.vmap(lambda key: jax.random.gumbel(key, filtered.shape[-1:]))(keys)
+        drawn = first_argmax(filtered + noise)
         return jnp.where(s.temperature > 0, drawn, greedy_tok)
 
     tokens = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy_tok, None)

@@ -710,6 +710,44 @@ def test_top_p_one_is_off():
     assert bool(jnp.all(jnp.isfinite(filter_logits(logits, arrays))))
 
 
+def _filter_by_numpy(logits: np.ndarray, row: Sampling) -> np.ndarray:
+    """The filters' definition on one row, with a full sort (float64)."""
+    x = logits.astype(np.float64) / max(row.temperature, 1e-6)
+    order = -np.sort(-x)
+    k = min(row.top_k, x.size) if row.top_k > 0 else x.size
+    keep = x >= order[k - 1]
+    p = np.exp(order[:k] - order[0])
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    n = max(int(np.sum(before < row.top_p)), 1)
+    if row.top_p < 1.0:
+        keep &= x >= order[n - 1]
+    keep &= x >= order[0] + np.log(max(row.min_p, 1e-30))
+    return keep
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])  # flat to peaked distributions
+def test_filter_logits_candidates_equal_the_full_sort(scale):
+    """top-k / top-p / min-p from the CANDIDATES largest logits keep the same tokens as the
+    definition with a full sort, for rows where the candidates suffice and rows where they do
+    not (top_k above CANDIDATES, flat rows with top-p alone), mixed in one batch."""
+    from jaxinfer.sampling import CANDIDATES
+
+    rows = [Sampling(temperature=0.8, top_p=0.95, min_p=0.05, seed=1),
+            Sampling(temperature=1.0, top_k=40, top_p=0.9),
+            Sampling(temperature=1.0, top_p=0.5),
+            Sampling(temperature=0.7, top_k=CANDIDATES + 50),
+            Sampling(temperature=1.2, min_p=0.1),
+            Sampling(temperature=1.0, top_k=5)]
+    logits = np.asarray(jax.random.normal(jax.random.key(7), (len(rows), 49152)) * scale)
+    for batch in ([rows[0]], rows[:3], rows):  # the fast path alone, and with the sort
+        got = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits[:len(batch)]),
+                                                   SamplingArrays.from_rows(batch, len(batch)))))
+        for i, row in enumerate(batch):
+            want = _filter_by_numpy(logits[i], row)
+            assert (got[i] != want).sum() <= 1, (scale, i)  # float32 vs float64 at the edge
+
+
 def test_first_argmax_equals_jnp_argmax():
     """Ties resolve to the first index and NaN counts as the maximum, as jnp.argmax does."""
     x = jnp.round(jax.random.normal(jax.random.key(1), (64, 3000)) * 2)  # many ties
