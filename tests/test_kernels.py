@@ -20,7 +20,7 @@ import models
 from jaxinfer import generate, kernels, paths
 from jaxinfer.generate import Request, generate_ids
 from jaxinfer.model import Model
-from jaxinfer.quant import Int8Weight
+from jaxinfer.quant import Int8Weight, W8A8Weight
 from jaxinfer.sampling import Sampling
 
 CONFIGS = {
@@ -202,6 +202,8 @@ def test_native_params_wraps_matmul_weights_only(tiny, isa):
     mlp = params["layers"][0]["mlp"]
     name = "up" if "up" in mlp else "fc"
     mlp[name] = Int8Weight.from_float(mlp[name])
+    down = "down" if "down" in mlp else "proj"
+    mlp[down] = W8A8Weight.from_float(mlp[down])
     table = models.tied_table(tiny.config)
     wrapped = kernels.native_params(params, table)
     for path, leaf in paths.iter_leaves(wrapped):
@@ -209,8 +211,11 @@ def test_native_params_wraps_matmul_weights_only(tiny, isa):
         if path == table:
             assert isinstance(leaf, kernels.NativeEmbedding) and leaf.isa == isa
             np.testing.assert_array_equal(kernels.unpack(leaf.panels, leaf.n), original.T)
-        elif path == f"layers/0/mlp/{name}":
-            assert leaf is original  # quantized leaves are left alone
+        elif path == f"layers/0/mlp/{name}":  # quantized: its kernel form
+            assert isinstance(leaf, kernels.NativeQuant) and leaf.isa == isa
+            np.testing.assert_array_equal(leaf.dequantize(), original.dequantize())
+        elif path == f"layers/0/mlp/{down}":
+            assert leaf is original  # a scheme without a kernel form (W8A8) is left alone
         elif getattr(original, "ndim", 0) == 2 and path not in ("embed", "wpe"):
             assert isinstance(leaf, kernels.NativeWeight) and leaf.isa == isa, path
             np.testing.assert_array_equal(kernels.unpack(leaf.panels, leaf.n), original)
