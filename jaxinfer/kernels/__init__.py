@@ -255,11 +255,11 @@ def glu(x: jax.Array, gate: jax.Array, up: jax.Array, n: int, isa: str | None = 
     return jax.ffi.ffi_call(target("glu", _require(isa)), out)(x, gate, up)
 
 
-# Rows up to which the matmul kernels run; more (a prefill) go to XLA's dot on the unpacked or
-# dequantized weight: the kernels read each weight panel once and x again per panel, XLA's GEMM
-# blocks both (measured on Zen 3, SmolLM2's 576 x 1536 weight: kernel and XLA alike at 64 rows,
-# kernel 6.1 vs XLA 2.5 ms at 128).
-MAX_KERNEL_ROWS = 64
+# Rows up to which the matmul kernels run; more (a long prefill chunk, several prompts) go to
+# XLA's dot on the unpacked or dequantized weight, which blocks x too (measured on Zen 3, one
+# call, SmolLM2's 576 x 1536 weight: kernel 7.07 vs XLA 7.25 ms at 256 rows, 14.74 vs 13.18 ms
+# at 512; the kernels read x again for every panel).
+MAX_KERNEL_ROWS = 256
 
 
 def _kernel_rows(x: jax.Array) -> int | None:
