@@ -169,14 +169,17 @@ def _prune_parser(sub) -> None:
 
 
 def setup_compile_cache(args) -> None:
-    """Turn on JAX's persistent compilation cache unless disabled."""
+    """Turn on JAX's persistent compilation cache unless disabled, for every program: JAX
+    keeps only programs that took at least a second to compile by default, and a warm start
+    would then compile the engine's small programs (init_state, transfers) again each time."""
     if args.no_compile_cache:
         return
     import jax
 
     path = args.compile_cache or os.environ.get("JAXINFER_COMPILE_CACHE") or str(cache_dir() / "xla")
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _status(msg: str) -> None:

@@ -77,6 +77,11 @@ class Model:
     # starts without it.
     run_cache: tuple | None = dataclasses.field(default=None, init=False, repr=False,
                                                 compare=False)
+    # (params, the converted-cache entry they are a memory map of or were written to): set by
+    # the loader, so that `run_params` can keep the run layout beside that entry; not an init
+    # field either, so a model with other params does not claim it.
+    converted: tuple | None = dataclasses.field(default=None, init=False, repr=False,
+                                                compare=False)
 
     def logits(self, token_ids) -> np.ndarray:
         """float32 logits [B, T, V] of one full uncached forward pass over token_ids.

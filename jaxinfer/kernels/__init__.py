@@ -210,12 +210,28 @@ def describe() -> str:
     return f"native CPU kernels: {chosen} ({model}, {len(os.sched_getaffinity(0))} threads)"
 
 
-def pack(w: jax.Array) -> jax.Array:
-    """w [K, N] -> panels [ceil(N / STRIP), K, STRIP] (columns zero padded to whole panels)."""
+PACK_PANELS = 64  # panels copied per numpy step in `pack` (a working set that fits in L2)
+
+
+def pack(w) -> jax.Array:
+    """w [K, N] -> panels [ceil(N / STRIP), K, STRIP] (columns zero padded to whole panels).
+
+    Packed on the host with numpy (w may be a numpy array or a CPU jax array, read without a
+    copy) a few panels at a time: no XLA program is compiled for it (eager jnp ops would
+    compile and run one small program per weight shape at every start), and a transposed
+    view such as `table.T` is read block by block.
+    """
+    w = np.asarray(w)
     k, n = w.shape
     p = -(-n // STRIP)
-    w = jnp.pad(w, ((0, 0), (0, p * STRIP - n)))
-    return jnp.asarray(w.reshape(k, p, STRIP).transpose(1, 0, 2))
+    out = np.zeros((p, k, STRIP), w.dtype)
+    for p0 in range(0, p, PACK_PANELS):
+        cols = w[:, p0 * STRIP:(p0 + PACK_PANELS) * STRIP]  # [K, <= PACK_PANELS * STRIP]
+        full = cols.shape[1] // STRIP
+        out[p0:p0 + full] = cols[:, :full * STRIP].reshape(k, full, STRIP).transpose(1, 0, 2)
+        if full * STRIP < cols.shape[1]:  # the last, partial panel
+            out[p0 + full, :, :cols.shape[1] - full * STRIP] = cols[:, full * STRIP:]
+    return jax.device_put(out)  # jnp.asarray would compile a copy program per shape
 
 
 def unpack(panels: jax.Array, n: int) -> jax.Array:
@@ -326,7 +342,7 @@ class NativeEmbedding:
     @classmethod
     def from_table(cls, table: jax.Array, isa: str | None = None) -> NativeEmbedding:
         """table [V, D] packed for `isa` (default: the process's ISA)."""
-        return cls(panels=pack(table.T), n=int(table.shape[0]), isa=_require(isa))
+        return cls(panels=pack(np.asarray(table).T), n=int(table.shape[0]), isa=_require(isa))
 
     shape = property(lambda self: (self.n, self.panels.shape[1]))
     dtype = property(lambda self: self.panels.dtype)
@@ -399,14 +415,31 @@ def attention_for(params, dtype):
     return _attention(native[0].isa) if native and jnp.dtype(dtype) == jnp.float32 else None
 
 
-def native_params(params, tied_key: str | None):
+def packed_shape(k: int, n: int) -> tuple[int, int, int]:
+    """The shape `pack` gives a [K, N] weight: [ceil(N / STRIP), K, STRIP]."""
+    return (-(-n // STRIP), k, STRIP)
+
+
+def native_params(params, tied_key: str | None, cached=None):
     """params with every float32 2-D matmul weight (top level or in per-layer trees, see
     `models.unstack_layers`) packed as NativeWeight and the tied embedding `tied_key` (if any)
     packed as NativeEmbedding, for the process's ISA. Other leaves (lookup tables, quantized
-    weights, stacked layers) unchanged. Returns params itself when no kernel runs here."""
+    weights, stacked layers) unchanged. Returns params itself when no kernel runs here.
+
+    cached: optional {path: panels} packed earlier (numpy, e.g. memory maps of the converted
+    cache, see `packed_leaves`); a leaf's panels are taken from it when their shape and dtype
+    are what `pack` would give, and packed here otherwise.
+    """
     chosen = _active()
     if chosen is None:
         return params
+    cached = cached or {}
+
+    def panels(path: str, w) -> jax.Array:  # w [K, N] -> its panels
+        got = cached.get(path)
+        if got is not None and got.shape == packed_shape(*w.shape) and got.dtype == w.dtype:
+            return jax.device_put(got)  # aligned host memory: aliased, not copied
+        return pack(w)
 
     def wrap(path: str, leaf):
         if not isinstance(leaf, jax.Array) or leaf.ndim != 2 or leaf.dtype != jnp.float32:
@@ -414,9 +447,16 @@ def native_params(params, tied_key: str | None):
         if paths.is_stacked(path):
             return leaf  # stacked layers [L, ...]: 2-D leaves there are per-layer vectors
         if path == tied_key:
-            return NativeEmbedding.from_table(leaf, chosen)
+            return NativeEmbedding(panels=panels(path, np.asarray(leaf).T), n=int(leaf.shape[0]),
+                                   isa=chosen)
         if paths.is_lookup_table(path):
             return leaf  # looked up, never multiplied
-        return NativeWeight.from_array(leaf, chosen)
+        return NativeWeight(panels=panels(path, leaf), n=int(leaf.shape[1]), isa=chosen)
 
     return paths.map_leaves(wrap, params)
+
+
+def packed_leaves(params) -> dict[str, jax.Array]:
+    """{path: panels} of every packed leaf of params (what `native_params(..., cached=)`
+    takes back)."""
+    return {path: leaf.panels for path, leaf in paths.iter_leaves(params) if _is_native(leaf)}

@@ -143,6 +143,8 @@ def _load_gguf(path: Path, dtype, progress: bool, keep_packed: bool) -> Model:
     # checksummed in the background while the tokenizer is built
     pending = (convert_cache.PendingParams(convert_cache.weights_path(path, key, dtype))
                if key and not keep_packed else None)
+    if pending:  # the run layouts kept beside it (jaxinfer.generate.run_params), likewise
+        convert_cache.open_layouts(pending.entry)
     with profile.phase("tokenizer"):
         tokenizer = _gguf_tokenizer(src, path, key)
     eos = eos_ids_from_hf(src.hf_config) or tuple(tokenizer.eos_token_ids)
@@ -158,8 +160,11 @@ def _load_gguf(path: Path, dtype, progress: bool, keep_packed: bool) -> Model:
                              "to keep packed")
     else:
         params = _gguf_float_params(config, src, dtype, pending, progress)
-    return Model(config=config, params=params, tokenizer=tokenizer, source=str(path),
-                 eos_token_ids=eos)
+    model = Model(config=config, params=params, tokenizer=tokenizer, source=str(path),
+                  eos_token_ids=eos)
+    if pending:
+        model.converted = (params, pending.entry)
+    return model
 
 
 def _gguf_tokenizer(src, path: Path, key: str | None):

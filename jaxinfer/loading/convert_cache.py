@@ -125,17 +125,18 @@ class PendingParams:
     def _hash(self) -> None:
         self._digest = _sha256(self._sf.data())
 
-    def result(self, config, dtype) -> SafetensorsFile | None:
+    def result(self, config=None, dtype=None) -> SafetensorsFile | None:
         """The entry if it is whole and holds exactly the params of `config` in `dtype`, else
-        None (a bad entry is deleted, with a line on stderr)."""
+        None (a bad entry is deleted, with a line on stderr). config None: only whole (its
+        format and checksum); the caller checks each tensor's shape and dtype."""
         if self._thread is not None:
             self._thread.join()
         sf, problem = self._sf, self._problem
         if sf is not None:
-            expected = {p: tuple(s.shape)
-                        for p, s in paths.iter_leaves(models.abstract_params(config))}
-            if (sf.metadata.get("format") != str(FORMAT_VERSION)
-                    or {p: sf.shape(p) for p in sf.names()} != expected
+            expected = None if config is None else {
+                p: tuple(s.shape) for p, s in paths.iter_leaves(models.abstract_params(config))}
+            if sf.metadata.get("format") != str(FORMAT_VERSION) or expected is not None and (
+                    {p: sf.shape(p) for p in sf.names()} != expected
                     or any(sf.get(p).dtype != np.dtype(dtype) for p in expected)):
                 problem = "does not match this model"
             elif self._digest != sf.metadata.get("sha256"):
@@ -146,6 +147,23 @@ class PendingParams:
         return sf
 
 
+_opened: dict[Path, PendingParams] = {}  # layout entries opened early by `open_layouts`
+
+
+def open_layouts(weights: Path) -> None:
+    """Start opening and checksumming the layout entries kept beside the weights entry
+    `weights` (see `layout_path`) in the background, so that the check overlaps with the rest
+    of loading; `pending(entry)` hands them out later."""
+    for entry in weights.parent.glob(glob.escape(weights.name.removesuffix(".safetensors"))
+                                     + ".*.safetensors"):
+        _opened.setdefault(entry, PendingParams(entry))
+
+
+def pending(entry: Path) -> PendingParams:
+    """The PendingParams of `entry`: the one `open_layouts` started, else a new one."""
+    return _opened.pop(entry, None) or PendingParams(entry)
+
+
 def read_params(entry: Path, config, dtype) -> SafetensorsFile | None:
     """`PendingParams(entry).result(config, dtype)`: the entry if usable, else None."""
     return PendingParams(entry).result(config, dtype)
@@ -154,9 +172,18 @@ def read_params(entry: Path, config, dtype) -> SafetensorsFile | None:
 _writes: dict[Path, threading.Thread] = {}  # entries being written in the background
 
 
-def write_params(entry: Path, params, source: str, *, background: bool = True) -> None:
-    """Save a float params tree (leaves: arrays) as `entry` (a `weights_path`), with the
-    sha256 of its data; older entries of the same source file and dtype are removed.
+def layout_path(weights: Path, layout: str) -> Path:
+    """Where the weights of the entry `weights` (a `weights_path`) are kept in the run layout
+    named `layout` (e.g. "run-avx2", see `jaxinfer.generate.run_params`). A new weights entry
+    for the same source file and dtype removes it as stale."""
+    return weights.with_name(f"{weights.name.removesuffix('.safetensors')}.{layout}.safetensors")
+
+
+def write_params(entry: Path, params, source: str, *, background: bool = True,
+                 stale: str | None = None) -> None:
+    """Save a float params tree (leaves: arrays) as `entry` (a `weights_path`, or a
+    `layout_path` with a flat {path: array} dict), with the sha256 of its data; older entries
+    matching the glob `stale` (default: those of the same source file and dtype) are removed.
 
     background: hash and write in a thread (both release the GIL; writing 538 MB takes 3-12 s
     on the 2-core test machine's disk), so the caller goes on compiling meanwhile. It is not
@@ -170,8 +197,8 @@ def write_params(entry: Path, params, source: str, *, background: bool = True) -
             digest.update(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
         meta = {"format": str(FORMAT_VERSION), "sha256": digest.hexdigest(), "source": source}
         stem, dtype_name = entry.name.rsplit(".", 3)[:2]
-        stale = glob.escape(stem) + f".{dtype_name}.*.safetensors"
-        _atomic_write(entry, lambda tmp: write_safetensors(tmp, tensors, meta), stale)
+        old = stale or glob.escape(stem) + f".{dtype_name}.*.safetensors"
+        _atomic_write(entry, lambda tmp: write_safetensors(tmp, tensors, meta), old)
 
     if not background:
         return write()
