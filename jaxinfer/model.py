@@ -72,6 +72,9 @@ class Model:
     tokenizer: Any | None  # jaxinfer.tokenizer.Tokenizer, or None when the checkpoint has none
     source: str = ""
     eos_token_ids: tuple[int, ...] = ()
+    # sampling knobs the checkpoint sets (jaxinfer.sampling.checkpoint_defaults); the CLI and
+    # the server fill the others from jaxinfer.sampling.FALLBACK
+    sampling_defaults: dict = dataclasses.field(default_factory=dict)
     # (params, the same params in the layout generation runs with): made on first use by
     # `jaxinfer.generate.run_params`; not an init field, so dataclasses.replace(model, ...)
     # starts without it.
