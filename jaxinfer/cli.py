@@ -300,33 +300,22 @@ def _describe_sampling(resolved: tuple[dict, dict]) -> str:
 
 
 def cmd_chat(args) -> int:
-    from jaxinfer.generate import stream_requests
-    from jaxinfer.text import build_request, encode_prompt
+    """The interactive chat (jaxinfer/chat.py): load once, then read messages until /exit."""
+    from jaxinfer import chat
 
     _check_sampling(args)
+    _status(f"loading {args.model} ...")
     model, load_s = _load(args)
-    if model.tokenizer is None or model.tokenizer.chat_template is None:
-        raise InputError(f"{args.model}: the checkpoint has no chat template")
-    _status(f"loaded {args.model} in {load_s:.1f}s. Type a message; /exit or Ctrl-D quits.")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    while True:
+    conversation = chat.Conversation(model, _gen_kwargs(args, model), system=args.system,
+                                     notice=_status)
+    _status(f"loaded {args.model} in {load_s:.1f}s; sampling: "
+            f"{_describe_sampling(_sampling(args, model))}.\n{chat.HELP}")
+    if sys.stdin.isatty():
         try:
-            line = input("> ")
-        except EOFError:
-            print()
-            return 0
-        if line.strip() in ("/exit", "/quit"):
-            return 0
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        ids = encode_prompt(model, messages)
-        req = build_request(model, [ids], **_gen_kwargs(args, model))
-        results = []
-        for ev in stream_requests(model, [None], req, chunk=4, results=results):
-            print(ev.text, end="", flush=True)
-        print()
-        messages.append({"role": "assistant", "content": results[0].text})
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    return chat.run(conversation)
 
 
 def cmd_bench(args) -> int:
