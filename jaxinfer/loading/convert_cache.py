@@ -4,7 +4,10 @@ A GGUF load dequantizes every tensor in numpy; the result (the float params tree
 for one dtype) is saved once as `<cache>/converted/<stem>.<dtype>.<key>.safetensors`, one tensor
 per params path, and the tokenizer beside it as `<stem>.<key>.tokenizer.json`. The key hashes
 the format version, the source file's size and mtime and its header bytes (metadata and tensor
-directory), so a changed file never matches an old entry.
+directory), so a changed file never matches an old entry. Beside a weights entry, the same
+weights may be kept in a run layout (`layout_path`: `<entry stem>.run-<isa>.safetensors`, the
+native kernels' packed panels, written by `jaxinfer.generate.run_params`); `open_layouts`
+starts checking those while the rest of a load goes on.
 
 Entries are written to a temporary name and renamed when complete; each holds the sha256 of its
 data, checked on every read. An entry that does not open, does not match its checksum or lacks
