@@ -147,8 +147,6 @@ def _load_gguf(path: Path, dtype, progress: bool, keep_packed: bool) -> Model:
     # checksummed in the background while the tokenizer is built
     pending = (convert_cache.PendingParams(convert_cache.weights_path(path, key, dtype))
                if key and not keep_packed else None)
-    if pending:  # the run layouts kept beside it (jaxinfer.generate.run_params), likewise
-        convert_cache.open_layouts(pending.entry)
     with profile.phase("tokenizer"):
         tokenizer = _gguf_tokenizer(src, path, key)
     eos = eos_ids_from_hf(src.hf_config) or tuple(tokenizer.eos_token_ids)
@@ -169,6 +167,9 @@ def _load_gguf(path: Path, dtype, progress: bool, keep_packed: bool) -> Model:
                   sampling_defaults=checkpoint_defaults(src.file.metadata, GGUF_KEYS))
     if pending:
         model.converted = (params, pending.entry)
+        # the run layouts kept beside it (jaxinfer.generate.run_params) are checked in the
+        # background from now on: started earlier, the hash would compete with this load
+        convert_cache.open_layouts(pending)
     return model
 
 

@@ -111,9 +111,11 @@ class PendingParams:
     releases the GIL), so that the hash overlaps with the tokenizer and the shape work of a
     load. `result` waits for it and says whether the entry can be used."""
 
-    def __init__(self, entry: Path):
+    def __init__(self, entry: Path, after: PendingParams | None = None):
+        """after: another entry being checked, whose hash this one's waits for (so that a
+        load's own entry is not slowed down by one it may not need)."""
         self.entry, self._sf, self._problem, self._digest = entry, None, None, None
-        self._thread = None
+        self._thread, self._after = None, after
         wait_for_writes(entry)  # this process may be writing it
         if not entry.is_file():
             return
@@ -126,6 +128,8 @@ class PendingParams:
         self._thread.start()
 
     def _hash(self) -> None:
+        if self._after is not None and self._after._thread is not None:
+            self._after._thread.join()
         self._digest = _sha256(self._sf.data())
 
     def result(self, config=None, dtype=None) -> SafetensorsFile | None:
@@ -153,13 +157,14 @@ class PendingParams:
 _opened: dict[Path, PendingParams] = {}  # layout entries opened early by `open_layouts`
 
 
-def open_layouts(weights: Path) -> None:
-    """Start opening and checksumming the layout entries kept beside the weights entry
-    `weights` (see `layout_path`) in the background, so that the check overlaps with the rest
-    of loading; `pending(entry)` hands them out later."""
-    for entry in weights.parent.glob(glob.escape(weights.name.removesuffix(".safetensors"))
-                                     + ".*.safetensors"):
-        _opened.setdefault(entry, PendingParams(entry))
+def open_layouts(weights: PendingParams) -> None:
+    """Start opening and checksumming the layout entries kept beside the weights entry being
+    checked (see `layout_path`) in the background, each after the weights' own hash, so that
+    the check overlaps with the rest of loading and generation's set-up; `pending(entry)`
+    hands them out later."""
+    stem = glob.escape(weights.entry.name.removesuffix(".safetensors"))
+    for entry in weights.entry.parent.glob(stem + ".*.safetensors"):
+        _opened.setdefault(entry, PendingParams(entry, after=weights))
 
 
 def pending(entry: Path) -> PendingParams:
