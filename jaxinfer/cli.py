@@ -18,6 +18,7 @@ from jaxinfer.errors import InputError, JaxinferError
 from jaxinfer.loading import convert_cache
 from jaxinfer.loading.fetch import DEFAULT_MODEL, cache_dir
 from jaxinfer.parallel.cli_support import add_parallel_args, devices_command, setup_parallel
+from jaxinfer.sampling import FALLBACK
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -51,11 +52,14 @@ def _quant_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    fallback = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in FALLBACK.items())
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy. Sampling knobs not given come from the checkpoint "
+                        f"(generation_config.json, GGUF general.sampling.*), else: {fallback}")
+    p.add_argument("--top-k", type=int, default=None, help="0 = off")
+    p.add_argument("--top-p", type=float, default=None, help="1 = off")
+    p.add_argument("--min-p", type=float, default=None, help="0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
@@ -172,14 +176,17 @@ def _prune_parser(sub) -> None:
 
 
 def setup_compile_cache(args) -> None:
-    """Turn on JAX's persistent compilation cache unless disabled."""
+    """Turn on JAX's persistent compilation cache unless disabled, for every program: JAX
+    keeps only programs that took at least a second to compile by default, and a warm start
+    would then compile the engine's small programs (init_state, transfers) again each time."""
     if args.no_compile_cache:
         return
     import jax
 
     path = args.compile_cache or os.environ.get("JAXINFER_COMPILE_CACHE") or str(cache_dir() / "xla")
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _status(msg: str) -> None:
@@ -217,11 +224,23 @@ def _load(args, placement=None, calibration: dict | None = None):
     return model, time.perf_counter() - t
 
 
-def _gen_kwargs(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                kv_cache=args.kv_cache)
+def _given_sampling(args) -> dict:
+    """The sampling knobs set on the command line (None: not given)."""
+    return {knob: getattr(args, knob) for knob in FALLBACK}
+
+
+def _sampling(args, model) -> tuple[dict, dict]:
+    """(knob -> value, knob -> "flag" / "checkpoint" / "default"): the flags given, then the
+    checkpoint's defaults, then jaxinfer.sampling.FALLBACK."""
+    from jaxinfer.sampling import resolve
+
+    return resolve(model.sampling_defaults, **_given_sampling(args))
+
+
+def _gen_kwargs(args, model) -> dict:
+    """Keyword arguments of text.stream / build_request for the flags and the model."""
+    return dict(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
+                kv_cache=args.kv_cache, **_sampling(args, model)[0])
 
 
 def _check_sampling(args) -> None:
@@ -230,8 +249,8 @@ def _check_sampling(args) -> None:
 
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-             repetition_penalty=args.repetition_penalty, seed=args.seed).validate()
+    given = {k: v for k, v in _given_sampling(args).items() if v is not None}
+    Sampling(seed=args.seed, **given).validate()
     if any(not s for s in args.stop):
         raise InputError("--stop strings must be non-empty")
 
@@ -250,7 +269,7 @@ def cmd_generate(args) -> int:
     first = None
     live = len(args.prompt) == 1 and not args.json and placement.prints
     for ev in stream(model, args.prompt, chat=args.chat, system=args.system, results=results,
-                     chunk=4 if live else 16, **_gen_kwargs(args)):
+                     chunk=4 if live else 16, **_gen_kwargs(args, model)):
         first = first or time.perf_counter()
         if live:
             print(ev.text, end="", flush=True)
@@ -266,7 +285,7 @@ def cmd_generate(args) -> int:
     if args.json:
         out = {"outputs": [{"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
                             "finish_reason": r.finish_reason} for r in results],
-               "timings": timings, "placement": placement.info()}
+               "timings": timings, "placement": placement.info(), **_sampling_json(args, model)}
         print(json.dumps(out, ensure_ascii=False))
     elif live:
         print()
@@ -278,34 +297,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _sampling_json(args, model) -> dict:
+    """The sampling settings a run used, for --json: {"sampling": {knob: value, "seed"},
+    "sampling_source": {knob: "flag" / "checkpoint" / "default"}}."""
+    values, sources = _sampling(args, model)
+    return {"sampling": {**values, "seed": args.seed}, "sampling_source": sources}
+
+
+def _describe_sampling(resolved: tuple[dict, dict]) -> str:
+    """"temperature 0.8 (default), top_k 40 (checkpoint), ..." for a status line."""
+    values, sources = resolved
+    return ", ".join(f"{k} {v} ({sources[k]})" for k, v in values.items())
+
+
 def cmd_chat(args) -> int:
-    from jaxinfer.generate import stream_requests
-    from jaxinfer.text import build_request, encode_prompt
+    """The interactive chat (jaxinfer/chat.py): load once, then read messages until /exit."""
+    from jaxinfer import chat
 
     _check_sampling(args)
+    _status(f"loading {args.model} ...")
     model, load_s = _load(args)
-    if model.tokenizer is None or model.tokenizer.chat_template is None:
-        raise InputError(f"{args.model}: the checkpoint has no chat template")
-    _status(f"loaded {args.model} in {load_s:.1f}s. Type a message; /exit or Ctrl-D quits.")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    while True:
+    conversation = chat.Conversation(model, _gen_kwargs(args, model), system=args.system,
+                                     notice=_status)
+    _status(f"loaded {args.model} in {load_s:.1f}s; sampling: "
+            f"{_describe_sampling(_sampling(args, model))}.\n{chat.HELP}")
+    if sys.stdin.isatty():
         try:
-            line = input("> ")
-        except EOFError:
-            print()
-            return 0
-        if line.strip() in ("/exit", "/quit"):
-            return 0
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        ids = encode_prompt(model, messages)
-        req = build_request(model, [ids], **_gen_kwargs(args))
-        results = []
-        for ev in stream_requests(model, [None], req, chunk=4, results=results):
-            print(ev.text, end="", flush=True)
-        print()
-        messages.append({"role": "assistant", "content": results[0].text})
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    return chat.run(conversation)
 
 
 def cmd_bench(args) -> int:
@@ -419,6 +440,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from jaxinfer.sampling import resolve
     from jaxinfer.serve.app import create_app, serve
 
     if not 0 < args.port < 65536 or args.slots < 1 or args.max_queue < 0 or args.max_len < 2:
@@ -431,7 +453,8 @@ def cmd_serve(args) -> int:
     if args.max_len > model.config.max_seq_len:
         raise InputError(f"--max-len {args.max_len} exceeds the model's context of "
                          f"{model.config.max_seq_len}")
-    _status(f"loaded {args.model} in {load_s:.1f}s")
+    _status(f"loaded {args.model} in {load_s:.1f}s; default sampling: "
+            f"{_describe_sampling(resolve(model.sampling_defaults))}")
     app = create_app(model, model_name=args.served_model_name or args.model, slots=args.slots,
                      max_len=args.max_len, max_queue=args.max_queue, api_key=args.api_key,
                      timeout_s=args.timeout, kv_cache=args.kv_cache,

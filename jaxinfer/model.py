@@ -72,10 +72,18 @@ class Model:
     tokenizer: Any | None  # jaxinfer.tokenizer.Tokenizer, or None when the checkpoint has none
     source: str = ""
     eos_token_ids: tuple[int, ...] = ()
+    # sampling knobs the checkpoint sets (jaxinfer.sampling.checkpoint_defaults); the CLI and
+    # the server fill the others from jaxinfer.sampling.FALLBACK
+    sampling_defaults: dict = dataclasses.field(default_factory=dict)
     # (params, the same params in the layout generation runs with): made on first use by
     # `jaxinfer.generate.run_params`; not an init field, so dataclasses.replace(model, ...)
     # starts without it.
     run_cache: tuple | None = dataclasses.field(default=None, init=False, repr=False,
+                                                compare=False)
+    # (params, the converted-cache entry they are a memory map of or were written to): set by
+    # the loader, so that `run_params` can keep the run layout beside that entry; not an init
+    # field either, so a model with other params does not claim it.
+    converted: tuple | None = dataclasses.field(default=None, init=False, repr=False,
                                                 compare=False)
 
     def logits(self, token_ids) -> np.ndarray:

@@ -46,6 +46,56 @@ class Sampling:
         return self
 
 
+# Defaults of the CLI's generate / chat and of the server where the checkpoint sets none:
+# llama.cpp's (common/common.h). Chat models answer greedily with loops ("1. **1011111…").
+FALLBACK = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+            "repetition_penalty": 1.0}
+# knob -> the key that sets it in a GGUF's metadata (llama.cpp's general.sampling.*) and in a
+# Hugging Face generation_config.json
+GGUF_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampling.top_k",
+             "top_p": "general.sampling.top_p", "min_p": "general.sampling.min_p",
+             "repetition_penalty": "general.sampling.penalty_repeat"}
+HF_KEYS = {knob: knob for knob in FALLBACK}
+
+
+def checkpoint_defaults(raw: dict, keys: dict[str, str]) -> dict:
+    """The sampling knobs a checkpoint sets: raw is its GGUF metadata (keys=GGUF_KEYS) or its
+    generation_config.json (keys=HF_KEYS). A value that is not valid for its knob is left
+    out; `do_sample: false` in a generation config means greedy (temperature 0)."""
+    out = {}
+    for knob, key in keys.items():
+        value = raw.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        value = int(value) if knob == "top_k" else float(value)
+        try:
+            Sampling(**{knob: value}).validate()
+        except InputError:
+            continue
+        out[knob] = value
+    if keys is HF_KEYS and raw.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def resolve(checkpoint: dict, **given) -> tuple[dict, dict]:
+    """(knob -> value, knob -> where it came from: "flag", "checkpoint" or "default") for every
+    knob of FALLBACK: a given value that is not None first, then the checkpoint's defaults
+    (`checkpoint_defaults`), then FALLBACK. Unknown knobs in `given` are a TypeError."""
+    unknown = set(given) - set(FALLBACK)
+    if unknown:
+        raise TypeError(f"unknown sampling knobs {sorted(unknown)}")
+    values, sources = {}, {}
+    for knob, fallback in FALLBACK.items():
+        if given.get(knob) is not None:
+            values[knob], sources[knob] = given[knob], "flag"
+        elif knob in checkpoint:
+            values[knob], sources[knob] = checkpoint[knob], "checkpoint"
+        else:
+            values[knob], sources[knob] = fallback, "default"
+    return values, sources
+
+
 @flax.struct.dataclass
 class SamplingArrays:
     """Per-row sampling parameters, each [B]."""

@@ -26,6 +26,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models import gpt2, llama
 from models.cache import KVCache, init_cache
@@ -122,10 +123,13 @@ def tied_table(config: ModelConfig) -> str | None:
 
 def unstack_layers(params):
     """params with the stacked "layers" subtree [L, ...] replaced by a tuple of L per-layer
-    trees (copies; non-array leaves such as quantized weights are sliced child by child)."""
+    trees of jax arrays (non-array leaves such as quantized weights are sliced child by child).
+    Stacked numpy leaves are sliced on the host, and each slice becomes a jax array without a
+    copy where its buffer allows (jax.device_put); jax leaves are sliced and copied."""
     layers = params["layers"]
     n = jax.tree.leaves(layers)[0].shape[0]
-    per_layer = tuple(jax.tree.map(lambda a, i=i: jnp.array(a[i]), layers) for i in range(n))
+    per_layer = tuple(jax.tree.map(lambda a, i=i: jax.device_put(a[i]) if isinstance(a, np.ndarray)
+                                   else jnp.array(a[i]), layers) for i in range(n))
     return {**params, "layers": per_layer}
 
 

@@ -1,11 +1,14 @@
 """Start-up time of the README's first command, each run a fresh process; prints medians.
 
 cold: a new, empty cache directory per run (the model file linked in, so nothing is fetched;
-no converted weights, no compiled programs). warm: one cache directory primed by a first run,
-then timed runs. Also times `jaxinfer.load(model)` alone in a fresh process with the warm cache.
-The rest of the environment is inherited (set PYTHONPATH to measure another checkout).
+no converted weights, no compiled programs, no kernel library). warm: one cache directory
+primed by a first run, then timed runs. Also times `jaxinfer.load(model)` alone in a fresh
+process with the warm cache. `--checkout DIR` (repeatable) measures those checkouts instead of
+the inherited PYTHONPATH, their runs interleaved (A, B, A, B, ...) so that a machine whose load
+drifts treats them alike. Extra generate flags go after `--`.
 
     python scripts/bench_startup.py --runs 5 --out startup.md
+    python scripts/bench_startup.py --checkout /tmp/old --checkout . -- --temperature 0
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from jaxinfer.bench import publish
 from jaxinfer.loading import resolve_source
 
 PROMPT = "What is the capital of France?"
+ROWS = ("cold generate (empty caches)", "warm generate",
+        "warm `import jaxinfer; jaxinfer.load(...)` process",
+        "warm jaxinfer.load call alone (in that process)")
 
 
 def timed(cmd: list[str], env: dict, inner: list | None = None) -> float:
@@ -40,43 +46,59 @@ def timed(cmd: list[str], env: dict, inner: list | None = None) -> float:
     return seconds
 
 
-def fresh_cache(root: Path, model_file: Path) -> dict:
+def fresh_cache(root: Path, model_file: Path, pythonpath: str | None) -> dict:
     """An environment whose jaxinfer cache is a new directory holding only the model file."""
     root.mkdir(parents=True)
     (root / model_file.name).symlink_to(model_file)
-    return {**os.environ, "JAXINFER_CACHE": str(root), "JAXINFER_COMPILE_CACHE": str(root / "xla")}
+    env = {**os.environ, "JAXINFER_CACHE": str(root), "JAXINFER_COMPILE_CACHE": str(root / "xla")}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    return env
+
+
+def measure(checkouts: list, generate: list[str], load: list[str], runs: int, model_file: Path,
+            tmp: Path) -> dict:
+    """{checkout: {row: [seconds per run]}}, the checkouts' runs interleaved."""
+    rows = {c: {name: [] for name in ROWS} for c in checkouts}
+    for i in range(runs):
+        for j, c in enumerate(checkouts):
+            env = fresh_cache(tmp / f"cold{j}-{i}", model_file, c)
+            rows[c][ROWS[0]].append(timed(generate, env))
+    warm = {c: fresh_cache(tmp / f"warm{j}", model_file, c) for j, c in enumerate(checkouts)}
+    for c in checkouts:
+        timed(generate, warm[c])  # primes the caches
+    for _ in range(runs):
+        for c in checkouts:
+            rows[c][ROWS[1]].append(timed(generate, warm[c]))
+            rows[c][ROWS[2]].append(timed(load, warm[c], rows[c][ROWS[3]]))
+    return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--runs", type=int, default=5, help="timed fresh processes per row")
+    p.add_argument("--checkout", action="append", default=None,
+                   help="a source tree to measure (its PYTHONPATH); repeatable")
     p.add_argument("--out", default=None, help="also write the report here")
+    p.add_argument("extra", nargs="*", help="more generate flags (after --)")
     args = p.parse_args()
     model_file = resolve_source(args.model).resolve()
     generate = [sys.executable, "-m", "jaxinfer", "generate", "--model", args.model,
-                "--chat", "--prompt", PROMPT]
+                "--chat", "--prompt", PROMPT, *args.extra]
     load = [sys.executable, "-c", "import time, jaxinfer; t = time.perf_counter(); "
             f"jaxinfer.load({args.model!r}); print(time.perf_counter() - t)"]
-    rows = {"cold generate (empty caches)": [], "warm generate": [],
-            "warm `import jaxinfer; jaxinfer.load(...)` process": [],
-            "warm jaxinfer.load call alone (in that process)": []}
+    checkouts = [str(Path(c).resolve()) for c in args.checkout] if args.checkout else [None]
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
-        for i in range(args.runs):
-            rows["cold generate (empty caches)"].append(
-                timed(generate, fresh_cache(Path(tmp) / f"cold{i}", model_file)))
-        warm = fresh_cache(Path(tmp) / "warm", model_file)
-        timed(generate, warm)  # primes the caches
-        for _ in range(args.runs):
-            rows["warm generate"].append(timed(generate, warm))
-            rows["warm `import jaxinfer; jaxinfer.load(...)` process"].append(
-                timed(load, warm, rows["warm jaxinfer.load call alone (in that process)"]))
-    table = ["| run | median s | runs (s) |", "|---|---|---|"]
-    table += [f"| {name} | {statistics.median(t):.2f} | {', '.join(f'{x:.2f}' for x in t)} |"
-              for name, t in rows.items()]
+        rows = measure(checkouts, generate, load, args.runs, model_file, Path(tmp))
+    table = ["| checkout | run | median s | runs (s) |", "|---|---|---|---|"]
+    table += [f"| {c or 'PYTHONPATH'} | {name} | {statistics.median(t):.2f} | "
+              f"{', '.join(f'{x:.2f}' for x in t)} |"
+              for c, by_row in rows.items() for name, t in by_row.items()]
     header = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
               f"{platform.python_version()}. Command: jaxinfer generate --chat --prompt "
-              f"{PROMPT!r} --model {args.model}; {args.runs} fresh processes per row.")
+              f"{PROMPT!r} --model {args.model} {' '.join(args.extra)}; {args.runs} fresh "
+              "processes per row.")
     publish(header, table, out=args.out)
 
 

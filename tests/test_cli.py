@@ -175,3 +175,76 @@ def test_recipes_default_group_and_errors(smollm2):
         recipe_rules(smollm2.params, "int8", 64, True, "int8")
     with pytest.raises(InputError, match="calibration text"):
         quantize_model(smollm2, "int4", method="gptq")
+
+
+# ----------------------------------------------------------------------------- sampling defaults
+
+
+def test_sampling_defaults_flags_then_checkpoint_then_fallback():
+    from jaxinfer.sampling import FALLBACK, GGUF_KEYS, HF_KEYS, checkpoint_defaults, resolve
+
+    assert FALLBACK == {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+                        "repetition_penalty": 1.0}
+    gguf = {"general.sampling.temp": 0.6, "general.sampling.top_k": 20,
+            "general.sampling.top_p": 0.0, "general.name": "x"}  # top_p 0 is invalid: left out
+    assert checkpoint_defaults(gguf, GGUF_KEYS) == {"temperature": 0.6, "top_k": 20}
+    hf = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05}
+    assert checkpoint_defaults(hf, HF_KEYS) == {"temperature": 0.7, "top_p": 0.8,
+                                                "repetition_penalty": 1.05}
+    assert checkpoint_defaults({"do_sample": False, "top_k": 5}, HF_KEYS) == {
+        "top_k": 5, "temperature": 0.0}  # transformers would decode greedily
+    values, sources = resolve({"temperature": 0.6, "top_k": 20}, temperature=0.0, min_p=None)
+    assert values == {**FALLBACK, "temperature": 0.0, "top_k": 20}
+    assert sources == {"temperature": "flag", "top_k": "checkpoint", "top_p": "default",
+                       "min_p": "default", "repetition_penalty": "default"}
+    with pytest.raises(TypeError, match="unknown sampling knobs"):
+        resolve({}, temprature=1.0)
+
+
+def test_generate_samples_by_default_and_temperature_0_is_greedy(capsys, smollm2, monkeypatch):
+    """Without sampling flags `generate` samples with the fallback defaults (SmolLM2's GGUF
+    sets none) and says so in --json; --temperature 0 gives the greedy tokens."""
+    import jaxinfer
+    from jaxinfer.sampling import FALLBACK
+    from jaxinfer.text import generate
+
+    monkeypatch.setattr(jaxinfer, "load", lambda *a, **k: smollm2)
+    args = ["generate", *BASE, "--chat", "--prompt", "Name a fruit.", "--max-new-tokens", "8",
+            "--seed", "3", "--json"]
+    outputs = {}
+    for extra in ([], ["--temperature", "0"]):
+        code, out, _ = run_cli(capsys, *args, *extra)
+        assert code == 0
+        outputs[bool(extra)] = data = json.loads(out)
+        assert data["sampling"] == {**FALLBACK, "seed": 3, **({"temperature": 0.0} if extra else {})}
+        assert data["sampling_source"]["temperature"] == ("flag" if extra else "default")
+        assert data["sampling_source"]["top_p"] == "default"
+    sampled = generate(smollm2, "Name a fruit.", chat=True, max_new_tokens=8, seed=3, **FALLBACK)
+    greedy = generate(smollm2, "Name a fruit.", chat=True, max_new_tokens=8, temperature=0.0)
+    assert outputs[False]["outputs"][0]["token_ids"] == sampled[0].token_ids
+    assert outputs[True]["outputs"][0]["token_ids"] == greedy[0].token_ids
+
+
+def test_checkpoint_sampling_defaults_are_loaded_and_saved(tmp_path, monkeypatch):
+    """A GGUF's general.sampling.* keys become the model's defaults; a saved (quantized)
+    checkpoint keeps them in its generation_config.json."""
+    from test_gguf import tiny_llama_gguf, tiny_llama_hf
+    from test_startup import tiny_model_file
+
+    import jaxinfer
+    from jaxinfer.loading import save_quantized
+    from jaxinfer.quant.recipes import quantize_model
+
+    monkeypatch.setenv("JAXINFER_CACHE", str(tmp_path / "cache"))
+    path = tiny_model_file(tmp_path)
+    assert jaxinfer.load(path, progress=False).sampling_defaults == {}
+    tokens = ["t", "0", "t0", *(f"x{i}" for i in range(37))]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": ["t 0"], "general.sampling.temp": 0.5,
+            "general.sampling.top_k": 7, "general.sampling.min_p": 0.1}
+    path = tiny_llama_gguf(tmp_path / "sampled.gguf", tiny_llama_hf(), extra_meta=meta)
+    model = jaxinfer.load(path, progress=False)
+    want = {"temperature": 0.5, "top_k": 7, "min_p": pytest.approx(0.1)}
+    assert model.sampling_defaults == want
+    saved = save_quantized(quantize_model(model, "int8"), tmp_path / "q8")
+    assert jaxinfer.load(saved).sampling_defaults == want

@@ -136,6 +136,22 @@ def test_linear_many_and_swiglu_dispatch(isa):
             np.testing.assert_allclose(fn(x), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("k, n", [(3, 1), (5, 48), (7, 100), (4, kernels.PACK_PANELS * 48 + 5),
+                                  (2, 2 * kernels.PACK_PANELS * 48)])
+def test_pack_on_the_host_is_the_panel_layout(k, n):
+    """pack (numpy, a few panels at a time) gives panels[p, k, j] = w[k, p * 48 + j], zero
+    columns past n; a transposed view packs like its copy."""
+    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    p = -(-n // kernels.STRIP)
+    want = np.zeros((k, p * kernels.STRIP), np.float32)
+    want[:, :n] = w
+    want = want.reshape(k, p, kernels.STRIP).transpose(1, 0, 2)
+    for arg in (w, jnp.asarray(w), np.ascontiguousarray(w.T).T):
+        got = kernels.pack(arg)
+        assert isinstance(got, jax.Array) and got.shape == kernels.packed_shape(k, n)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_native_weight_dispatch_by_dtype(isa):
     """Float32 inputs of up to MAX_KERNEL_ROWS rows (decode steps, short prompts) run the leaf's
     ISA's custom call; more rows (a prefill) and other dtypes XLA's dot on the unpacked weights;

@@ -176,3 +176,22 @@ def test_full_queue_answers_429(smollm2):
         assert json.loads(one(0).text)["choices"]  # still serving
     finally:
         s.stop()
+
+
+def test_sampling_defaults_when_a_request_sets_none(smollm2):
+    """A request without sampling fields gets the checkpoint's defaults, else the fallback
+    (llama.cpp-like) ones; what it sets wins (temperature 0: greedy)."""
+    import dataclasses
+
+    from jaxinfer.sampling import FALLBACK, Sampling
+    from jaxinfer.serve.api import parse_request
+
+    def sampling(model, **fields):
+        body = {"messages": [{"role": "user", "content": "hi"}], "seed": 5, **fields}
+        return parse_request(body, "chat", model, "smollm2", 512).samplings[0]
+
+    assert sampling(smollm2) == Sampling(**FALLBACK, seed=5)
+    assert sampling(smollm2, temperature=0, top_p=1) == Sampling(
+        **{**FALLBACK, "temperature": 0.0, "top_p": 1.0}, seed=5)
+    own = dataclasses.replace(smollm2, sampling_defaults={"temperature": 0.3, "top_k": 7})
+    assert sampling(own) == Sampling(**{**FALLBACK, "temperature": 0.3, "top_k": 7}, seed=5)

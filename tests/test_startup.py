@@ -1,11 +1,19 @@
-"""Start-up: the own GGUF header reader, the converted-weights cache and `--profile`.
+"""Start-up: the own GGUF header reader, the converted-weights cache, `--profile` and the
+persistent compilation cache.
 
 The reader is compared with `gguf.GGUFReader` on the real SmolLM2 file and on small files
 written with `gguf.GGUFWriter`. The cache is checked on a tiny llama GGUF (corrupt, truncated,
-stale entries) and on SmolLM2 (a warm load equals a cold one bit for bit, tokenizer included).
+stale entries) and on SmolLM2 (a warm load equals a cold one bit for bit, tokenizer included);
+the packed run layout kept beside it likewise. A second `jaxinfer generate` in a fresh process
+compiles nothing: JAX's own log shows a persistent-cache hit for every program it builds.
 """
 
+import collections
 import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,10 +21,11 @@ from gguf import GGUFReader, GGUFValueType
 from test_gguf import tiny_llama_gguf, tiny_llama_hf, write_gguf
 
 import jaxinfer
-from jaxinfer import cli, paths, profile
+from jaxinfer import cli, generate, kernels, paths, profile
 from jaxinfer.bench import english_text
 from jaxinfer.errors import CheckpointError
 from jaxinfer.loading import convert_cache
+from jaxinfer.loading.fetch import cache_dir
 from jaxinfer.loading.gguf import GGUFFile
 from jaxinfer.tokenizer import Tokenizer
 
@@ -250,3 +259,74 @@ def test_profile_off_records_nothing(capsys):
         pass
     profile.report()
     assert profile.records() == [] and capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------- run layout cache
+
+
+def layout_entries(cache):
+    return entries(cache, "*.run-*.safetensors")
+
+
+def run_leaves(run) -> dict:
+    """{path: bytes} of a run layout's leaves (packed leaves: their panels)."""
+    return {p: np.asarray(getattr(x, "panels", x)).tobytes() for p, x in paths.iter_leaves(run)}
+
+
+@pytest.mark.skipif(kernels.isa() is None, reason="the native kernels do not run here")
+def test_packed_layout_cached_beside_the_weights(tmp_path, cache, monkeypatch, capsys):
+    path = tiny_model_file(tmp_path)
+    first = run_leaves(generate.run_params(jaxinfer.load(path, progress=False)))
+    (entry,) = layout_entries(cache)
+    with monkeypatch.context() as m:  # a warm start packs nothing
+        m.setattr(kernels, "pack", lambda w: pytest.fail("packed instead of read from the cache"))
+        warm = generate.run_params(jaxinfer.load(path, progress=False))
+    assert kernels.packed_leaves(warm) and run_leaves(warm) == first
+    data = bytearray(entry.read_bytes())
+    data[-1] ^= 0x40
+    entry.write_bytes(bytes(data))
+    capsys.readouterr()
+    again = run_leaves(generate.run_params(jaxinfer.load(path, progress=False)))
+    assert "fails its checksum; rebuilding it" in capsys.readouterr().err
+    assert again == first  # the damaged bytes were not used
+    assert layout_entries(cache) == [entry] and entry.read_bytes() != bytes(data)
+
+
+# ----------------------------------------------------------------------------- compilation cache
+
+COMPILING = re.compile(r"Compiling (\S+?) with global shapes")  # JAX_LOG_COMPILES=1 lines
+HIT = re.compile(r"Persistent compilation cache hit for '(\S+?)'")
+
+
+def compiled_and_hits(log: str) -> tuple[collections.Counter, collections.Counter]:
+    """(programs compiled, persistent-cache hits) by name from JAX's compile log, with the
+    names spelled alike ("jit(admit)" and "jit_admit" both become "admit")."""
+    def names(pattern):
+        return collections.Counter(re.sub(r"^jit[(_]|\)$", "", n) for n in pattern.findall(log))
+
+    return names(COMPILING), names(HIT)
+
+
+def test_second_generate_hits_the_compile_cache_for_every_program(tmp_path):
+    """Two fresh `jaxinfer generate` processes over one compilation cache: the second one
+    compiles nothing; every program it builds (the engine's and each small one) is loaded from
+    the persistent cache, as JAX's compile log and its cache-hit events (--profile) say."""
+    path = tiny_model_file(tmp_path)
+    kernels.isa()  # builds the kernel library into the user's cache once; linked in below
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kernels").symlink_to(cache_dir() / "kernels")
+    env = {**os.environ, "JAX_LOG_COMPILES": "1", "JAXINFER_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "jaxinfer", "generate", "--model", str(path), "--prompt", "t0",
+           "--max-new-tokens", "3", "--compile-cache", str(tmp_path / "xla"), "--profile"]
+    runs = [subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    cold_compiled, cold_hits = compiled_and_hits(runs[0].stderr)
+    compiled, hits = compiled_and_hits(runs[1].stderr)
+    assert {"init_state", "admit", "decode"} <= set(compiled)
+    assert not cold_hits  # the first run compiled into an empty cache ...
+    assert compiled == hits  # ... and the second loaded every program it needed from it
+    profile_hits = re.search(r"jax: persistent cache hits\s+\S+\s+(\d+)", runs[1].stderr)
+    assert profile_hits and int(profile_hits.group(1)) == sum(compiled.values())
+    assert "persistent cache misses" not in runs[1].stderr

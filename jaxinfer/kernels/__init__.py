@@ -211,12 +211,28 @@ def describe() -> str:
     return f"native CPU kernels: {chosen} ({model}, {len(os.sched_getaffinity(0))} threads)"
 
 
-def pack(w: jax.Array) -> jax.Array:
-    """w [K, N] -> panels [ceil(N / STRIP), K, STRIP] (columns zero padded to whole panels)."""
+PACK_PANELS = 64  # panels copied per numpy step in `pack` (a working set that fits in L2)
+
+
+def pack(w) -> jax.Array:
+    """w [K, N] -> panels [ceil(N / STRIP), K, STRIP] (columns zero padded to whole panels).
+
+    Packed on the host with numpy (w may be a numpy array or a CPU jax array, read without a
+    copy) a few panels at a time: no XLA program is compiled for it (eager jnp ops would
+    compile and run one small program per weight shape at every start), and a transposed
+    view such as `table.T` is read block by block.
+    """
+    w = np.asarray(w)
     k, n = w.shape
     p = -(-n // STRIP)
-    w = jnp.pad(w, ((0, 0), (0, p * STRIP - n)))
-    return jnp.asarray(w.reshape(k, p, STRIP).transpose(1, 0, 2))
+    out = np.zeros((p, k, STRIP), w.dtype)
+    for p0 in range(0, p, PACK_PANELS):
+        cols = w[:, p0 * STRIP:(p0 + PACK_PANELS) * STRIP]  # [K, <= PACK_PANELS * STRIP]
+        full = cols.shape[1] // STRIP
+        out[p0:p0 + full] = cols[:, :full * STRIP].reshape(k, full, STRIP).transpose(1, 0, 2)
+        if full * STRIP < cols.shape[1]:  # the last, partial panel
+            out[p0 + full, :, :cols.shape[1] - full * STRIP] = cols[:, full * STRIP:]
+    return jax.device_put(out)  # jnp.asarray would compile a copy program per shape
 
 
 def unpack(panels: jax.Array, n: int) -> jax.Array:
@@ -335,7 +351,7 @@ class NativeEmbedding:
     @classmethod
     def from_table(cls, table: jax.Array, isa: str | None = None) -> NativeEmbedding:
         """table [V, D] packed for `isa` (default: the process's ISA)."""
-        return cls(panels=pack(table.T), n=int(table.shape[0]), isa=_require(isa))
+        return cls(panels=pack(np.asarray(table).T), n=int(table.shape[0]), isa=_require(isa))
 
     shape = property(lambda self: (self.n, self.panels.shape[1]))
     dtype = property(lambda self: self.panels.dtype)
@@ -382,8 +398,8 @@ class NativeQuant:
         q = _panels(np.asarray(rows.q))
         if rows.mins is not None:  # 4-bit: pack pairs of k into one byte
             q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
-        mins = None if rows.mins is None else jnp.asarray(_panels(rows.mins))
-        return cls(q=jnp.asarray(q), scales=jnp.asarray(_panels(rows.scales)), mins=mins,
+        mins = None if rows.mins is None else jax.device_put(_panels(rows.mins))
+        return cls(q=jax.device_put(q), scales=jax.device_put(_panels(rows.scales)), mins=mins,
                    n=int(rows.q.shape[0]), isa=_require(isa))
 
     bits = property(lambda self: 8 if self.q.dtype == jnp.int8 else 4)
@@ -527,16 +543,34 @@ def attention_for(params, dtype):
     return _attention(native[0].isa) if native and jnp.dtype(dtype) == jnp.float32 else None
 
 
-def native_params(params, tied_key: str | None, prefix: str = ""):
+def packed_shape(k: int, n: int) -> tuple[int, int, int]:
+    """The shape `pack` gives a [K, N] weight: [ceil(N / STRIP), K, STRIP]."""
+    return (-(-n // STRIP), k, STRIP)
+
+
+def native_params(params, tied_key: str | None, prefix: str = "", cached=None):
     """params with every float32 2-D matmul weight (top level or in per-layer trees, see
     `models.unstack_layers`) packed as NativeWeight, every quantized one with `kernel_rows` as
     NativeQuant, and the tied embedding `tied_key` (if any) as the packed head
     (NativeEmbedding / NativeQuantEmbedding), for the process's ISA. Other leaves (lookup
-    tables, other schemes, stacked layers) unchanged. prefix: the path of `params` within the whole tree
-    (e.g. "layers/3" for one layer's tree). Returns params itself when no kernel runs here."""
+    tables, other schemes, stacked layers) unchanged. Returns params itself when no kernel runs
+    here. prefix: the path of `params` within the whole tree (e.g. "layers/3" for one layer's
+    tree).
+
+    cached: optional {path: panels} of float32 weights packed earlier (numpy, e.g. memory maps
+    of the converted cache, see `packed_leaves`); a leaf's panels are taken from it when their
+    shape and dtype are what `pack` would give, and packed here otherwise.
+    """
     chosen = _active()
     if chosen is None:
         return params
+    cached = cached or {}
+
+    def panels(path: str, w) -> jax.Array:  # w [K, N] -> its panels
+        got = cached.get(path)
+        if got is not None and got.shape == packed_shape(*w.shape) and got.dtype == w.dtype:
+            return jax.device_put(got)  # aligned host memory: aliased, not copied
+        return pack(w)
 
     def wrap(path: str, leaf):
         if hasattr(leaf, "kernel_rows"):
@@ -546,10 +580,14 @@ def native_params(params, tied_key: str | None, prefix: str = ""):
         if paths.is_stacked(path):
             return leaf  # stacked layers [L, ...]: 2-D leaves there are per-layer vectors
         if path == tied_key:
-            return NativeEmbedding.from_table(leaf, chosen)
-        if paths.is_lookup_table(path):
+            return NativeEmbedding(panels=panels(path, np.asarray(leaf).T), n=int(leaf.shape[0]),
+                                   isa=chosen)
+        # A layer's 2-D leaves are all multiplied (the lookup tables are the model's, never a
+        # layer's), so only top-level ones ask the declared axes (tracing the models' init
+        # for them costs ~0.4 s at start-up).
+        if paths.split_layer(path)[0] is None and paths.is_lookup_table(path):
             return leaf  # looked up, never multiplied
-        return NativeWeight.from_array(leaf, chosen)
+        return NativeWeight(panels=panels(path, leaf), n=int(leaf.shape[1]), isa=chosen)
 
     return paths.map_leaves(wrap, params, prefix)
 
@@ -568,3 +606,10 @@ def _native_quantized(path: str, leaf, tied_key: str | None, isa: str):
         return leaf
     head = NativeQuant.from_rows(rows, isa)
     return NativeQuantEmbedding(head=head, dtype=leaf.dtype) if tied else head
+
+
+def packed_leaves(params) -> dict[str, jax.Array]:
+    """{path: panels} of every packed leaf of params (what `native_params(..., cached=)`
+    takes back)."""
+    return {path: leaf.panels for path, leaf in paths.iter_leaves(params)
+            if isinstance(leaf, NativeWeight | NativeEmbedding)}

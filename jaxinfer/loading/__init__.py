@@ -21,6 +21,7 @@ from jaxinfer.loading.fetch import BUILTINS, fetch_builtin
 from jaxinfer.loading.hf_config import config_from_hf, eos_ids_from_hf
 from jaxinfer.model import Model
 from jaxinfer.precision import resolve_dtype
+from jaxinfer.sampling import GGUF_KEYS, HF_KEYS, checkpoint_defaults
 
 __all__ = ["load", "load_config", "load_quantized", "resolve_source", "save_quantized"]
 
@@ -123,13 +124,16 @@ def _load_hf_dir(root: Path, dtype, progress: bool) -> Model:
     tokenizer = Tokenizer.from_hf_dir(root)
     eos = eos_ids_from_hf(raw_cfg)
     gen_cfg = root / "generation_config.json"
+    sampling_defaults = {}
     if gen_cfg.is_file():
-        eos = eos_ids_from_hf(hf_dir.read_json(gen_cfg)) or eos
+        raw_gen = hf_dir.read_json(gen_cfg)
+        eos = eos_ids_from_hf(raw_gen) or eos
+        sampling_defaults = checkpoint_defaults(raw_gen, HF_KEYS)
     if not eos and tokenizer is not None:
         eos = tuple(tokenizer.eos_token_ids)
     params = build_params(config, source_leaf(config, src, dtype), str(root), progress=progress)
     return Model(config=config, params=params, tokenizer=tokenizer, source=str(root),
-                 eos_token_ids=eos)
+                 eos_token_ids=eos, sampling_defaults=sampling_defaults)
 
 
 def _load_gguf(path: Path, dtype, progress: bool, keep_packed: bool) -> Model:
@@ -158,8 +162,15 @@ def _load_gguf(path: Path, dtype, progress: bool, keep_packed: bool) -> Model:
                              "to keep packed")
     else:
         params = _gguf_float_params(config, src, dtype, pending, progress)
-    return Model(config=config, params=params, tokenizer=tokenizer, source=str(path),
-                 eos_token_ids=eos)
+    model = Model(config=config, params=params, tokenizer=tokenizer, source=str(path),
+                  eos_token_ids=eos,
+                  sampling_defaults=checkpoint_defaults(src.file.metadata, GGUF_KEYS))
+    if pending:
+        model.converted = (params, pending.entry)
+        # the run layouts kept beside it (jaxinfer.generate.run_params) are checked in the
+        # background from now on: started earlier, the hash would compete with this load
+        convert_cache.open_layouts(pending)
+    return model
 
 
 def _gguf_tokenizer(src, path: Path, key: str | None):

@@ -4,7 +4,10 @@ A GGUF load dequantizes every tensor in numpy; the result (the float params tree
 for one dtype) is saved once as `<cache>/converted/<stem>.<dtype>.<key>.safetensors`, one tensor
 per params path, and the tokenizer beside it as `<stem>.<key>.tokenizer.json`. The key hashes
 the format version, the source file's size and mtime and its header bytes (metadata and tensor
-directory), so a changed file never matches an old entry.
+directory), so a changed file never matches an old entry. Beside a weights entry, the same
+weights may be kept in a run layout (`layout_path`: `<entry stem>.run-<isa>.safetensors`, the
+native kernels' packed panels, written by `jaxinfer.generate.run_params`); `open_layouts`
+starts checking those while the rest of a load goes on.
 
 Entries are written to a temporary name and renamed when complete; each holds the sha256 of its
 data, checked on every read. An entry that does not open, does not match its checksum or lacks
@@ -108,9 +111,11 @@ class PendingParams:
     releases the GIL), so that the hash overlaps with the tokenizer and the shape work of a
     load. `result` waits for it and says whether the entry can be used."""
 
-    def __init__(self, entry: Path):
+    def __init__(self, entry: Path, after: PendingParams | None = None):
+        """after: another entry being checked, whose hash this one's waits for (so that a
+        load's own entry is not slowed down by one it may not need)."""
         self.entry, self._sf, self._problem, self._digest = entry, None, None, None
-        self._thread = None
+        self._thread, self._after = None, after
         wait_for_writes(entry)  # this process may be writing it
         if not entry.is_file():
             return
@@ -123,19 +128,22 @@ class PendingParams:
         self._thread.start()
 
     def _hash(self) -> None:
+        if self._after is not None and self._after._thread is not None:
+            self._after._thread.join()
         self._digest = _sha256(self._sf.data())
 
-    def result(self, config, dtype) -> SafetensorsFile | None:
+    def result(self, config=None, dtype=None) -> SafetensorsFile | None:
         """The entry if it is whole and holds exactly the params of `config` in `dtype`, else
-        None (a bad entry is deleted, with a line on stderr)."""
+        None (a bad entry is deleted, with a line on stderr). config None: only whole (its
+        format and checksum); the caller checks each tensor's shape and dtype."""
         if self._thread is not None:
             self._thread.join()
         sf, problem = self._sf, self._problem
         if sf is not None:
-            expected = {p: tuple(s.shape)
-                        for p, s in paths.iter_leaves(models.abstract_params(config))}
-            if (sf.metadata.get("format") != str(FORMAT_VERSION)
-                    or {p: sf.shape(p) for p in sf.names()} != expected
+            expected = None if config is None else {
+                p: tuple(s.shape) for p, s in paths.iter_leaves(models.abstract_params(config))}
+            if sf.metadata.get("format") != str(FORMAT_VERSION) or expected is not None and (
+                    {p: sf.shape(p) for p in sf.names()} != expected
                     or any(sf.get(p).dtype != np.dtype(dtype) for p in expected)):
                 problem = "does not match this model"
             elif self._digest != sf.metadata.get("sha256"):
@@ -146,6 +154,24 @@ class PendingParams:
         return sf
 
 
+_opened: dict[Path, PendingParams] = {}  # layout entries opened early by `open_layouts`
+
+
+def open_layouts(weights: PendingParams) -> None:
+    """Start opening and checksumming the layout entries kept beside the weights entry being
+    checked (see `layout_path`) in the background, each after the weights' own hash, so that
+    the check overlaps with the rest of loading and generation's set-up; `pending(entry)`
+    hands them out later."""
+    stem = glob.escape(weights.entry.name.removesuffix(".safetensors"))
+    for entry in weights.entry.parent.glob(stem + ".*.safetensors"):
+        _opened.setdefault(entry, PendingParams(entry, after=weights))
+
+
+def pending(entry: Path) -> PendingParams:
+    """The PendingParams of `entry`: the one `open_layouts` started, else a new one."""
+    return _opened.pop(entry, None) or PendingParams(entry)
+
+
 def read_params(entry: Path, config, dtype) -> SafetensorsFile | None:
     """`PendingParams(entry).result(config, dtype)`: the entry if usable, else None."""
     return PendingParams(entry).result(config, dtype)
@@ -154,9 +180,18 @@ def read_params(entry: Path, config, dtype) -> SafetensorsFile | None:
 _writes: dict[Path, threading.Thread] = {}  # entries being written in the background
 
 
-def write_params(entry: Path, params, source: str, *, background: bool = True) -> None:
-    """Save a float params tree (leaves: arrays) as `entry` (a `weights_path`), with the
-    sha256 of its data; older entries of the same source file and dtype are removed.
+def layout_path(weights: Path, layout: str) -> Path:
+    """Where the weights of the entry `weights` (a `weights_path`) are kept in the run layout
+    named `layout` (e.g. "run-avx2", see `jaxinfer.generate.run_params`). A new weights entry
+    for the same source file and dtype removes it as stale."""
+    return weights.with_name(f"{weights.name.removesuffix('.safetensors')}.{layout}.safetensors")
+
+
+def write_params(entry: Path, params, source: str, *, background: bool = True,
+                 stale: str | None = None) -> None:
+    """Save a float params tree (leaves: arrays) as `entry` (a `weights_path`, or a
+    `layout_path` with a flat {path: array} dict), with the sha256 of its data; older entries
+    matching the glob `stale` (default: those of the same source file and dtype) are removed.
 
     background: hash and write in a thread (both release the GIL; writing 538 MB takes 3-12 s
     on the 2-core test machine's disk), so the caller goes on compiling meanwhile. It is not
@@ -170,8 +205,8 @@ def write_params(entry: Path, params, source: str, *, background: bool = True) -
             digest.update(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
         meta = {"format": str(FORMAT_VERSION), "sha256": digest.hexdigest(), "source": source}
         stem, dtype_name = entry.name.rsplit(".", 3)[:2]
-        stale = glob.escape(stem) + f".{dtype_name}.*.safetensors"
-        _atomic_write(entry, lambda tmp: write_safetensors(tmp, tensors, meta), stale)
+        old = stale or glob.escape(stem) + f".{dtype_name}.*.safetensors"
+        _atomic_write(entry, lambda tmp: write_safetensors(tmp, tensors, meta), old)
 
     if not background:
         return write()

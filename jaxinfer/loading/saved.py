@@ -40,6 +40,7 @@ from jaxinfer.quant.gguf_blocks import GGUFBlockWeight
 from jaxinfer.quant.int4 import Int4Weight
 from jaxinfer.quant.int8 import Int8Weight, W8A8Weight
 from jaxinfer.quant.nm import NMSparseWeight
+from jaxinfer.sampling import HF_KEYS, checkpoint_defaults
 
 FORMAT = "jaxinfer-quantized"
 VERSION = 1
@@ -80,15 +81,17 @@ def _config_json(model: Model) -> dict:
             "eos_token_ids": [int(i) for i in model.eos_token_ids]}
 
 
-def _tokenizer_files(tok) -> dict[str, str]:
-    """tokenizer.json, tokenizer_config.json and generation_config.json contents."""
+def _tokenizer_files(tok, sampling_defaults: dict) -> dict[str, str]:
+    """tokenizer.json, tokenizer_config.json and generation_config.json contents (the latter
+    with the model's sampling defaults, under their Hugging Face names)."""
     def text(i):
         return None if i is None else tok.id_to_token(i)
 
     cfg = {"add_bos_token": tok.add_bos_token, "chat_template": tok.chat_template,
            "bos_token": text(tok.bos_token_id), "eos_token": text(tok.eos_token_id),
            "pad_token": text(tok.pad_token_id), "unk_token": text(tok.unk_token_id)}
-    gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": list(tok.eos_token_ids)}
+    gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": list(tok.eos_token_ids),
+           **{HF_KEYS[k]: v for k, v in sampling_defaults.items()}}
     return {
         "tokenizer.json": tok.backend.to_str(),
         "tokenizer_config.json": json.dumps({k: v for k, v in cfg.items() if v is not None},
@@ -127,7 +130,7 @@ def save_quantized(model: Model, out_dir: str | os.PathLike[str], overwrite: boo
                                      indent=1),
              CONFIG: json.dumps(_config_json(model), indent=1)}
     if model.tokenizer is not None:
-        files.update(_tokenizer_files(model.tokenizer))
+        files.update(_tokenizer_files(model.tokenizer, model.sampling_defaults))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -259,5 +262,7 @@ def load_quantized(path: str | os.PathLike[str]) -> Model:
     if eos is None:
         eos = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
     jax.block_until_ready(params)
+    gen = root / "generation_config.json"
+    sampling = checkpoint_defaults(read_json(gen), HF_KEYS) if gen.is_file() else {}
     return Model(config=config, params=params, tokenizer=tokenizer, source=str(root),
-                 eos_token_ids=eos)
+                 eos_token_ids=eos, sampling_defaults=sampling)

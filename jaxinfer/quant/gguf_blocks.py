@@ -180,7 +180,8 @@ class GGUFBlockWeight(QuantizedWeight):
         if self.kind == "Q8_0":
             return KernelRows(np.asarray(self.qs).reshape(r, nb * BLOCK), np.asarray(self.d),
                               None, BLOCK)
-        q = np.asarray(unpack_halves(jnp.asarray(self.qs))).reshape(r, nb * BLOCK)
+        qs = np.asarray(self.qs)  # low nibbles are values 0..15 of a block, high 16..31
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(r, nb * BLOCK)
         m = None if self.m is None else np.asarray(self.m)
         return KernelRows.four_bit(q, np.asarray(self.d), m, BLOCK)
 

@@ -14,7 +14,7 @@ import time
 import uuid
 
 from jaxinfer.errors import InputError
-from jaxinfer.sampling import Sampling
+from jaxinfer.sampling import Sampling, resolve
 from jaxinfer.text import encode_prompt
 
 MAX_N = 8
@@ -153,11 +153,12 @@ def parse_request(body, kind: str, model, model_name: str, max_len: int) -> Sett
     seed = _number(body, "seed", None, 0, 2**32 - 1 - MAX_N, integer=True)
     if seed is None:
         seed = uuid.uuid4().int % (2**31)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
-    top_k = _number(body, "top_k", 0, 0, integer=True)
-    min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
-    rep = _number(body, "repetition_penalty", 1.0, 0.0, lo_open=True)
+    default, _ = resolve(model.sampling_defaults)  # the checkpoint's, else llama.cpp-like
+    temperature = _number(body, "temperature", default["temperature"], 0.0, 2.0)
+    top_p = _number(body, "top_p", default["top_p"], 0.0, 1.0, lo_open=True)
+    top_k = _number(body, "top_k", default["top_k"], 0, integer=True)
+    min_p = _number(body, "min_p", default["min_p"], 0.0, 1.0)
+    rep = _number(body, "repetition_penalty", default["repetition_penalty"], 0.0, lo_open=True)
     samplings = [Sampling(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                           min_p=float(min_p), repetition_penalty=float(rep), seed=seed + i)
                  for i in range(n)]
