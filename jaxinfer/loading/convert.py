@@ -62,6 +62,8 @@ NAMES: dict[str, dict[str, Name]] = {
         "layers/mlp/down_bias": Name("mlp.down_proj.bias"),
         "layers/attn_norm": Name("input_layernorm.weight", gguf="attn_norm.weight"),
         "layers/mlp_norm": Name("post_attention_layernorm.weight", gguf="ffn_norm.weight"),
+        "layers/attn/q_norm": Name("self_attn.q_norm.weight", gguf="attn_q_norm.weight"),
+        "layers/attn/k_norm": Name("self_attn.k_norm.weight", gguf="attn_k_norm.weight"),
     },
     # GPT-2 uses Conv1D modules whose weights are already [in, out].
     "gpt2": {
@@ -77,7 +79,24 @@ NAMES: dict[str, dict[str, Name]] = {
         "layers/ln2_scale": Name("ln_2.weight"), "layers/ln2_bias": Name("ln_2.bias"),
     },
 }
-_LAYER_PREFIX = {"llama": "model.layers.{i}.", "gpt2": "h.{i}."}
+# Gemma 3 (LlamaConfig with post_norms): norms before and after attention and the MLP, so HF's
+# post_attention_layernorm is the attention output's norm and the MLP's input norm has a name
+# of its own. GGUF names agree with Llama's (ffn_norm is the MLP's input norm in both).
+NAMES["gemma3"] = {
+    **NAMES["llama"],
+    "layers/mlp_norm": Name("pre_feedforward_layernorm.weight", gguf="ffn_norm.weight"),
+    "layers/attn_post_norm": Name("post_attention_layernorm.weight",
+                                  gguf="post_attention_norm.weight"),
+    "layers/mlp_post_norm": Name("post_feedforward_layernorm.weight", gguf="post_ffw_norm.weight"),
+}
+_LAYER_PREFIX = {"llama": "model.layers.{i}.", "gemma3": "model.layers.{i}.", "gpt2": "h.{i}."}
+
+
+def table_name(config: ModelConfig) -> str:
+    """The key of `NAMES` that names `config`'s checkpoint tensors."""
+    if isinstance(config, GPT2Config):
+        return "gpt2"
+    return "gemma3" if config.post_norms else "llama"
 
 
 def hf_name(family: str, path: str, layer: int | None = None, prefix: str = "") -> str:
@@ -124,7 +143,7 @@ def build_params(config: ModelConfig, make_leaf: Callable, where: str, *,
 def _family(config: ModelConfig, names: set[str]) -> tuple[str, str]:
     """(family, HF name prefix) of the config's checkpoint."""
     if isinstance(config, LlamaConfig):
-        return "llama", ""
+        return table_name(config), ""
     if isinstance(config, GPT2Config):
         return "gpt2", "transformer." if any(n.startswith("transformer.") for n in names) else ""
     raise TypeError(type(config).__name__)
