@@ -23,7 +23,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
-    """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Gemma 3): RMSNorm, RoPE, a
+    """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2/3, Gemma 3): RMSNorm, RoPE, a
     gated MLP, GQA. The fields after `sliding_windows` describe Gemma 3's differences; their
     defaults are Llama's."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from jaxinfer.errors import ConfigError
 from models.config import GPT2Config, LlamaConfig, ModelConfig, RopeScaling
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "gemma3_text")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 SUPPORTED = (*LLAMA_TYPES, "gemma3", "gpt2")  # gemma3: the text_config of the multimodal one
 
 
@@ -44,7 +44,7 @@ def _rope(cfg: dict, source: str) -> tuple[float, RopeScaling | None]:
 def _windows(cfg: dict, model_type: str, n_layers: int, source: str):
     """Per-layer sliding windows, or None when every layer attends fully."""
     window = cfg.get("sliding_window")
-    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         return None
     types = cfg.get("layer_types")
     if types is None and model_type == "gemma3_text":  # older configs: every k-th layer global
@@ -124,6 +124,7 @@ def _llama(cfg: dict, model_type: str, source: str) -> LlamaConfig:
         qkv_bias=model_type == "qwen2" or attn_bias, o_bias=attn_bias,
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         sliding_windows=_windows(cfg, model_type, n_layers, source),
+        qk_norm=model_type == "qwen3",  # RMSNorm over each head of q and k
     )
     return LlamaConfig(**(fields | gemma))
 
