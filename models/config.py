@@ -12,13 +12,19 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-    """RoPE frequency scaling. kind: "linear" or "llama3"."""
+    """RoPE frequency scaling. kind: "linear", "llama3" or "factors" (each inverse frequency
+    divided by its own factor: llama.cpp's rope_freqs.weight, as written for Llama 3.1)."""
 
     kind: str
-    factor: float
+    factor: float = 1.0  # linear, llama3
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
     original_max_position_embeddings: int = 8192  # llama3 only
+    factors: tuple[float, ...] | None = None  # factors only: one per frequency [H/2]
+
+    def __post_init__(self):
+        if self.factors is not None:  # a tuple of floats whatever came in (hashable)
+            object.__setattr__(self, "factors", tuple(float(f) for f in self.factors))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -164,6 +164,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
         return inv
     if scaling.kind == "linear":
         return (inv / np.float32(scaling.factor)).astype(np.float32)
+    if scaling.kind == "factors":
+        factors = np.asarray(scaling.factors, np.float32)
+        if factors.shape != inv.shape:
+            raise ValueError(f"{factors.size} RoPE frequency factors for head_dim {head_dim}")
+        return (inv / factors).astype(np.float32)
     if scaling.kind == "llama3":
         old = scaling.original_max_position_embeddings
         low_wavelen = old / scaling.low_freq_factor

@@ -282,6 +282,7 @@ def _token_id(f: GGUFFile, key: str) -> int | None:
 
 
 ARCHITECTURES = ("llama", "gemma3")
+ROPE_FREQS = "rope_freqs.weight"  # per-frequency RoPE factors, read into the config
 # Gemma 3 hyper-parameters llama.cpp does not store but fixes in its code (llama-model.cpp):
 # every 6th layer global, a RoPE base of 10000 on the sliding-window layers.
 _GEMMA3_PATTERN, _GEMMA3_LOCAL_THETA = 6, 10000.0
@@ -310,11 +311,6 @@ def hf_config_from_gguf(gguf_file: GGUFFile | str | os.PathLike[str]) -> dict:
         raise CheckpointError(
             f"{f.path}: unsupported architecture {arch} (general.architecture); supported: "
             f"{', '.join(ARCHITECTURES)}"
-        )
-    if "rope_freqs.weight" in f.tensor_names():
-        raise CheckpointError(
-            f"{f.path}: tensor rope_freqs.weight (per-dimension RoPE factors, as written for "
-            "Llama 3.1-style rope scaling) is not supported"
         )
     hidden = _number(f, f"{arch}.embedding_length")
     heads = _number(f, f"{arch}.attention.head_count")
@@ -350,11 +346,29 @@ def hf_config_from_gguf(gguf_file: GGUFFile | str | os.PathLike[str]) -> dict:
         "mlp_bias": False,
     }
     rope_scaling = _rope_scaling(f, arch)
+    if ROPE_FREQS in f.tensor_names():
+        rope_scaling = _rope_factors(f, head_dim, rope_scaling)
     if arch == "gemma3":
         return _gemma3_config(f, config, rope_scaling)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
     return config
+
+
+def _rope_factors(f: GGUFFile, head_dim: int, scaling: dict | None) -> dict:
+    """rope_freqs.weight (llama.cpp's converter writes it for Llama 3.1-style RoPE scaling: one
+    factor per frequency that the frequency is divided by) as our "freq_factors" rope_scaling."""
+    if scaling is not None:
+        raise CheckpointError(f"{f.path}: both {ROPE_FREQS} and RoPE scaling metadata "
+                              f"({scaling['rope_type']}); expected one")
+    kind, shape = f.tensor_type(ROPE_FREQS), f.tensor_shape(ROPE_FREQS)
+    if kind not in ("F32", "F16") or shape != (head_dim // 2,):
+        raise CheckpointError(f"{f.path}: {ROPE_FREQS} is {kind} {shape}, expected F32 "
+                              f"({head_dim // 2},) (one factor per RoPE frequency)")
+    factors = f.load(ROPE_FREQS)
+    if not (np.isfinite(factors).all() and (factors > 0).all()):
+        raise CheckpointError(f"{f.path}: {ROPE_FREQS} holds factors that are not positive")
+    return {"rope_type": "freq_factors", "factors": factors.tolist()}
 
 
 def _gemma3_config(f: GGUFFile, config: dict, rope_scaling: dict | None) -> dict:
@@ -449,7 +463,7 @@ def hf_tensor_names(gguf_file: GGUFFile, config: dict) -> list[str]:
     or a tensor's type cannot be dequantized (checked here, before any tensor is read).
     """
     names = _gguf_names(config)
-    present = set(gguf_file.tensor_names())
+    present = set(gguf_file.tensor_names()) - {ROPE_FREQS}
     missing = [g for g in names.values() if g not in present]
     extra = sorted(present - set(names.values()))
     if missing or extra:

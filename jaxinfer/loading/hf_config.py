@@ -29,6 +29,8 @@ def _rope(cfg: dict, source: str) -> tuple[float, RopeScaling | None]:
         return theta, None
     if kind == "linear":
         return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
+    if kind == "freq_factors":  # from a GGUF's rope_freqs.weight (see loading.gguf)
+        return theta, RopeScaling(kind="factors", factors=tuple(map(float, params["factors"])))
     if kind == "llama3":
         try:
             return theta, RopeScaling(
