@@ -39,10 +39,15 @@ def tiny_hf_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gemma3_tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
     """(jaxinfer model, transformers model) of one tiny random Gemma 3 saved with
     save_pretrained."""
-    path = tmp_path_factory.mktemp("gemma3_tiny")
+    path = tiny_dir
     torch.manual_seed(0)
     hf = transformers.Gemma3ForCausalLM(tiny_hf_config()).eval()
     with torch.no_grad():  # random (1 + w) norm weights, so a wrong norm mapping shows up
@@ -83,8 +88,8 @@ def test_tiny_ragged_rows_match_each_row_alone(tiny):
 
 
 def test_tiny_cached_decode_equals_full_forward(tiny):
-    """Prefill then one token at a time through the KV cache (past the window), stacked and
-    per-layer params, against the uncached forward."""
+    """Prefill then one token at a time through the per-layer KV cache (past the window)
+    against the uncached forward (the stacked layout's scan runs in the logits tests)."""
     import jax
     import jax.numpy as jnp
 
@@ -94,13 +99,13 @@ def test_tiny_cached_decode_equals_full_forward(tiny):
     positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
     full, _ = models.forward(c, model.params, tokens, positions)
     step = jax.jit(models.forward, static_argnums=0)
-    for params, per_layer in ((model.params, False), (models.unstack_layers(model.params), True)):
-        cache = models.init_cache(c, 2, 16, per_layer=per_layer)
-        out, cache = step(c, params, tokens[:, :3], positions[:, :3], cache)
-        np.testing.assert_allclose(out, full[:, :3], atol=1e-5)
-        for t in range(3, 12):
-            out, cache = step(c, params, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
-            np.testing.assert_allclose(out[:, 0], full[:, t], atol=1e-5)
+    params = models.unstack_layers(model.params)
+    cache = models.init_cache(c, 2, 16, per_layer=True)
+    out, cache = step(c, params, tokens[:, :3], positions[:, :3], cache)
+    np.testing.assert_allclose(out, full[:, :3], atol=1e-5)
+    for t in range(3, 12):
+        out, cache = step(c, params, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+        np.testing.assert_allclose(out[:, 0], full[:, t], atol=1e-5)
 
 
 def test_tiny_greedy_generation_matches_transformers(tiny):
@@ -127,6 +132,26 @@ def test_older_config_fields_give_the_same_config(tiny):
     old |= {"rope_theta": 1e6, "rope_local_base_freq": 1e4, "sliding_window_pattern": 3}
     assert config_from_hf(old, "old.json") == new
     assert config_from_hf({"model_type": "gemma3", "text_config": old}, "mm.json") == new
+
+
+@pytest.mark.parametrize("nested", ["model.language_model.", "language_model.model."])
+def test_multimodal_checkpoint_loads_its_language_model(tiny, tiny_dir, tmp_path, nested):
+    """A Gemma3ForConditionalGeneration directory (text_config; the language model's tensors
+    nested as transformers 5 or the published checkpoints name them) loads as the text model."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(tiny_dir / "model.safetensors")
+    save_file({nested + k.removeprefix("model."): v for k, v in weights.items()}
+              | {"model.vision_tower.x.weight": np.zeros(3, np.float32)},
+              tmp_path / "model.safetensors")
+    text = json.loads((tiny_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3",
+                                                      "text_config": text}))
+    model = jaxinfer.load(tmp_path, progress=False)
+    tokens = [[3, 14, 15, 92, 65, 35, 89]]
+    np.testing.assert_array_equal(model.logits(tokens), tiny[0].logits(tokens))
 
 
 @pytest.mark.parametrize("field", ["attn_logit_softcapping", "final_logit_softcapping",

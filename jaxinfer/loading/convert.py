@@ -140,13 +140,30 @@ def build_params(config: ModelConfig, make_leaf: Callable, where: str, *,
     return paths.nest(out)
 
 
-def _family(config: ModelConfig, names: set[str]) -> tuple[str, str]:
-    """(family, HF name prefix) of the config's checkpoint."""
-    if isinstance(config, LlamaConfig):
-        return table_name(config), ""
+# Where a multimodal checkpoint (Gemma3ForConditionalGeneration) keeps its language model's
+# "model.*" tensors: transformers 5 layout first, then the older one of the published files.
+_NESTED = ("model.language_model.", "language_model.model.")
+
+
+def _family(config: ModelConfig, names: set[str]) -> tuple[str, Callable[[str], str]]:
+    """(family, how the checkpoint spells a table's HF name) of the config's checkpoint."""
     if isinstance(config, GPT2Config):
-        return "gpt2", "transformer." if any(n.startswith("transformer.") for n in names) else ""
-    raise TypeError(type(config).__name__)
+        prefix = "transformer." if any(n.startswith("transformer.") for n in names) else ""
+        return "gpt2", lambda name: prefix + name
+    if not isinstance(config, LlamaConfig):
+        raise TypeError(type(config).__name__)
+    family = table_name(config)
+    nested = next((n for n in _NESTED if hf_name(family, "embed") not in names
+                   and n + "embed_tokens.weight" in names), None)
+    if nested is None:
+        return family, lambda name: name
+
+    def spell(name: str) -> str:
+        if name.startswith("model."):
+            return nested + name.removeprefix("model.")
+        return name if nested.startswith("model.") else "language_model." + name  # lm_head
+
+    return family, spell
 
 
 def _fetch(src: TensorSource, names: set[str], name: str, transpose: bool, shape, dtype):
@@ -167,17 +184,17 @@ def source_leaf(config: ModelConfig, src: TensorSource, dtype=jnp.float32) -> Ca
     """make_leaf (see `build_params`) reading float arrays from `src` in HF names/layout:
     per-layer tensors are stacked into one [L, ...] buffer."""
     names = set(src.names())
-    family, prefix = _family(config, names)
+    family, spell = _family(config, names)
     np_dtype = np.dtype(dtype)
 
     def make_leaf(path, spec):
         transpose = NAMES[family][path].transpose
         if not paths.is_stacked(path):
-            return _fetch(src, names, hf_name(family, path, prefix=prefix), transpose,
+            return _fetch(src, names, spell(hf_name(family, path)), transpose,
                           spec.shape, np_dtype)
         buf = np.empty(spec.shape, np_dtype)
         for i in range(config.n_layers):
-            buf[i] = _fetch(src, names, hf_name(family, path, i, prefix), transpose,
+            buf[i] = _fetch(src, names, spell(hf_name(family, path, i)), transpose,
                             spec.shape[1:], np_dtype)
         return buf
 
