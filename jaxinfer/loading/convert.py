@@ -99,15 +99,13 @@ def table_name(config: ModelConfig) -> str:
     return "gemma3" if config.post_norms else "llama"
 
 
-def hf_name(family: str, path: str, layer: int | None = None, prefix: str = "") -> str:
-    """The HF tensor name of param `path` ("layers/..." entries: of layer `layer`).
-
-    prefix: prepended to every name (GPT-2 checkpoints may nest everything in "transformer.").
-    """
+def hf_name(family: str, path: str, layer: int | None = None) -> str:
+    """The HF tensor name of param `path` ("layers/..." entries: of layer `layer`), as a
+    checkpoint of the family's text model names it (see `_family` for nested checkpoints)."""
     name = NAMES[family][path].hf
     if path.startswith("layers/"):
         name = _LAYER_PREFIX[family].format(i=layer) + name
-    return prefix + name
+    return name
 
 
 def gguf_name(family: str, path: str, layer: int | None = None) -> str | None:
@@ -146,7 +144,8 @@ _NESTED = ("model.language_model.", "language_model.model.")
 
 
 def _family(config: ModelConfig, names: set[str]) -> tuple[str, Callable[[str], str]]:
-    """(family, how the checkpoint spells a table's HF name) of the config's checkpoint."""
+    """(family, how the checkpoint spells a table's HF name) of the config's checkpoint: GPT-2
+    checkpoints may nest everything in "transformer.", multimodal ones their language model."""
     if isinstance(config, GPT2Config):
         prefix = "transformer." if any(n.startswith("transformer.") for n in names) else ""
         return "gpt2", lambda name: prefix + name
