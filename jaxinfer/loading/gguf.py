@@ -65,20 +65,23 @@ def _deq_q4_1(b: np.ndarray) -> np.ndarray:
     return _f16(b[:, :2]) * _nibbles(b[:, 4:]).astype(np.float32) + _f16(b[:, 2:4])
 
 
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """(n, 4) uint8 qh of a Q5_0/Q5_1 block -> (n, 32) uint8: 16 where bit j of the
+    little-endian 32-bit qh is set (value j's fifth bit), else 0."""
+    word = qh.copy().view("<u4")  # (n, 1)
+    return ((word >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+
+
 def _deq_q5_0(b: np.ndarray) -> np.ndarray:
     """block_q5_0: f16 d, qh[4] (bit j: the 5th bit of value j), qs[16] (as Q4_0);
     x = d * (q - 16)."""
-    qh = b[:, 2:6].copy().view("<u4")  # (n, 1)
-    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4  # (n, 32)
-    q = (_nibbles(b[:, 6:]) | high).astype(np.float32) - 16.0
+    q = (_nibbles(b[:, 6:]) | _fifth_bits(b[:, 2:6])).astype(np.float32) - 16.0
     return _f16(b[:, :2]) * q
 
 
 def _deq_q5_1(b: np.ndarray) -> np.ndarray:
     """block_q5_1: f16 d, f16 m, qh[4], qs[16] (as Q5_0); x = d * q + m."""
-    qh = b[:, 4:8].copy().view("<u4")
-    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
-    q = (_nibbles(b[:, 8:]) | high).astype(np.float32)
+    q = (_nibbles(b[:, 8:]) | _fifth_bits(b[:, 4:8])).astype(np.float32)
     return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
 
 
