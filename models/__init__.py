@@ -7,7 +7,7 @@ Shape glossary (einsum letters and docstrings):
   G query heads per KV head (N // K)                  V vocabulary size
 
 Logical axis names on parameters (mapped to mesh axes by the runtime's sharding rules):
-  layers, vocab, embed, heads, kv_heads, mlp, qkv, positions.
+  layers, vocab, embed, heads, kv_heads, mlp, qkv, positions, head_dim (q/k norms).
 
 Per-layer API (calibration, GPTQ, pruning run the model one layer at a time):
   embed(config, params, tokens, positions) -> x [B, T, D]
@@ -165,7 +165,9 @@ def weight_axes() -> dict[str, tuple[str, ...]]:
     """Weight path ("embed", "layers/attn/q", ...) -> logical axes of one layer's leaf (no
     "layers" axis), for every weight any family declares (optional biases included)."""
     out: dict[str, tuple[str, ...]] = {}
-    for config in (LlamaConfig.tiny(qkv_bias=True, o_bias=True, mlp_bias=True), GPT2Config.tiny()):
+    every_llama_weight = LlamaConfig.tiny(qkv_bias=True, o_bias=True, mlp_bias=True,
+                                          qk_norm=True, post_norms=True)
+    for config in (every_llama_weight, GPT2Config.tiny()):
         flat = jax.tree_util.tree_flatten_with_path(logical_axes(config),
                                                     is_leaf=lambda x: isinstance(x, tuple))[0]
         for key_path, ax in flat:

@@ -12,18 +12,26 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
-    """RoPE frequency scaling. kind: "linear" or "llama3"."""
+    """RoPE frequency scaling. kind: "linear", "llama3" or "factors" (each inverse frequency
+    divided by its own factor: llama.cpp's rope_freqs.weight, as written for Llama 3.1)."""
 
     kind: str
-    factor: float
+    factor: float = 1.0  # linear, llama3
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
     original_max_position_embeddings: int = 8192  # llama3 only
+    factors: tuple[float, ...] | None = None  # factors only: one per frequency [H/2]
+
+    def __post_init__(self):
+        if self.factors is not None:  # a tuple of floats whatever came in (hashable)
+            object.__setattr__(self, "factors", tuple(float(f) for f in self.factors))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
-    """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2): RMSNorm, RoPE, SwiGLU, GQA."""
+    """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2/3, Gemma 3): RMSNorm, RoPE, a
+    gated MLP, GQA. The fields after `sliding_windows` describe Gemma 3's differences; their
+    defaults are Llama's."""
 
     vocab_size: int  # V
     d_model: int  # D, residual width
@@ -43,12 +51,25 @@ class LlamaConfig:
     # Per-layer sliding attention window (a query sees keys with q_pos - k_pos < window);
     # None means every layer attends to the full context.
     sliding_windows: tuple[int | None, ...] | None = None
+    # RoPE base of the sliding-window layers, without rope_scaling (Gemma 3's local layers);
+    # None: every layer uses rope_theta and rope_scaling.
+    local_rope_theta: float | None = None
+    activation: str = "silu"  # gated MLP: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), w stored as in HF (Gemma)
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs too (Gemma 3)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Gemma 3, Qwen3)
+    scale_embeddings: bool = False  # embeddings times sqrt(D), in their dtype (Gemma)
+    # Attention scores are q.k * query_scale; None: 1 / sqrt(head_dim). Gemma 3:
+    # query_pre_attn_scalar ** -0.5.
+    query_scale: float | None = None
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} not divisible by n_kv_heads {self.n_kv_heads}")
         if self.sliding_windows is not None and len(self.sliding_windows) != self.n_layers:
             raise ValueError("sliding_windows needs one entry per layer")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"unknown activation {self.activation!r}; known: silu, gelu_tanh")
 
     @property
     def family(self) -> str:
@@ -70,6 +91,16 @@ class LlamaConfig:
                    rope_scaling=RopeScaling(kind="llama3", factor=8.0, low_freq_factor=1.0,
                                             high_freq_factor=4.0,
                                             original_max_position_embeddings=8192))
+
+    @classmethod
+    def gemma3_270m(cls) -> LlamaConfig:
+        """Gemma 3 270M: 5 sliding-window (512) layers, then a global one, repeated."""
+        windows = tuple(None if (i + 1) % 6 == 0 else 512 for i in range(18))
+        return cls(vocab_size=262144, d_model=640, n_layers=18, n_heads=4, n_kv_heads=1,
+                   head_dim=256, d_ff=2048, max_seq_len=32768, norm_eps=1e-6,
+                   rope_theta=1_000_000.0, tie_embeddings=True, sliding_windows=windows,
+                   local_rope_theta=10_000.0, activation="gelu_tanh", norm_plus_one=True,
+                   post_norms=True, qk_norm=True, scale_embeddings=True, query_scale=256 ** -0.5)
 
     @classmethod
     def tiny(cls, **overrides) -> LlamaConfig:

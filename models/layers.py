@@ -105,6 +105,21 @@ def swiglu(x: jax.Array, gate, up, gate_bias=None, up_bias=None) -> jax.Array:
     return jax.nn.silu(linear(x, gate, gate_bias)) * linear(x, up, up_bias)
 
 
+def gated_mlp_hidden(x: jax.Array, gate, up, activation: str, gate_bias=None,
+                     up_bias=None) -> jax.Array:
+    """act(x @ gate + gate_bias) * (x @ up + up_bias): x [..., in] -> [..., hidden].
+
+    activation "silu" is `swiglu`; "gelu_tanh" (GeGLU, Gemma) runs both projections through
+    `linear_many` and GELU's tanh approximation on the gate.
+    """
+    if activation == "silu":
+        return swiglu(x, gate, up, gate_bias, up_bias)
+    if activation != "gelu_tanh":
+        raise ValueError(f"unknown activation {activation!r}")
+    g, u = linear_many(x, [gate, up], [gate_bias, up_bias])
+    return jax.nn.gelu(g, approximate=True) * u
+
+
 def embed_lookup(table, tokens: jax.Array) -> jax.Array:
     """Rows of table [V, D] for tokens [B, T] -> [B, T, D]."""
     if isinstance(table, jax.Array | np.ndarray):
@@ -119,10 +134,16 @@ def unembed(x: jax.Array, table) -> jax.Array:
     return table.matmul_transposed(x)
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, computed in float32: x [..., D], w [D]."""
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32: x [..., D], w [D].
+
+    plus_one (Gemma): scale by (1 + w), in float32 before the cast back (as HF Gemma does);
+    otherwise the normalised x is cast back first and scaled by w (as HF Llama does).
+    """
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
     return (y.astype(x.dtype) * w.astype(x.dtype))
 
 
@@ -143,6 +164,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
         return inv
     if scaling.kind == "linear":
         return (inv / np.float32(scaling.factor)).astype(np.float32)
+    if scaling.kind == "factors":
+        factors = np.asarray(scaling.factors, np.float32)
+        if factors.shape != inv.shape:
+            raise ValueError(f"{factors.size} RoPE frequency factors for head_dim {head_dim}")
+        return (inv / factors).astype(np.float32)
     if scaling.kind == "llama3":
         old = scaling.original_max_position_embeddings
         low_wavelen = old / scaling.low_freq_factor

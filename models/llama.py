@@ -1,11 +1,14 @@
-"""Llama-family decoder in Flax: Llama 2/3, SmolLM2, Mistral (sliding window), Qwen2 (qkv bias).
+"""Llama-family decoder in Flax: Llama 2/3, SmolLM2, Mistral (sliding window), Qwen2 (qkv bias),
+Gemma 3 (norms around attention and MLP, q/k norms, GeGLU, local and global layers).
 
 Parameters (2-D projection weights are [in, out]; every per-layer leaf has a leading L axis):
   embed [V, D]; final_norm [D]; lm_head [D, V] (untied only)
-  layers/attn_norm [L, D], layers/mlp_norm [L, D]
+  layers/attn_norm [L, D], layers/mlp_norm [L, D] (the norms before attention and the MLP)
+  layers/attn_post_norm [L, D], layers/mlp_post_norm [L, D] (post_norms: on their outputs)
   layers/attn/{q [L, D, N*H], k [L, D, K*H], v [L, D, K*H], o [L, N*H, D]} (+ q_bias, k_bias,
-    v_bias [L, *], o_bias [L, D] when configured)
+    v_bias [L, *], o_bias [L, D] when configured; q_norm, k_norm [L, H] with qk_norm)
   layers/mlp/{gate [L, D, F], up [L, D, F], down [L, F, D]} (+ *_bias when configured)
+With norm_plus_one (Gemma) every norm weight w scales by (1 + w), as HF stores it.
 
 Per-layer API (see `models.embed`, `models.apply_layer`, `models.head`): `embed`, `apply_layer`
 and `head` below run the model piece by piece; the Flax module `Llama` calls the same code.
@@ -13,6 +16,7 @@ and `head` below run the model piece by piece; the Flax module `Llama` calls the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -25,6 +29,7 @@ from models.config import LlamaConfig
 from models.layers import (
     NO_WINDOW,
     embed_lookup,
+    gated_mlp_hidden,
     last_token,
     linear,
     linear_many,
@@ -32,7 +37,6 @@ from models.layers import (
     rope_inv_freq,
     run_layers,
     self_attention,
-    swiglu,
     unembed,
     weight,
 )
@@ -46,8 +50,13 @@ SITES = {
     "attn_in": ("attn/q", "attn/k", "attn/v"),  # rms_norm(x) [D]
     "o_in": ("attn/o",),  # attention output [N*H]
     "mlp_in": ("mlp/gate", "mlp/up"),  # rms_norm(x) [D]
-    "down_in": ("mlp/down",),  # silu(gate(x)) * up(x) [F]
+    "down_in": ("mlp/down",),  # act(gate(x)) * up(x) [F]
 }
+
+
+def _norm_weight(mod: nn.Module, name: str, size: int, axis: str, config: LlamaConfig):
+    """An RMSNorm weight [size]; initialised to the identity scale (0 when it scales by 1 + w)."""
+    return weight(mod, name, (size,), (axis,), ZEROS if config.norm_plus_one else ONES)
 
 
 class Attention(nn.Module):
@@ -57,8 +66,12 @@ class Attention(nn.Module):
     kernel: Callable | None = None  # decode attention kernel (see KVCache.attention)
 
     @nn.compact
-    def __call__(self, x, positions, k_pos, window, layer, slots, cache_kv):
-        """x [B, T, D] -> ([B, T, D], updated cache buffers (see KVCache.layer_buffers) or None)."""
+    def __call__(self, x, positions, k_pos, window, inv_freq, layer, slots, cache_kv):
+        """x [B, T, D] -> ([B, T, D], updated cache buffers (see KVCache.layer_buffers) or None).
+
+        window: this layer's sliding window (NO_WINDOW: none); inv_freq [H/2]: its RoPE
+        frequencies (see `layer_inputs`).
+        """
         c = self.config
         d, n, kv, h = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         b, t, _ = x.shape
@@ -72,7 +85,15 @@ class Attention(nn.Module):
                                         proj("v", kv * h, "kv_heads"))
         q, k, v = linear_many(x, [wq, wk, wv], [bq, bk, bv])
         q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kv, h), v.reshape(b, t, kv, h)
-        inv_freq = rope_inv_freq(h, c.rope_theta, c.rope_scaling)
+        if c.qk_norm:
+            q = rms_norm(q, _norm_weight(self, "q_norm", h, "head_dim", c), c.norm_eps,
+                         c.norm_plus_one)
+            k = rms_norm(k, _norm_weight(self, "k_norm", h, "head_dim", c), c.norm_eps,
+                         c.norm_plus_one)
+        if c.query_scale is not None and c.query_scale * math.sqrt(h) != 1.0:
+            # attention scales scores by 1 / sqrt(H) (here and in the kernels): fold the rest
+            # into q (RoPE is linear, so before it is the same)
+            q = q * jnp.asarray(c.query_scale * math.sqrt(h), q.dtype)
         out, cache_kv = self_attention(q, k, v, positions, k_pos, window, layer, slots, cache_kv,
                                        self.kernel, inv_freq)
         wo = weight(self, "o", (n * h, d), ("heads", "embed"))
@@ -81,7 +102,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)), act silu (SwiGLU) or GELU-tanh."""
 
     config: LlamaConfig
 
@@ -97,7 +118,7 @@ class MLP(nn.Module):
 
         (wg, bg), (wu, bu) = (proj("gate", (c.d_model, c.d_ff), ("embed", "mlp")),
                               proj("up", (c.d_model, c.d_ff), ("embed", "mlp")))
-        hidden = swiglu(x, wg, wu, bg, bu)
+        hidden = gated_mlp_hidden(x, wg, wu, c.activation, bg, bu)
         return linear(hidden, *proj("down", (c.d_ff, c.d_model), ("mlp", "embed")))
 
 
@@ -109,16 +130,21 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, carry, per_layer, positions, k_pos, slots):
-        """carry = (x [B, T, D], cache (k, v) or None); per_layer = (layer index, window)."""
+        """carry = (x [B, T, D], cache (k, v) or None); per_layer = (layer index, window,
+        inv_freq), one row of `layer_inputs`."""
         c = self.config
         x, cache_kv = carry
-        layer, window = per_layer
-        attn_norm = weight(self, "attn_norm", (c.d_model,), ("embed",), ONES)
-        mlp_norm = weight(self, "mlp_norm", (c.d_model,), ("embed",), ONES)
+        layer, window, inv_freq = per_layer
+
+        def norm(name, y):
+            w = _norm_weight(self, name, c.d_model, "embed", c)
+            return rms_norm(y, w, c.norm_eps, c.norm_plus_one)
+
         a, cache_kv = Attention(c, self.kernel, name="attn")(
-            rms_norm(x, attn_norm, c.norm_eps), positions, k_pos, window, layer, slots, cache_kv)
-        x = x + a
-        x = x + MLP(c, name="mlp")(rms_norm(x, mlp_norm, c.norm_eps))
+            norm("attn_norm", x), positions, k_pos, window, inv_freq, layer, slots, cache_kv)
+        x = x + (norm("attn_post_norm", a) if c.post_norms else a)
+        m = MLP(c, name="mlp")(norm("mlp_norm", x))
+        x = x + (norm("mlp_post_norm", m) if c.post_norms else m)
         return (x, cache_kv), None
 
 
@@ -147,7 +173,7 @@ class Llama(nn.Module):
                                  positions, k_pos, slots, unroll=self.scan_unroll,
                                  unstacked=self.unstacked,
                                  kernel=None if cache is None else cache.attention)
-        top["final_norm"] = weight(self, "final_norm", (c.d_model,), ("embed",), ONES)
+        top["final_norm"] = _norm_weight(self, "final_norm", c.d_model, "embed", c)
         if not c.tie_embeddings:
             top["lm_head"] = weight(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"))
         logits = head(c, top, last_token(x, positions) if last_only else x)
@@ -160,25 +186,34 @@ class Llama(nn.Module):
 # ----------------------------------------------------------------------------- per-layer API
 
 
-def layer_inputs(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
+def layer_inputs(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What `Block` gets per layer: (layer index int32 [L], sliding window int32 [L],
-    NO_WINDOW where the layer attends to the whole context)."""
-    windows = np.array([NO_WINDOW if w is None else w
-                        for w in (config.sliding_windows or (None,) * config.n_layers)], np.int32)
-    return np.arange(config.n_layers, dtype=np.int32), windows
+    NO_WINDOW where the layer attends to the whole context, RoPE inverse frequencies float32
+    [L, H/2]: local_rope_theta without scaling on sliding-window layers when it is set,
+    else rope_theta with rope_scaling)."""
+    c = config
+    per_layer = c.sliding_windows or (None,) * c.n_layers
+    windows = np.array([NO_WINDOW if w is None else w for w in per_layer], np.int32)
+    full = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+    local = full if c.local_rope_theta is None else rope_inv_freq(c.head_dim,
+                                                                  c.local_rope_theta, None)
+    inv_freq = np.stack([full if w is None else local for w in per_layer])
+    return np.arange(c.n_layers, dtype=np.int32), windows, inv_freq
 
 
 def embed(config: LlamaConfig, params, tokens: jax.Array, positions: jax.Array) -> jax.Array:
-    """Token embeddings: tokens [B, T] -> x [B, T, D] in the table's dtype (positions unused:
-    RoPE is applied inside attention)."""
+    """Token embeddings: tokens [B, T] -> x [B, T, D] in the table's dtype, times sqrt(D) (in
+    that dtype) with scale_embeddings (positions unused: RoPE is applied inside attention)."""
     table = params["embed"]
-    return embed_lookup(table, tokens).astype(jnp.dtype(getattr(table, "dtype", jnp.float32)))
+    dtype = jnp.dtype(getattr(table, "dtype", jnp.float32))
+    x = embed_lookup(table, tokens).astype(dtype)
+    return x * jnp.asarray(math.sqrt(config.d_model), dtype) if config.scale_embeddings else x
 
 
 def apply_layer(config: LlamaConfig, layer_params, x: jax.Array, positions: jax.Array,
                 layer) -> jax.Array:
     """Decoder layer `layer` (int or int32 scalar) without a cache: x [B, T, D] -> [B, T, D]."""
-    per_layer = (jnp.asarray(layer, jnp.int32), jnp.asarray(layer_inputs(config)[1])[layer])
+    per_layer = tuple(jnp.asarray(a)[layer] for a in layer_inputs(config))
     (y, _), _ = Block(config).apply({"params": layer_params}, (x, None), per_layer, positions,
                                     positions, None)
     return y
@@ -186,6 +221,6 @@ def apply_layer(config: LlamaConfig, layer_params, x: jax.Array, positions: jax.
 
 def head(config: LlamaConfig, params, x: jax.Array) -> jax.Array:
     """Final RMSNorm and LM head (tied: the embedding table): x [B, T, D] -> float32 [B, T, V]."""
-    x = rms_norm(x, params["final_norm"], config.norm_eps)
+    x = rms_norm(x, params["final_norm"], config.norm_eps, config.norm_plus_one)
     logits = unembed(x, params["embed"]) if config.tie_embeddings else linear(x, params["lm_head"])
     return logits.astype(jnp.float32)

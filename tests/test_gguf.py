@@ -100,7 +100,8 @@ GGUF_OF_HF = {
 }
 
 
-def tiny_llama_gguf(path, hf, drop_meta=(), extra_meta=None, drop_tensor=None):
+def tiny_llama_gguf(path, hf, drop_meta=(), extra_meta=None, drop_tensor=None,
+                    extra_tensors=None):
     """Convert an HF tiny-llama state dict to GGUF the way llama.cpp does (F32 tensors)."""
     tensors = {}
     for name, w in hf.items():
@@ -133,7 +134,58 @@ def tiny_llama_gguf(path, hf, drop_meta=(), extra_meta=None, drop_tensor=None):
         "tokenizer.ggml.tokens": [f"t{i}" for i in range(TINY["vocab"])],
     }
     meta = {k: v for k, v in meta.items() if k not in drop_meta} | (extra_meta or {})
-    return write_gguf(path, tensors, metadata=meta)
+    return write_gguf(path, tensors | (extra_tensors or {}), metadata=meta)
+
+
+def llamacpp_rope_factors(theta, head_dim, factor, low, high, old_context):
+    """rope_freqs.weight as llama.cpp's converter computes it for Llama 3.1 rope scaling."""
+    factors = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, np.float32)
+
+
+def test_llama31_rope_freqs_equal_the_hf_directory(tmp_path):
+    """A Llama 3.1-style GGUF (rope_freqs.weight, no scaling metadata) written from a tiny
+    transformers model gives that model's logits."""
+    import torch
+    import transformers
+
+    import jaxinfer
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    config = transformers.LlamaConfig(
+        vocab_size=TINY["vocab"], hidden_size=TINY["hidden"], intermediate_size=TINY["inter"],
+        num_hidden_layers=TINY["layers"], num_attention_heads=TINY["heads"],
+        num_key_value_heads=TINY["kv_heads"], rms_norm_eps=1e-5, rope_theta=50000.0,
+        rope_scaling=scaling, max_position_embeddings=256, tie_word_embeddings=True,
+        initializer_range=0.2)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    weights = {k: v.numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    factors = llamacpp_rope_factors(50000.0, 16, 8.0, 1.0, 4.0, 64)
+    assert len(set(factors.tolist())) > 2  # low, medium and high frequencies
+    spm = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": [0.0] * TINY["vocab"]}
+    path = tiny_llama_gguf(tmp_path / "l31.gguf", weights, extra_meta=spm,
+                           extra_tensors={"rope_freqs.weight": factors})
+    model = jaxinfer.load(path, progress=False)
+    assert model.config.rope_scaling.kind == "factors"
+    tokens = np.random.default_rng(0).integers(0, TINY["vocab"], size=(1, 40))
+    with torch.no_grad():
+        ref = hf(torch.tensor(tokens)).logits.numpy()
+    assert np.abs(model.logits(tokens) - ref).max() <= 1e-4
+    bad = tiny_llama_gguf(tmp_path / "bad.gguf", weights, extra_meta=spm,
+                          extra_tensors={"rope_freqs.weight": factors[:5]})
+    with raises_checkpoint_error(bad, "rope_freqs.weight is F32 (5,), expected F32 (8,)"):
+        jaxinfer.load(bad, progress=False)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -224,6 +276,30 @@ def test_load_round_trip(tmp_path, type_name):
     raw = f.raw("w")
     assert raw.dtype == np.uint8 and raw.shape[0] == 6 and not raw.flags.owndata
     assert raw.tobytes() == packed.tobytes()
+
+
+# Where each block type keeps its float16 fields (d, and m / dmin where it has one).
+F16_FIELDS = {"Q8_0": (0, 2), "Q4_0": (0, 2), "Q4_1": (0, 4), "Q5_0": (0, 2), "Q5_1": (0, 4),
+              "Q4_K": (0, 4), "Q5_K": (0, 4), "Q6_K": (208, 210)}
+
+
+@pytest.mark.parametrize("type_name", list(F16_FIELDS))
+def test_dequantize_random_blocks_equals_gguf_reference(type_name):
+    """Random bytes (finite float16 scales) -> the same floats as gguf's reference."""
+    from gguf.quants import dequantize as reference
+
+    from jaxinfer.loading.gguf import dequantize
+
+    qtype = T[type_name]
+    size = GGML_QUANT_SIZES[qtype][1]
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, (96, size), dtype=np.uint8)
+    lo, hi = F16_FIELDS[type_name]
+    halves = rng.uniform(-2, 2, (96, (hi - lo) // 2)).astype(np.float16)
+    blocks[:, lo:hi] = halves.view(np.uint8)
+    raw = blocks.reshape(8, -1)  # 8 rows of 12 blocks
+    np.testing.assert_array_equal(dequantize(raw, type_name),
+                                  reference(raw, qtype).reshape(-1))
 
 
 def pack_q4_k_block(d, dmin, scales, mins, q):
@@ -324,7 +400,7 @@ def test_truncated_file(tmp_path, keep):
         GGUFFile(path)
 
 
-@pytest.mark.parametrize("type_name", ["Q5_K", "IQ4_NL"])
+@pytest.mark.parametrize("type_name", ["Q2_K", "IQ4_NL"])
 def test_unsupported_tensor_type(tmp_path, type_name):
     qtype = T[type_name]
     block, size = GGML_QUANT_SIZES[qtype]
@@ -352,7 +428,8 @@ def test_unsupported_architecture(tmp_path):
     path = write_gguf(tmp_path / "g.gguf", {"w": np.zeros(4, np.float32)}, arch="gpt2")
     f = GGUFFile(path)
     assert f.architecture == "gpt2"
-    with raises_checkpoint_error(path, "unsupported architecture gpt2; supported: llama"):
+    with raises_checkpoint_error(path, "unsupported architecture gpt2",
+                                 "supported: llama, gemma3"):
         hf_config_from_gguf(f)
 
 

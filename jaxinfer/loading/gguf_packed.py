@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxinfer import paths
 from jaxinfer.loading.convert import gguf_name, source_leaf
-from jaxinfer.loading.gguf import GGUFSource
+from jaxinfer.loading.gguf import GGUFSource, names_table
 from jaxinfer.quant.base import IN_OUT, OUT_IN, stack_leaves
 from jaxinfer.quant.gguf_blocks import KINDS, GGUFBlockWeight
 
@@ -41,12 +41,15 @@ def packed_leaf(config, src: GGUFSource, dtype) -> Callable:
     the other leaves are, and what packed ones dequantize to."""
     float_leaf = source_leaf(config, src, dtype)
     dtype_name = jnp.dtype(dtype).name
-    heads = {"layers/attn/q": config.n_heads, "layers/attn/k": config.n_kv_heads}
+    family = names_table(src.hf_config)
+    # llama.cpp permutes a llama's q and k rows (not Gemma's: it rotates those in halves)
+    heads = ({"layers/attn/q": config.n_heads, "layers/attn/k": config.n_kv_heads}
+             if family == "llama" else {})
 
     def make_leaf(path, spec):
         stacked = paths.is_stacked(path)
-        names = ([gguf_name("llama", path, i) for i in range(config.n_layers)] if stacked
-                 else [gguf_name("llama", path)])
+        names = ([gguf_name(family, path, i) for i in range(config.n_layers)] if stacked
+                 else [gguf_name(family, path)])
         leaf = None
         if spec.ndim == (3 if stacked else 2) and None not in names:
             layout = OUT_IN if paths.is_lookup_table(path) else IN_OUT

@@ -10,8 +10,8 @@ from __future__ import annotations
 from jaxinfer.errors import ConfigError
 from models.config import GPT2Config, LlamaConfig, ModelConfig, RopeScaling
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED = (*LLAMA_TYPES, "gpt2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED = (*LLAMA_TYPES, "gemma3", "gpt2")  # gemma3: the text_config of the multimodal one
 
 
 def _require(cfg: dict, key: str, source: str):
@@ -29,6 +29,8 @@ def _rope(cfg: dict, source: str) -> tuple[float, RopeScaling | None]:
         return theta, None
     if kind == "linear":
         return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
+    if kind == "freq_factors":  # from a GGUF's rope_freqs.weight (see loading.gguf)
+        return theta, RopeScaling(kind="factors", factors=tuple(map(float, params["factors"])))
     if kind == "llama3":
         try:
             return theta, RopeScaling(
@@ -44,9 +46,13 @@ def _rope(cfg: dict, source: str) -> tuple[float, RopeScaling | None]:
 def _windows(cfg: dict, model_type: str, n_layers: int, source: str):
     """Per-layer sliding windows, or None when every layer attends fully."""
     window = cfg.get("sliding_window")
-    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         return None
     types = cfg.get("layer_types")
+    if types is None and model_type == "gemma3_text":  # older configs: every k-th layer global
+        pattern = int(cfg.get("sliding_window_pattern") or 6)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                 for i in range(n_layers)]
     if types is not None:
         if len(types) != n_layers:
             raise ConfigError(f"{source}: layer_types has {len(types)} entries, expected {n_layers}")
@@ -62,12 +68,44 @@ def _windows(cfg: dict, model_type: str, n_layers: int, source: str):
     return None
 
 
+def _gemma3(cfg: dict, source: str) -> dict:
+    """The LlamaConfig fields of a Gemma 3 text config beyond Llama's: per-layer-type RoPE
+    (rope_parameters {full_attention, sliding_attention}, or the older rope_theta,
+    rope_scaling and rope_local_base_freq), the query scale and Gemma's norms and GeGLU."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise ConfigError(f"{source}: {key} is not supported (Gemma 3 has none)")
+    if cfg.get("use_bidirectional_attention"):
+        raise ConfigError(f"{source}: use_bidirectional_attention is not supported")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ConfigError(f"{source}: unsupported hidden_activation {act!r}; "
+                          "supported: gelu_pytorch_tanh")
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = {"rope_parameters": params.get("full_attention") or {"rope_theta": 1e6}}
+        local = {"rope_parameters": params.get("sliding_attention") or {"rope_theta": 1e4}}
+    else:
+        full = {"rope_theta": cfg.get("rope_theta", 1e6), "rope_scaling": cfg.get("rope_scaling")}
+        local = {"rope_theta": cfg.get("rope_local_base_freq", 1e4)}
+    theta, scaling = _rope(full, source)
+    local_theta, local_scaling = _rope(local, source)
+    if local_scaling is not None:
+        raise ConfigError(f"{source}: RoPE scaling on sliding_attention layers is not supported")
+    scalar = float(cfg.get("query_pre_attn_scalar") or 256)
+    return dict(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta,
+                activation="gelu_tanh", norm_plus_one=True, post_norms=True, qk_norm=True,
+                scale_embeddings=True, query_scale=scalar ** -0.5,
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", True)))
+
+
 def _llama(cfg: dict, model_type: str, source: str) -> LlamaConfig:
     req = {k: _require(cfg, k, source) for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads")}
+    gemma = _gemma3(cfg, source) if model_type == "gemma3_text" else {}
     act = cfg.get("hidden_act", "silu")
-    if act != "silu":
+    if act != "silu" and not gemma:
         raise ConfigError(f"{source}: unsupported hidden_act {act!r}; supported: silu")
     heads = int(req["num_attention_heads"])
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
@@ -77,7 +115,7 @@ def _llama(cfg: dict, model_type: str, source: str) -> LlamaConfig:
     theta, scaling = _rope(cfg, source)
     n_layers = int(req["num_hidden_layers"])
     attn_bias = bool(cfg.get("attention_bias", False))
-    return LlamaConfig(
+    fields = dict(
         vocab_size=int(req["vocab_size"]), d_model=int(req["hidden_size"]), n_layers=n_layers,
         n_heads=heads, n_kv_heads=kv_heads,
         head_dim=int(cfg.get("head_dim") or req["hidden_size"] // heads),
@@ -88,7 +126,9 @@ def _llama(cfg: dict, model_type: str, source: str) -> LlamaConfig:
         qkv_bias=model_type == "qwen2" or attn_bias, o_bias=attn_bias,
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         sliding_windows=_windows(cfg, model_type, n_layers, source),
+        qk_norm=model_type == "qwen3",  # RMSNorm over each head of q and k
     )
+    return LlamaConfig(**(fields | gemma))
 
 
 def _gpt2(cfg: dict, source: str) -> GPT2Config:
@@ -121,6 +161,11 @@ def config_from_hf(cfg: dict, source: str) -> ModelConfig:
     if model_type not in SUPPORTED:
         raise ConfigError(f"{source}: unsupported architecture (model_type {model_type!r}); "
                           f"supported: {', '.join(SUPPORTED)}")
+    if model_type == "gemma3":  # Gemma3ForConditionalGeneration: its language model
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{source}: model_type 'gemma3' needs a 'text_config' object")
+        cfg, model_type = {**text, "model_type": "gemma3_text"}, "gemma3_text"
     try:
         if model_type == "gpt2":
             return _gpt2(cfg, source)
