@@ -92,7 +92,7 @@ def test_chat_in_a_terminal(smollm2, smollm2_gguf_path):
     child = pexpect.spawn(sys.executable, ["-m", "jaxinfer", "chat", "--model",
                                            str(smollm2_gguf_path), "--temperature", "0",
                                            "--max-new-tokens", "48"],
-                          env={**os.environ, "TERM": "dumb"}, encoding="utf-8", timeout=600)
+                          env={**os.environ, "TERM": "dumb"}, encoding="utf-8", timeout=240)
     try:
         child.expect_exact("Ctrl-C stops an answer.")
         child.expect_exact("> ")
