@@ -14,7 +14,9 @@ dropped, with a notice.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from jaxinfer.errors import InputError
@@ -129,11 +131,20 @@ class Conversation:
         return reply
 
 
+def _interruptible() -> None:
+    """Ctrl-C raises KeyboardInterrupt here even when this process was started with SIGINT
+    ignored (as a shell starts background jobs, and their children inherit), so that it stops
+    an answer instead of doing nothing. Only the main thread can set it."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run(conversation: Conversation, read: Callable[[str], str] | None = None,
         write: Callable[[str], None] | None = None) -> int:
     """The chat loop: read messages and commands (read: default `input`) until /exit or the
     end of input; answers go to write (default: stdout). Returns the exit status (0)."""
     read, write = read or input, write or _write_stdout
+    _interruptible()
     while True:
         try:
             line = read_message(read)
