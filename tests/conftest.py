@@ -65,3 +65,14 @@ def isa(request, monkeypatch):
     monkeypatch.setenv("JAXINFER_CPU_ISA", request.param)
     monkeypatch.delenv("JAXINFER_NATIVE", raising=False)
     return request.param
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop JAX's compiled programs after each test module: the suite compiles thousands in
+    one process, and their code mappings approach the kernel's per-process map limit
+    (vm.max_map_count 65530 here), where XLA's compiler has crashed with a segfault."""
+    yield
+    import jax
+
+    jax.clear_caches()
