@@ -367,12 +367,9 @@ class NativeEmbedding:
 
 
 def _panels(rows: np.ndarray) -> np.ndarray:
-    """rows [N, X] -> panels [ceil(N / STRIP), X, STRIP] (rows zero padded to whole panels)."""
-    n, x = rows.shape
-    p = -(-n // STRIP)
-    padded = np.zeros((p * STRIP, x), rows.dtype)
-    padded[:n] = rows
-    return np.ascontiguousarray(padded.reshape(p, STRIP, x).transpose(0, 2, 1))
+    """rows [N, X] -> panels [ceil(N / STRIP), X, STRIP] on the host: `pack` of rows^T (the
+    rows are W's columns)."""
+    return np.asarray(pack(np.asarray(rows).T))
 
 
 @flax.struct.dataclass
