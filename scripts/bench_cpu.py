@@ -148,6 +148,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--only", nargs="*", default=None, help="variant labels to run")
+    p.add_argument("--paths", nargs="*", default=None,
+                   help="kernel paths to run (default: every ISA this CPU runs, and XLA)")
     p.add_argument("--no-reference", action="store_true", help="skip transformers / llama.cpp")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -160,6 +162,7 @@ def main() -> None:
     gguf = fetch_builtin(MODEL)
     paths = [(isa, {"JAXINFER_CPU_ISA": isa}) for isa in kernels.supported_isas()]
     paths.append(("XLA", {"JAXINFER_NATIVE": "0"}))
+    paths = [pe for pe in paths if args.paths is None or pe[0] in args.paths]
     rows = ["| runtime | weights | path | batch 1 tok/s | batch 16 tok/s | TTFT "
             f"{args.ttft_prompt} tok (s) | weight MB |", "|---|---|---|---|---|---|---|"]
     results = {}
