@@ -1,9 +1,10 @@
 """The quantized-weight kernels (jaxinfer.kernels.NativeQuant, quant.cc) on every ISA this machine
 runs: each format (int8 per channel, int4 group-wise symmetric and asymmetric, GGUF Q8_0 / Q4_0
-/ Q4_1) against float64 on the same weights dequantized, row counts 1 to 17, several projections
-and the SwiGLU gate in one call, the quantized tied head and its rows, params wrapping, and
-generation with the kernels equal to generation without them (tiny models and the real SmolLM2
-Q4_1 file)."""
+/ Q4_1) against float64 on the same weights dequantized (4-bit formats: with the activations
+quantized per block of 32 in numpy, as the kernels take them), row counts 1 to 17, several
+projections and the SwiGLU gate in one call, the quantized tied head and its rows, params
+wrapping, and generation with the kernels against generation without them (a tiny model; the
+real SmolLM2 Q4_1 file: tokens and perplexity)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,31 @@ def _native(leaf, isa) -> kernels.NativeQuant:
     return native
 
 
+def _q8(x: np.ndarray) -> np.ndarray:
+    """x [..., K] quantized per block of 32 inputs as the 4-bit kernels do (float32 steps:
+    d = max |x| / 127, x -> d * round(x * (127 / max |x|))), returned as float64."""
+    b = np.asarray(x, np.float32).reshape(*x.shape[:-1], -1, 32)
+    amax = np.abs(b).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    xq = np.clip(np.rint(b * inv), -127, 127)
+    return (xq * (amax / np.float32(127)).astype(np.float64)).reshape(x.shape)
+
+
+def _ref(x, leaf, native) -> np.ndarray:
+    """float64 x @ dequantize(leaf), x as the kernel takes it for this leaf's bit width."""
+    xr = _q8(x) if native.bits == 4 else np.asarray(x, np.float64)
+    return xr @ np.asarray(leaf.dequantize(jnp.float32), np.float64)
+
+
+def test_q8_activations_definition():
+    """kernels.q8_activations (the XLA side of the 4-bit weights) is the numpy definition."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 96)).astype(np.float32) * np.float32(3)
+    x[1, 32:64] = 0  # an all-zero block
+    np.testing.assert_array_equal(np.asarray(kernels.q8_activations(jnp.asarray(x))),
+                                  _q8(x).astype(np.float32))
+
+
 def _close(got, ref, k):
     """Float32 accumulation against float64 on the same weights."""
     np.testing.assert_allclose(got, ref, rtol=0, atol=3e-6 * np.sqrt(k) * np.abs(ref).max() + 1e-6)
@@ -57,27 +83,34 @@ def _close(got, ref, k):
 @pytest.mark.parametrize("m", [1, 2, 5, 17])
 @pytest.mark.parametrize("k,n", [(256, 100), (128, 1)])
 def test_quantized_matmul_matches_dequantized(fmt, m, k, n, isa):
-    """x @ W on the kernel equals float64 x @ dequantize(W): the one-row path and the
-    dequantize-then-block path (tails of row blocks and of panels, one column)."""
+    """x @ W on the kernel equals float64 x @ dequantize(W) (x quantized per block for 4-bit
+    weights): the one-row paths and the several-row paths (tails of row blocks and of panels,
+    one column)."""
     rng = np.random.default_rng(m + k + n)
     leaf = FORMATS[fmt](rng.standard_normal((k, n)).astype(np.float32))
     native = _native(leaf, isa)
     assert native.shape == (k, n) and native.isa == isa
     x = rng.standard_normal((m, k)).astype(np.float32)
     got = np.asarray(jax.jit(native.matmul)(x))
-    _close(got, x.astype(np.float64) @ np.asarray(leaf.dequantize(jnp.float32), np.float64), k)
+    _close(got, _ref(x, leaf, native), k)
 
 
 @pytest.mark.parametrize("m", range(1, 18))
 def test_every_row_count(m, isa):
-    """Row counts 1 .. 17 (every register-block tail) for the 4-bit format with minimums,
-    K over one dequantized chunk (kChunk = 128 rows of k)."""
+    """Row counts 1 .. 17 for the 4-bit format with minimums and for Q8_0 (every register-block
+    tail; K over one dequantized chunk, kChunk = 128 rows of k). A 4-bit row's result does not
+    depend on the other rows of the call: each row equals that row alone, bit for bit."""
     rng = np.random.default_rng(m)
     k, n = 320, 61
-    leaf = FORMATS["Q4_1"](rng.standard_normal((k, n)).astype(np.float32))
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    got = np.asarray(jax.jit(_native(leaf, isa).matmul)(x))
-    _close(got, x.astype(np.float64) @ np.asarray(leaf.dequantize(jnp.float32), np.float64), k)
+    for fmt in ("Q4_1", "Q8_0"):
+        leaf = FORMATS[fmt](rng.standard_normal((k, n)).astype(np.float32))
+        native = _native(leaf, isa)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        got = np.asarray(jax.jit(native.matmul)(x))
+        _close(got, _ref(x, leaf, native), k)
+        if native.bits == 4:
+            alone = np.asarray(jax.jit(native.matmul)(x[-1:]))
+            np.testing.assert_array_equal(got[-1:], alone)
 
 
 @pytest.mark.parametrize("m", [1, 9])
@@ -94,22 +127,21 @@ def test_quantized_many_and_glu(m, isa):
     x = rng.standard_normal((m, k)).astype(np.float32)
     fn = jax.jit(lambda x: linear_many(x, natives, [None] * 3))
     assert str(fn.lower(x).as_text()).count(kernels.target("qmatmul", isa)) == 1
-    x64 = x.astype(np.float64)
-    for y, leaf in zip(fn(x), leaves, strict=True):
-        _close(np.asarray(y), x64 @ np.asarray(leaf.dequantize(jnp.float32), np.float64), k)
+    for y, leaf, native in zip(fn(x), leaves, natives, strict=True):
+        _close(np.asarray(y), _ref(x, leaf, native), k)
     gate, up = (FORMATS["int4_asym_g64"](rng.standard_normal((k, 1536)).astype(np.float32))
                 for _ in range(2))
     ng, nu = _native(gate, isa), _native(up, isa)
     got = np.asarray(jax.jit(lambda x: swiglu(x, ng, nu))(x))
-    g = x64 @ np.asarray(gate.dequantize(jnp.float32), np.float64)
-    u = x64 @ np.asarray(up.dequantize(jnp.float32), np.float64)
+    g, u = _ref(x, gate, ng), _ref(x, up, nu)
     ref = g / (1 + np.exp(-g)) * u
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
 def test_dispatch_by_dtype(isa):
     """bfloat16 inputs, zero rows or more than MAX_KERNEL_ROWS rows (a prefill) run XLA's dot on
-    the dequantized weight, other float32 rows the kernel; all agree."""
+    the dequantized weight (4-bit: with the same quantized activations), other float32 rows
+    the kernel; all agree."""
     rng = np.random.default_rng(0)
     native = _native(FORMATS["int4_sym_g32"](rng.standard_normal((64, 50)).astype(np.float32)),
                      isa)
@@ -122,7 +154,9 @@ def test_dispatch_by_dtype(isa):
     assert native.matmul(jnp.zeros((0, 64))).shape == (0, 50)
     long = jnp.asarray(rng.standard_normal((kernels.MAX_KERNEL_ROWS + 1, 64)), jnp.float32)
     assert kernels.target("qmatmul", isa) not in jax.jit(native.matmul).lower(long).as_text()
-    np.testing.assert_allclose(native.matmul(long), long @ native.dequantize(), rtol=1e-5,
+    np.testing.assert_allclose(native.matmul(long), _q8(np.asarray(long)) @ native.dequantize(),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(native.matmul(long)[:3], native.matmul(long[:3]), rtol=1e-5,
                                atol=1e-5)
 
 
@@ -141,14 +175,16 @@ def test_quantized_tied_head_and_rows(kind, isa):
     np.testing.assert_array_equal(emb.take_rows(tokens), leaf.take_rows(tokens))
     x = rng.standard_normal((2, 3, d)).astype(np.float32)
     got = np.asarray(jax.jit(emb.matmul_transposed)(x))
-    ref = x.astype(np.float64) @ np.asarray(leaf.dequantize(jnp.float32), np.float64).T
-    _close(got, ref, d)
+    xr = _q8(x) if emb.head.bits == 4 else x.astype(np.float64)
+    _close(got, xr @ np.asarray(leaf.dequantize(jnp.float32), np.float64).T, d)
 
 
-def test_generation_with_quantized_kernels_equals_without(isa):
+def test_generation_with_quantized_kernels_equals_without(isa, monkeypatch):
     """A tiny model quantized as `--quant int4` does it (int4 layers, int8 tied embedding):
     run_layout makes every quantized leaf (the tied head too) a kernel leaf; greedy tokens and
-    log-probs equal the XLA path on the same quantized weights."""
+    log-probs equal the same kernel leaves run by XLA (MAX_KERNEL_ROWS 0: the same quantized
+    activations, XLA's dot), and stay close to the quantized leaves' own XLA path (float
+    activations)."""
     from jaxinfer.quant.recipes import quantize_model
 
     config = models.LlamaConfig.tiny(tie_embeddings=True)
@@ -164,26 +200,58 @@ def test_generation_with_quantized_kernels_equals_without(isa):
     prompts = [[1 + i, 5, 9, 2 + 3 * i][: 2 + i % 3] for i in range(3)]
     req = Request(prompts=prompts, sampling=[Sampling()], max_new_tokens=8, stop_token_ids=())
     with_kernel = generate_ids(model, req, logprobs=True, params=native)
-    plain = generate.run_layout(model.params, model.config, native=False)
-    without = generate_ids(model, req, logprobs=True, params=plain)
-    for a, b in zip(with_kernel, without, strict=True):
+    plain = generate_ids(model, req, logprobs=True,
+                         params=generate.run_layout(model.params, model.config, native=False))
+    monkeypatch.setattr(kernels, "MAX_KERNEL_ROWS", 0)
+    jax.clear_caches()
+    try:
+        on_xla = generate_ids(model, req, logprobs=True, params=native)
+    finally:
+        jax.clear_caches()
+    for a, b, c in zip(with_kernel, on_xla, plain, strict=True):
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+        np.testing.assert_allclose(a.logprobs[:1], c.logprobs[:1], atol=2e-2)
 
 
-def test_smollm2_q4_1_kernels_equal_xla(smollm2_gguf_path):
-    """The real SmolLM2 Q4_1 file kept packed (--quant native): greedy tokens with the
-    quantized kernels equal the XLA packed path for 32 new tokens on several prompts."""
+def test_smollm2_q4_1_kernels_against_xla(smollm2_gguf_path):
+    """The real SmolLM2 Q4_1 file kept packed (--quant native): with the quantized kernels
+    (activations quantized per block of 32) greedy tokens follow the XLA packed path (float
+    activations) for 16 new tokens on several prompts, except where that path's two best
+    next tokens are nearly tied (a log-prob gap under 0.25, probabilities within 1.3x: either
+    is then the greedy answer of some rounding; on the first prompt the XLA path's gap is 0.22
+    at the 6th token, and llama.cpp, which also quantizes activations, picks the kernels' token
+    there and agrees with them on all 16), and perplexity on real text stays within +0.5%."""
+    import dataclasses
+
     import jaxinfer
+    from jaxinfer.bench import english_text
 
     model = jaxinfer.load(smollm2_gguf_path, keep_packed=True, progress=False)
     native = generate.run_layout(model.params, model.config)
+    plain = generate.run_layout(model.params, model.config, native=False)
     assert isinstance(native["layers"][0]["mlp"]["down"], kernels.NativeQuant)
     assert isinstance(native["embed"], kernels.NativeQuantEmbedding)
+    on_plain = dataclasses.replace(model, params=plain)
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a village,"]
-    req = Request(prompts=[model.tokenizer.encode(t) for t in texts], sampling=[Sampling()],
-                  max_new_tokens=32, stop_token_ids=())
-    with_kernel = generate_ids(model, req, params=native)
-    plain = generate_ids(model, req, params=generate.run_layout(model.params, model.config,
-                                                                 native=False))
-    assert [c.token_ids for c in with_kernel] == [c.token_ids for c in plain]
+    prompts = [model.tokenizer.encode(t) for t in texts]
+    req = Request(prompts=prompts, sampling=[Sampling()], max_new_tokens=16, stop_token_ids=())
+    agree = 0
+    for prompt, a, b in zip(prompts, generate_ids(model, req, params=native),
+                            generate_ids(model, req, params=plain), strict=True):
+        i = next((j for j, (u, v) in enumerate(zip(a.token_ids, b.token_ids, strict=True))
+                  if u != v), 16)
+        agree += i
+        if i < 16:
+            top2 = np.sort(on_plain.logits(prompt + b.token_ids[:i])[0, -1])[-2:]
+            assert top2[1] - top2[0] < 0.25, (i, a.token_ids, b.token_ids)
+    assert agree >= 24
+    ids = model.tokenizer.encode(english_text()[20_000:24_000])[:256]  # 256 rows: the kernels
+
+    def perplexity(params):
+        logits = dataclasses.replace(model, params=params).logits(ids)[0, :-1]
+        logp = logits - np.logaddexp.reduce(logits.astype(np.float64), axis=-1, keepdims=True)
+        return float(np.exp(-np.mean(logp[np.arange(len(ids) - 1), ids[1:]])))
+
+    ppl_kernel, ppl_plain = perplexity(native), perplexity(plain)
+    assert ppl_kernel <= 1.005 * ppl_plain, (ppl_kernel, ppl_plain)

@@ -50,7 +50,8 @@ COMPILED = SOURCES[:2]  # the translation units; the headers are hashed with the
 # ISA -> (CPU flags it needs, compiler flags that select its path in simd.h); most capable first.
 # Explicit flags, not -march=native: a lower ISA must compile its own path on a higher CPU.
 ISA_FLAGS = {
-    "avx512": (("avx512f", "avx2", "fma", "f16c"), ("-mavx512f", "-mavx2", "-mfma", "-mf16c")),
+    "avx512": (("avx512f", "avx512bw", "avx2", "fma", "f16c"),
+               ("-mavx512f", "-mavx512bw", "-mavx2", "-mfma", "-mf16c")),
     "avx2": (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
 }
 FLAGS = ("-O3", "-mtune=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -372,15 +373,46 @@ def _panels(rows: np.ndarray) -> np.ndarray:
     return np.asarray(pack(np.asarray(rows).T))
 
 
+ACT_BLOCK = 32  # inputs per block of the activations of 4-bit weights (kBlock in quant.cc)
+
+
+def q8_activations(x: jax.Array) -> jax.Array:
+    """x [..., K] (K a multiple of ACT_BLOCK) as the 4-bit kernels see it: per block of 32
+    inputs, d = max |x| / 127 and x -> d * round(x * 127 / max |x|), in float32."""
+    blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // ACT_BLOCK, ACT_BLOCK)
+    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    xq = jnp.clip(jnp.round(blocks * inv), -127, 127)
+    return (xq * (amax / 127.0)).reshape(x.shape)
+
+
+def _nibble_panels(q: np.ndarray) -> np.ndarray:
+    """4-bit panels q [P, K, 48] (0..15) -> uint8 [P, K / 8, 48, 4]: byte i of (j, c) holds row
+    8j + i in its low nibble and 8j + 4 + i in its high one (quant.cc's layout)."""
+    p, k, s = q.shape
+    eight = q.reshape(p, k // 8, 2, 4, s)
+    return (eight[:, :, 0] | (eight[:, :, 1] << 4)).astype(np.uint8).transpose(0, 1, 3, 2)
+
+
+def _nibble_values(q: jax.Array) -> jax.Array:
+    """The inverse along the last axes: q [..., K / 8, 4] -> values [..., K] (0..15, uint8)."""
+    both = jnp.stack([q & 0x0F, q >> 4], axis=-2)  # [..., K / 8, 2, 4]
+    return both.reshape(*q.shape[:-2], q.shape[-2] * 8)
+
+
 @flax.struct.dataclass
 class NativeQuant:
     """A quantized weight W [K, n] in panels for `isa`'s quantized matmul (quant.cc), made from
     any quantized leaf's `kernel_rows()`:
-      q       int8 [P, K, 48] (8-bit) or uint8 [P, K / 2, 48] (4-bit: rows 2j and 2j + 1 of k
-              in the low and high nibbles, values 0..15), P = ceil(n / 48)
+      q       int8 [P, K, 48] (8-bit), or uint8 [P, K / 8, 48, 4] (4-bit: byte i of (j, col)
+              holds row 8j + i of k in the low nibble and 8j + 4 + i in the high one, values
+              0..15), P = ceil(n / 48)
       scales  float32 or float16 [P, K / G, 48];  mins float16 [P, K / G, 48] (4-bit only)
-    with W[k, col] = q * scales[k // G] (+ mins[k // G]). The kernel runs for float32 inputs
-    (activations stay float32), XLA's dot on the dequantized weight for other dtypes."""
+    with W[k, col] = q * scales[k // G] (+ mins[k // G]). The kernel runs for float32 inputs,
+    XLA's dot on the dequantized weight for other dtypes. 8-bit weights take the activations
+    as they are; 4-bit weights (G a multiple of 32) take them quantized per block of 32
+    (`q8_activations`), on the kernel and on XLA alike, so a row's result does not depend on
+    which of them runs."""
 
     q: jax.Array
     scales: jax.Array
@@ -391,16 +423,20 @@ class NativeQuant:
     @classmethod
     def from_rows(cls, rows, isa: str | None = None) -> NativeQuant:
         """From a `jaxinfer.quant.base.KernelRows` (numpy, N rows of K) for `isa` (default: the
-        process's ISA; RuntimeError if none runs)."""
+        process's ISA; RuntimeError if none runs). ValueError for 4-bit rows whose group is
+        not a multiple of ACT_BLOCK."""
         q = _panels(np.asarray(rows.q))
-        if rows.mins is not None:  # 4-bit: pack pairs of k into one byte
-            q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+        if rows.mins is not None:
+            if rows.group % ACT_BLOCK:
+                raise ValueError(f"4-bit kernel weights need a group of a multiple of "
+                                 f"{ACT_BLOCK}, got {rows.group}")
+            q = _nibble_panels(q)
         mins = None if rows.mins is None else jax.device_put(_panels(rows.mins))
         return cls(q=jax.device_put(q), scales=jax.device_put(_panels(rows.scales)), mins=mins,
                    n=int(rows.q.shape[0]), isa=_require(isa))
 
     bits = property(lambda self: 8 if self.q.dtype == jnp.int8 else 4)
-    shape = property(lambda self: (self.q.shape[1] * (8 // self.bits), self.n))
+    shape = property(lambda self: (self.q.shape[1] * (1 if self.bits == 8 else 8), self.n))
     group = property(lambda self: self.shape[0] // self.scales.shape[1])
     dtype = property(lambda self: jnp.dtype(jnp.float32))
     nbytes = property(lambda self: sum(int(a.nbytes) for a in (self.q, self.scales, self.mins)
@@ -409,12 +445,13 @@ class NativeQuant:
     def values_along(self, q: jax.Array, scales: jax.Array, mins: jax.Array | None,
                      axis: int) -> jax.Array:
         """Float32 weights from (parts of) the children, k running along `axis` (1 for whole
-        panels [P, K, 48], -1 for gathered columns [..., K])."""
-        if self.bits == 4:  # rows 2j, 2j + 1 of k: low and high nibbles, interleaved
-            both = jnp.stack([q & 0x0F, q >> 4], axis=axis + 1 if axis >= 0 else -1)
-            shape = list(q.shape)
-            shape[axis] *= 2
-            q = both.reshape(shape)
+        panels [P, K, 48] (4-bit q [P, K / 8, 48, 4]), -1 for gathered columns [..., K] (4-bit
+        q [..., K / 8, 4]))."""
+        if self.bits == 4:
+            if axis == 1:  # [P, K / 8, 48, 4] -> [P, 48, K] -> [P, K, 48]
+                q = jnp.swapaxes(_nibble_values(jnp.transpose(q, (0, 2, 1, 3))), 1, 2)
+            else:
+                q = _nibble_values(q)
         w = q.astype(jnp.float32) * jnp.repeat(scales.astype(jnp.float32), self.group, axis)
         if mins is not None:
             w = w + jnp.repeat(mins.astype(jnp.float32), self.group, axis)
@@ -446,7 +483,8 @@ def _qdot(x: jax.Array, ws: list[NativeQuant], glu: bool) -> list[jax.Array]:
     ws; glu: ws = (gate, up) -> [silu(x @ gate) * (x @ up)]), else XLA on dequantized weights."""
     rows = _kernel_rows(x)
     if rows is None:
-        ys = [x @ w.dequantize(x.dtype) for w in ws]
+        ys = [(q8_activations(x).astype(x.dtype) if w.bits == 4 else x) @ w.dequantize(x.dtype)
+              for w in ws]
         return [jax.nn.silu(ys[0]) * ys[1]] if glu else ys
     args = []
     for w in ws:
@@ -599,7 +637,7 @@ def _native_quantized(path: str, leaf, tied_key: str | None, isa: str):
     if not tied and (paths.is_lookup_table(path) or leaf.layout != "in_out"):
         return leaf
     rows = leaf.kernel_rows()
-    if rows is None:
+    if rows is None or (rows.mins is not None and rows.group % ACT_BLOCK):
         return leaf
     head = NativeQuant.from_rows(rows, isa)
     return NativeQuantEmbedding(head=head, dtype=leaf.dtype) if tied else head

@@ -5,16 +5,23 @@
 // A weight W [K, N] is panels like the float32 weights (panel p: columns p*S .. p*S+S-1, zero
 // padded past N; S = kStrip = 48), in groups of G rows of k that share a scale per column:
 //   8-bit: q int8 [P, K, S];                    W[k, c] = q[k, c] * scale[k / G, c]
-//   4-bit: q uint8 [P, K / 2, S], byte (j, c) holds rows 2j (low nibble) and 2j + 1 (high),
-//          values 0..15;                        W[k, c] = q[k, c] * scale[k / G, c] + min[k / G, c]
+//   4-bit: q uint8 [P, K / 8, S, 4]: the 4 bytes (j, c) hold rows 8j .. 8j + 3 of k (low
+//          nibbles) and 8j + 4 .. 8j + 7 (high nibbles), values 0..15, G a multiple of 32;
+//                                               W[k, c] = q[k, c] * scale[k / G, c] + min[k / G, c]
 // scales [P, K / G, S] float32 or float16, mins [P, K / G, S] float16 (4-bit only; a
-// symmetric format has min = -8 * scale). Activations stay float32: no quantized activations.
+// symmetric format has min = -8 * scale).
 //
-// One row of x (a decode step at batch 1, memory bound): each group's dot with the integers is
-// summed in registers and scaled once per group (x's group sum times the mins added), so the
-// inner loop is convert + FMA per vector of weights and the weights are read once, packed. More
-// rows: a chunk of the panel is dequantized into a float32 scratch in L1/L2 once, and the float32
-// register-blocked matmul of common.h runs over it for every block of rows.
+// 8-bit weights take float32 activations. One row of x (a decode step at batch 1, memory
+// bound): each group's dot with the integers is summed in registers and scaled once per group;
+// more rows: a chunk of the panel is dequantized into a float32 scratch in L1/L2 once, and the
+// float32 register-blocked matmul of common.h runs over it for every block of rows.
+//
+// 4-bit weights take x quantized per row in blocks of 32 (as llama.cpp's Q8 activations):
+// d = max |x| / 127 over the block, xq = round(x * 127 / max |x|) in int8, so the result is
+// q8(x) @ W with q8(x) = d * xq. The products are integer dot products of 8 k per 32-bit lane
+// (maddubs + madd on AVX2): far fewer instructions per weight than converting nibbles to
+// floats, which bound the float path. Every row runs the same loop (the panel stays in L1/L2
+// across rows), so a row's result does not depend on how many rows a call has.
 #include "common.h"
 
 namespace {
@@ -35,107 +42,158 @@ struct QProj {
 inline Vec LoadScale(const float* p) { return simd::Load(p); }
 inline Vec LoadScale(const uint16_t* p) { return simd::LoadHalf(p); }
 
-// Vectors of columns per pass for one row: the most (a divisor of kCols) whose C accumulators,
-// C group sums, two broadcasts and two weight vectors fit in the registers (AVX2 6, AVX-512 3:
-// the whole panel row in one pass; measured on Zen 3, two passes of 3 were ~20% slower, and two
-// chains of partial sums per vector made no difference: conversions bound the loop, not FMA
-// latency).
+// Vectors of columns per pass for one row of 8-bit weights: the most (a divisor of kCols) whose
+// C accumulators, C group sums, a broadcast and a weight vector fit in the registers (AVX2 6,
+// AVX-512 3: the whole panel row in one pass).
 constexpr int RowCols() {
   for (int c = kCols; c > 1; --c)
     if (kCols % c == 0 && 2 * c + 4 <= simd::kRegs) return c;
   return 1;
 }
 
-// tile[C0 * kWidth .. (C0 + C) * kWidth) = x [K] @ the panel's columns there; q, s, mins point
+// tile[C0 * kWidth .. (C0 + C) * kWidth) = x [K] @ the 8-bit panel's columns there; q, s point
 // at the panel (see the file comment).
-template <int Bits, typename ST, int C, int C0>
-void RowCols(const float* x, const void* q, const ST* s, const uint16_t* mins, int64_t K,
-             int64_t G, float* tile) {
+template <typename ST, int C, int C0>
+void RowCols(const float* x, const void* q, const ST* s, int64_t K, int64_t G, float* tile) {
   Vec acc[C];
   for (int c = 0; c < C; ++c) acc[c] = simd::Zero();
   for (int64_t g0 = 0, g = 0; g0 < K; g0 += G, ++g) {
     Vec part[C];  // sum over the group of x * q
     for (int c = 0; c < C; ++c) part[c] = simd::Zero();
-    if constexpr (Bits == 8) {
-      const int8_t* qk = static_cast<const int8_t*>(q) + g0 * kStrip + C0 * kWidth;
-      for (int64_t k = g0; k < g0 + G; ++k, qk += kStrip) {
-        const Vec xb = simd::Set1(x[k]);
-        for (int c = 0; c < C; ++c) part[c] = simd::Fma(xb, simd::LoadI8(qk + c * kWidth), part[c]);
-      }
-    } else {
-      const uint8_t* qk = static_cast<const uint8_t*>(q) + g0 / 2 * kStrip + C0 * kWidth;
-      for (int64_t k = g0; k < g0 + G; k += 2, qk += kStrip) {
-        const Vec x0 = simd::Set1(x[k]), x1 = simd::Set1(x[k + 1]);
-        for (int c = 0; c < C; ++c) {
-          Vec lo, hi;
-          simd::Nibbles(qk + c * kWidth, lo, hi);
-          part[c] = simd::Fma(x1, hi, simd::Fma(x0, lo, part[c]));
-        }
-      }
+    const int8_t* qk = static_cast<const int8_t*>(q) + g0 * kStrip + C0 * kWidth;
+    for (int64_t k = g0; k < g0 + G; ++k, qk += kStrip) {
+      const Vec xb = simd::Set1(x[k]);
+      for (int c = 0; c < C; ++c) part[c] = simd::Fma(xb, simd::LoadI8(qk + c * kWidth), part[c]);
     }
     const ST* sg = s + g * kStrip + C0 * kWidth;
     for (int c = 0; c < C; ++c) acc[c] = simd::Fma(part[c], LoadScale(sg + c * kWidth), acc[c]);
-    if constexpr (Bits == 4) {  // + (sum of x over the group) * min
-      float sum = 0.0f;
-      for (int64_t k = g0; k < g0 + G; ++k) sum += x[k];
-      const Vec xs = simd::Set1(sum);
-      const uint16_t* mg = mins + g * kStrip + C0 * kWidth;
-      for (int c = 0; c < C; ++c) acc[c] = simd::Fma(xs, simd::LoadHalf(mg + c * kWidth), acc[c]);
+  }
+  for (int c = 0; c < C; ++c) simd::Store(tile + (C0 + c) * kWidth, acc[c]);
+}
+
+template <typename ST, int C0 = 0>
+void Row(const float* x, const void* q, const ST* s, int64_t K, int64_t G, float* tile) {
+  constexpr int C = RowCols();
+  RowCols<ST, C, C0>(x, q, s, K, G, tile);
+  if constexpr (C0 + C < kCols) Row<ST, C0 + C>(x, q, s, K, G, tile);
+}
+
+// x quantized per row in blocks of kBlock (see the file comment): xq int8 [M, K], d [M, K /
+// kBlock] and sum [M, K / kBlock] = d * (sum of xq over the block).
+constexpr int64_t kBlock = 32;
+struct QuantRows {
+  std::vector<int8_t> xq;
+  std::vector<float> d, sum;
+};
+
+QuantRows QuantizeRows(const float* x, int64_t m, int64_t k) {
+  QuantRows out{std::vector<int8_t>(m * k), std::vector<float>(m * k / kBlock),
+                std::vector<float>(m * k / kBlock)};
+  for (int64_t b = 0; b < m * k / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int32_t total = 0;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      const int32_t v = static_cast<int32_t>(std::nearbyint(xb[i] * inv));
+      out.xq[b * kBlock + i] = static_cast<int8_t>(std::clamp(v, -127, 127));
+      total += out.xq[b * kBlock + i];
+    }
+    out.d[b] = amax / 127.0f;
+    out.sum[b] = out.d[b] * static_cast<float>(total);
+  }
+  return out;
+}
+
+// Vectors of columns per pass of the integer loop: C int32 sums, C group sums, C results, two
+// quads of x and three temporaries in the registers.
+constexpr int DotCols() {
+  for (int c = kCols; c > 1; --c)
+    if (kCols % c == 0 && 3 * c + 7 <= simd::kRegs) return c;
+  return 1;
+}
+
+// tile[C0 * kWidth .. (C0 + C) * kWidth) = q8(x) [K] @ the 4-bit panel's columns there, for one
+// quantized row (xq, d, sum: that row's parts of QuantRows); q, s, mins point at the panel.
+template <int C, int C0>
+void DotRowCols(const int8_t* xq, const float* d, const float* sum, const uint8_t* q,
+                const uint16_t* s, const uint16_t* mins, int64_t K, int64_t G, float* tile) {
+  Vec acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = simd::Zero();
+  for (int64_t g0 = 0, g = 0; g0 < K; g0 += G, ++g) {
+    Vec part[C];  // sum over the group's blocks of d * (xq . q)
+    for (int c = 0; c < C; ++c) part[c] = simd::Zero();
+    float xsum = 0.0f;
+    for (int64_t k0 = g0; k0 < g0 + G; k0 += kBlock) {
+      simd::IVec dot[C];
+      for (int c = 0; c < C; ++c) dot[c] = simd::IZero();
+      const uint8_t* qk = q + k0 / 8 * kStrip * 4 + C0 * kWidth * 4;
+      for (int64_t k = k0; k < k0 + kBlock; k += 8, qk += kStrip * 4) {
+        const simd::IVec x0 = simd::Quad(xq + k), x1 = simd::Quad(xq + k + 4);
+        for (int c = 0; c < C; ++c) {
+          const simd::IVec w = simd::LoadBytes(qk + c * kWidth * 4);
+          dot[c] = simd::Dot4x2(dot[c], simd::LowNibbles(w), x0, simd::HighNibbles(w), x1);
+        }
+      }
+      const Vec db = simd::Set1(d[k0 / kBlock]);
+      for (int c = 0; c < C; ++c) part[c] = simd::Fma(simd::ToFloat(dot[c]), db, part[c]);
+      xsum += sum[k0 / kBlock];
+    }
+    const uint16_t* sg = s + g * kStrip + C0 * kWidth;
+    const uint16_t* mg = mins + g * kStrip + C0 * kWidth;
+    const Vec xs = simd::Set1(xsum);
+    for (int c = 0; c < C; ++c) {
+      acc[c] = simd::Fma(part[c], simd::LoadHalf(sg + c * kWidth), acc[c]);
+      acc[c] = simd::Fma(xs, simd::LoadHalf(mg + c * kWidth), acc[c]);
     }
   }
   for (int c = 0; c < C; ++c) simd::Store(tile + (C0 + c) * kWidth, acc[c]);
 }
 
-template <int Bits, typename ST, int C0 = 0>
-void Row(const float* x, const void* q, const ST* s, const uint16_t* mins, int64_t K, int64_t G,
-         float* tile) {
-  constexpr int C = RowCols();
-  RowCols<Bits, ST, C, C0>(x, q, s, mins, K, G, tile);
-  if constexpr (C0 + C < kCols) Row<Bits, ST, C0 + C>(x, q, s, mins, K, G, tile);
+template <int C0 = 0>
+void DotRow(const int8_t* xq, const float* d, const float* sum, const uint8_t* q,
+            const uint16_t* s, const uint16_t* mins, int64_t K, int64_t G, float* tile) {
+  constexpr int C = DotCols();
+  DotRowCols<C, C0>(xq, d, sum, q, s, mins, K, G, tile);
+  if constexpr (C0 + C < kCols) DotRow<C0 + C>(xq, d, sum, q, s, mins, K, G, tile);
 }
 
-// out [kc][kStrip] = W rows k0 .. k0 + kc of the panel, as float32 (k0 and kc even for 4-bit).
-template <int Bits, typename ST>
-void Dequant(const void* q, const ST* s, const uint16_t* mins, int64_t G, int64_t k0,
-             int64_t kc, float* out) {
-  for (int64_t k = k0; k < k0 + kc; k += Bits == 8 ? 1 : 2) {
+// out [kc][kStrip] = W rows k0 .. k0 + kc of the 8-bit panel, as float32.
+template <typename ST>
+void Dequant(const int8_t* q, const ST* s, int64_t G, int64_t k0, int64_t kc, float* out) {
+  for (int64_t k = k0; k < k0 + kc; ++k) {
     const ST* sg = s + k / G * kStrip;
-    const uint16_t* mg = Bits == 4 ? mins + k / G * kStrip : nullptr;
     float* o = out + (k - k0) * kStrip;
-    for (int c = 0; c < kCols; ++c) {
-      const Vec sc = LoadScale(sg + c * kWidth);
-      if constexpr (Bits == 8) {
-        const int8_t* qk = static_cast<const int8_t*>(q) + k * kStrip;
-        simd::Store(o + c * kWidth, simd::Mul(simd::LoadI8(qk + c * kWidth), sc));
-      } else {
-        const uint8_t* qk = static_cast<const uint8_t*>(q) + k / 2 * kStrip;
-        const Vec mn = simd::LoadHalf(mg + c * kWidth);
-        Vec lo, hi;
-        simd::Nibbles(qk + c * kWidth, lo, hi);
-        simd::Store(o + c * kWidth, simd::Fma(lo, sc, mn));
-        simd::Store(o + kStrip + c * kWidth, simd::Fma(hi, sc, mn));
-      }
-    }
+    for (int c = 0; c < kCols; ++c)
+      simd::Store(o + c * kWidth, simd::Mul(simd::LoadI8(q + k * kStrip + c * kWidth),
+                                            LoadScale(sg + c * kWidth)));
   }
 }
 
-// tile [M][kStrip] = x [M, K] @ panel p of w. x is given row-major (xs, for one row) and packed
-// for the register blocks (xp, for several); scratch holds kChunk * kStrip floats.
-template <int Bits, typename ST>
-void PanelT(const QProj& w, int64_t p, const float* xs, const float* xp, int64_t m, int64_t K,
-            float* tile, float* scratch) {
-  const int64_t groups = K / w.group;
-  const void* q = static_cast<const int8_t*>(w.q) + p * (Bits == 8 ? K : K / 2) * kStrip;
-  const ST* s = static_cast<const ST*>(w.s) + p * groups * kStrip;
-  const uint16_t* mins = Bits == 4 ? w.mins + p * groups * kStrip : nullptr;
+// The inputs of a call: x row-major (xs, for one row), packed for the register blocks (xp, for
+// several rows of 8-bit weights), quantized (xq, for 4-bit weights).
+struct Inputs {
+  const float* xs;
+  const float* xp;
+  const QuantRows* xq;
+};
+
+// tile [M][kStrip] = x [M, K] @ panel p of the 8-bit w; scratch holds kChunk * kStrip floats.
+template <typename ST>
+void Panel8(const QProj& w, int64_t p, const Inputs& in, int64_t m, int64_t K, float* tile,
+            float* scratch) {
+  const int8_t* q = static_cast<const int8_t*>(w.q) + p * K * kStrip;
+  const ST* s = static_cast<const ST*>(w.s) + p * (K / w.group) * kStrip;
   if (m == 1) {
-    Row<Bits, ST>(xs, q, s, mins, K, w.group, tile);
+    Row<ST>(in.xs, q, s, K, w.group, tile);
     return;
   }
+  const float* xp = in.xp;
   alignas(64) float part[kRows * kStrip];
   for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
     const int64_t kc = std::min(kChunk, K - k0);
-    Dequant<Bits, ST>(q, s, mins, w.group, k0, kc, scratch);
+    Dequant<ST>(q, s, w.group, k0, kc, scratch);
     for (int64_t r0 = 0; r0 < m; r0 += kRows) {
       const int64_t rows = std::min(kRows, m - r0);
       kBlocks[rows - 1](xp + (r0 / kRows) * K * kRows + k0 * kRows, scratch, part, kc, kStrip, 0,
@@ -149,14 +207,26 @@ void PanelT(const QProj& w, int64_t p, const float* xs, const float* xp, int64_t
   }
 }
 
-void Panel(const QProj& w, int64_t p, const float* xs, const float* xp, int64_t m, int64_t K,
-           float* tile, float* scratch) {
-  if (w.bits == 8 && !w.half) {
-    PanelT<8, float>(w, p, xs, xp, m, K, tile, scratch);
-  } else if (w.bits == 8) {
-    PanelT<8, uint16_t>(w, p, xs, xp, m, K, tile, scratch);
+// tile [M][kStrip] = q8(x) [M, K] @ panel p of the 4-bit w, one row at a time.
+void Panel4(const QProj& w, int64_t p, const Inputs& in, int64_t m, int64_t K, float* tile) {
+  const int64_t groups = K / w.group;
+  const uint8_t* q = static_cast<const uint8_t*>(w.q) + p * K / 2 * kStrip;
+  const uint16_t* s = static_cast<const uint16_t*>(w.s) + p * groups * kStrip;
+  const uint16_t* mins = w.mins + p * groups * kStrip;
+  const QuantRows& x = *in.xq;
+  for (int64_t r = 0; r < m; ++r)
+    DotRow(x.xq.data() + r * K, x.d.data() + r * K / kBlock, x.sum.data() + r * K / kBlock, q,
+           s, mins, K, w.group, tile + r * kStrip);
+}
+
+void Panel(const QProj& w, int64_t p, const Inputs& in, int64_t m, int64_t K, float* tile,
+           float* scratch) {
+  if (w.bits == 4) {
+    Panel4(w, p, in, m, K, tile);
+  } else if (w.half) {
+    Panel8<uint16_t>(w, p, in, m, K, tile, scratch);
   } else {
-    PanelT<4, uint16_t>(w, p, xs, xp, m, K, tile, scratch);
+    Panel8<float>(w, p, in, m, K, tile, scratch);
   }
 }
 
@@ -164,7 +234,11 @@ void Panel(const QProj& w, int64_t p, const float* xs, const float* xp, int64_t 
 // receives silu(x @ Wg) * (x @ Wu).
 void RunQuantized(ffi::ThreadPool& pool, const float* xs, int64_t m, int64_t k,
                   const std::vector<QProj>& projs, bool glu) {
-  const std::vector<float> packed = m > 1 ? PackRows(xs, m, k) : std::vector<float>();
+  bool eight = false, four = false;
+  for (const QProj& pr : projs) (pr.bits == 8 ? eight : four) = true;
+  const std::vector<float> packed = m > 1 && eight ? PackRows(xs, m, k) : std::vector<float>();
+  const QuantRows xq = four ? QuantizeRows(xs, m, k) : QuantRows{};
+  const Inputs in{xs, packed.data(), &xq};
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const size_t listed = glu ? 1 : projs.size();
   int64_t total = 0;
@@ -183,7 +257,7 @@ void RunQuantized(ffi::ThreadPool& pool, const float* xs, int64_t m, int64_t k,
     const int64_t pend = std::min(pr.panels, items[i].second + chunk);
     for (int64_t p = items[i].second; p < pend; ++p) {
       for (int j = 0; j < (glu ? 2 : 1); ++j)
-        Panel(glu ? projs[j] : pr, p, xs, packed.data(), m, k, tiles[j], scratch);
+        Panel(glu ? projs[j] : pr, p, in, m, k, tiles[j], scratch);
       for (int64_t r = 0; r < m; ++r)
         for (int c = 0; c < kCols; ++c) {
           const int64_t at = r * kStrip + c * kWidth, col = p * kStrip + c * kWidth;
@@ -204,20 +278,22 @@ ffi::ErrorOr<QProj> Describe(const ffi::AnyBuffer& q, const ffi::AnyBuffer& s,
   const bool eight = q.element_type() == ffi::DataType::S8;
   const bool four = q.element_type() == ffi::DataType::U8;
   const bool half = s.element_type() == ffi::DataType::F16;
-  if (qd.size() != 3 || sd.size() != 3 || qd[2] != kStrip || sd[2] != kStrip || sd[0] != qd[0] ||
-      !(eight || four) || qd[1] != (eight ? k : k / 2) || (four && k % 2) || sd[1] < 1 ||
-      k % sd[1] || !(half || s.element_type() == ffi::DataType::F32) || ym != m ||
+  const bool q_ok = eight ? qd.size() == 3 && qd[1] == k && qd[2] == kStrip
+                          : qd.size() == 4 && k % 8 == 0 && qd[1] == k / 8 && qd[2] == kStrip &&
+                                qd[3] == 4;
+  if (!(eight || four) || !q_ok || sd.size() != 3 || sd[2] != kStrip || sd[0] != qd[0] ||
+      sd[1] < 1 || k % sd[1] || !(half || s.element_type() == ffi::DataType::F32) || ym != m ||
       n > qd[0] * kStrip || n <= (qd[0] - 1) * kStrip) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
-        "jaxinfer_qmatmul: expected q int8 [P, K, 48] or uint8 [P, K/2, 48], scales float32 or "
-        "float16 [P, K/G, 48], y [M, N] with P = ceil(N / 48) for x [M, K]"));
+        "jaxinfer_qmatmul: expected q int8 [P, K, 48] or uint8 [P, K/8, 48, 4], scales float32 "
+        "or float16 [P, K/G, 48], y [M, N] with P = ceil(N / 48) for x [M, K]"));
   }
   const int64_t group = k / sd[1];
-  if (four && (group % 2 || !half || mins.element_type() != ffi::DataType::F16 ||
+  if (four && (group % kBlock || !half || mins.element_type() != ffi::DataType::F16 ||
                mins.element_count() != s.element_count())) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
-        "jaxinfer_qmatmul: 4-bit weights need an even group, float16 scales and float16 mins "
-        "of the scales' shape"));
+        "jaxinfer_qmatmul: 4-bit weights need a group of a multiple of 32, float16 scales and "
+        "float16 mins of the scales' shape"));
   }
   return QProj{q.untyped_data(), s.untyped_data(),
                four ? static_cast<const uint16_t*>(mins.untyped_data()) : nullptr, y, n, qd[0],

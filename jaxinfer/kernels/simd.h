@@ -22,8 +22,15 @@
 //   InRegister(v)                  compiler hint: keep v in a register here (not re-read from
 //                                  memory by each instruction that uses it)
 //   LoadI8(p)                      kWidth int8 values at p, as floats
-//   Nibbles(p, lo, hi)             kWidth bytes at p: their low and high nibbles (0..15), as floats
 //   LoadHalf(p)                    kWidth float16 values (uint16 bits) at p, as floats (F16C)
+//   IVec                           kWidth int32 lanes (4 bytes each for the byte operations)
+//   IZero LoadBytes(p)             zeros; 4 * kWidth bytes at p
+//   Quad(p)                        the 4 int8 at p, in every 32-bit lane
+//   LowNibbles HighNibbles(b)      each byte's low / high nibble (0..15), as bytes
+//   Dot4x2(acc, u0, s0, u1, s1)    acc + per 32-bit lane the sum of its 8 products u * s of
+//                                  unsigned bytes u0, u1 (< 16) with signed bytes s0, s1
+//                                  (|s| <= 127): no intermediate overflows
+//   ToFloat(i)                     int32 lanes as floats
 //   PrefetchL1 PrefetchL2 Pause    hints
 #ifndef JAXINFER_KERNELS_SIMD_H_
 #define JAXINFER_KERNELS_SIMD_H_
@@ -82,14 +89,27 @@ inline Mask Visible(Mask in, const int32_t* pos, int32_t qpos, int32_t window) {
 inline Vec LoadI8(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-inline void Nibbles(const uint8_t* p, Vec& lo, Vec& hi) {
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-}
 inline Vec LoadHalf(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+
+using IVec = __m512i;
+inline IVec IZero() { return _mm512_setzero_si512(); }
+inline IVec LoadBytes(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline IVec Quad(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+inline IVec LowNibbles(IVec b) { return _mm512_and_si512(b, _mm512_set1_epi8(15)); }
+inline IVec HighNibbles(IVec b) {
+  return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(15));
+}
+inline IVec Dot4x2(IVec acc, IVec u0, IVec s0, IVec u1, IVec s1) {  // AVX512BW
+  const __m512i pairs = _mm512_add_epi16(_mm512_maddubs_epi16(u0, s0), _mm512_maddubs_epi16(u1, s1));
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+}
+inline Vec ToFloat(IVec i) { return _mm512_cvtepi32_ps(i); }
 
 #elif defined(__AVX2__) && defined(__FMA__)
 
@@ -160,14 +180,27 @@ inline Mask Visible(Mask in, const int32_t* pos, int32_t qpos, int32_t window) {
 inline Vec LoadI8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-inline void Nibbles(const uint8_t* p, Vec& lo, Vec& hi) {
-  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
-  hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
-}
 inline Vec LoadHalf(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+
+using IVec = __m256i;
+inline IVec IZero() { return _mm256_setzero_si256(); }
+inline IVec LoadBytes(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline IVec Quad(const int8_t* p) {
+  int32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+inline IVec LowNibbles(IVec b) { return _mm256_and_si256(b, _mm256_set1_epi8(15)); }
+inline IVec HighNibbles(IVec b) {
+  return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15));
+}
+inline IVec Dot4x2(IVec acc, IVec u0, IVec s0, IVec u1, IVec s1) {
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+inline Vec ToFloat(IVec i) { return _mm256_cvtepi32_ps(i); }
 
 #else
 #error "jaxinfer's kernels need AVX-512F, or AVX2 and FMA (-mavx512f, or -mavx2 -mfma)"
