@@ -34,7 +34,7 @@ GS = 16
 def family(request):
     """(model with random params, calibration windows, layer-0 Hessians per site)."""
     config = config_from_hf(HF_CONFIGS[request.param]().to_dict(), f"{request.param}.json")
-    params = models.init_params(config, jax.random.key(0))
+    params = jax.jit(models.init_params, static_argnums=0)(config, jax.random.key(0))
     if config.norm_plus_one:  # Gemma: random (1 + w) norms, so the sites see them
         params = jax.tree.map(lambda a: a, params)
         for name in ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm"):
@@ -62,7 +62,7 @@ def _error(w, q, h):
 
 def test_gptq_beats_rtn_on_layer0(family):
     """Layer 0 sees the float model's inputs either way: GPTQ's output error on them is below
-    round-to-nearest's for every projection; the model still runs."""
+    round-to-nearest's for every projection."""
     model, calib, h0 = family
     q = gptq_quantize(model, calib, group_size=GS, sequential=False, progress=False)
     lp = layer_params(model.params, 0)
@@ -72,10 +72,6 @@ def test_gptq_beats_rtn_on_layer0(family):
         w = get(lp, path.removeprefix("layers/"))
         rtn = Int4Weight.from_float(jnp.asarray(w), GS).dequantize()
         assert _error(w, leaf.layer(0).dequantize(), h0[site]) < _error(w, rtn, h0[site]), path
-    tokens = np.asarray(calib[:2])
-    lf = model.logits(tokens)
-    lq = Model(config=model.config, params=q, tokenizer=None).logits(tokens)
-    assert np.all(np.isfinite(lq)) and np.abs(lq - lf).max() < 0.3 * np.abs(lf).max()
 
 
 def test_wanda_beats_magnitude_on_layer0(family):
@@ -116,9 +112,9 @@ def test_structured_pruning_of_zeroed_channels_and_heads_keeps_outputs(family):
 
 
 def test_moe_layers_are_refused_with_one_clear_error():
+    """Before any work (the params are shapes only)."""
     config = models.LlamaConfig.tiny(n_experts=4, n_experts_per_token=2)
-    model = Model(config=config, params=models.init_params(config, jax.random.key(0)),
-                  tokenizer=None)
+    model = Model(config=config, params=models.abstract_params(config), tokenizer=None)
     calib = [[1, 2, 3, 4]]
     for run in (lambda: gptq_quantize(model, calib, group_size=GS, progress=False),
                 lambda: wanda_sparsify(model, calib, sparsity=0.5, progress=False),
