@@ -21,12 +21,14 @@ from jax.sharding import PartitionSpec
 
 import jaxinfer
 import models
+from jaxinfer import kernels
 from jaxinfer.errors import CheckpointError, ConfigError
-from jaxinfer.generate import Request, generate_ids
+from jaxinfer.generate import Request, generate_ids, run_params
 from jaxinfer.loading.hf_config import config_from_hf
 from jaxinfer.parallel import Placement
 from jaxinfer.quant import Int4, Int4Weight, Int8, Int8Weight, dequantize_params, plan, quantize
 from jaxinfer.sampling import Sampling
+from jaxinfer.sparse import sparsify
 
 VOCAB = 211
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -209,6 +211,20 @@ def test_quantized_experts(mixtral):
     for prompt, out in zip(PROMPTS, greedy(qmodel, PROMPTS), strict=True):
         logits = qmodel.logits([prompt + out])[0]
         assert out == np.argmax(logits[len(prompt) - 1:-1], axis=-1).tolist()
+    run = run_params(qmodel)["layers"][0]["moe"]  # what the engine ran
+    assert isinstance(run["gate"], Int4Weight) and isinstance(run["down"], Int8Weight)
+    if kernels.isa() is not None:  # AVX2 / AVX-512 here: the router is a packed native weight
+        assert isinstance(run["router"], kernels.NativeWeight)
+
+
+def test_magnitude_pruning_of_experts(mixtral):
+    """Each expert's matrices are pruned per output column, like any projection."""
+    _, model, _ = mixtral
+    pruned = sparsify(model.params, method="magnitude", sparsity=0.5)
+    for name in ("gate", "up", "down"):
+        w = np.asarray(pruned["layers"]["moe"][name])
+        assert ((w == 0).sum(-2) == w.shape[-2] // 2).all(), name
+    assert pruned["layers"]["moe"]["router"] is model.params["layers"]["moe"]["router"]
 
 
 # ----------------------------------------------------------------------------- bad input
