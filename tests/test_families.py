@@ -25,6 +25,7 @@ from jaxinfer import kernels
 from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.generate import Request, generate_ids, run_params
 from jaxinfer.loading.hf_config import config_from_hf
+from jaxinfer.loading.saved import load_quantized, save_quantized
 from jaxinfer.parallel import Placement
 from jaxinfer.quant import Int4, Int4Weight, Int8, Int8Weight, dequantize_params, plan, quantize
 from jaxinfer.sampling import Sampling
@@ -188,7 +189,7 @@ def test_expert_parallel_tokens_identical_to_one_device(mixtral):
     assert greedy(placed, PROMPTS) == ref
 
 
-def test_quantized_experts(mixtral):
+def test_quantized_experts(mixtral, tmp_path):
     """The default rules select each expert stack (not the router); int8 and int4 experts
     multiply as their dequantized weights do, and the engine's cached greedy decode (per-layer
     weights; the native kernels for the float attention and router) equals greedy argmax of
@@ -208,6 +209,9 @@ def test_quantized_experts(mixtral):
     lq = qmodel.logits(tokens)
     ld = dataclasses.replace(model, params=dequantize_params(q)).logits(tokens)
     assert np.abs(lq - ld).max() <= 1e-4, np.abs(lq - ld).max()
+    saved = load_quantized(save_quantized(qmodel, tmp_path / "q"))
+    assert saved.config == model.config
+    np.testing.assert_array_equal(saved.logits(tokens), lq)
     for prompt, out in zip(PROMPTS, greedy(qmodel, PROMPTS), strict=True):
         logits = qmodel.logits([prompt + out])[0]
         assert out == np.argmax(logits[len(prompt) - 1:-1], axis=-1).tolist()

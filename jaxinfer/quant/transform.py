@@ -36,8 +36,7 @@ from jaxinfer.quant.schemes import Int8, Scheme, as_scheme
 # Attention and MLP projections of every family (Llama: q k v o gate up down; GPT-2: qkv o fc
 # proj; a MoE layer's experts: moe/gate up down, each expert's matrix on its own). Biases,
 # norms, embeddings, the LM head and the MoE router (its top-k choice) are left alone.
-DEFAULT_PATTERNS = ("layers/attn/{q,k,v,o,qkv}", "layers/mlp/{gate,up,down,fc,proj}",
-                    "layers/moe/{gate,up,down}")
+DEFAULT_PATTERNS = ("layers/attn/{q,k,v,o,qkv}", "layers/{mlp,moe}/{gate,up,down,fc,proj}")
 
 
 # ----------------------------------------------------------------------------- leaf kinds
