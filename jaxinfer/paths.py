@@ -9,7 +9,8 @@ A path joins the keys with "/" and tuple indices as decimals:
 
 What a leaf is comes from the logical axes the models declare for it (`models.weight_axes`), not
 from its name: lookup tables are the matrices whose rows are gathered (first axis "vocab" or
-"positions"), vocabulary matrices are those with a "vocab" axis (embeddings, LM heads).
+"positions"), vocabulary matrices are those with a "vocab" axis (embeddings, LM heads), and a
+leaf with an "experts" axis before its last two is a stack of matrices, one per expert.
 """
 
 from __future__ import annotations
@@ -118,6 +119,13 @@ def axes(path: str) -> tuple[str, ...] | None:
     """The logical axes the models declare for the weight at `path`, one per dimension of a
     single layer's leaf (no "layers" axis); None for a path no model declares."""
     return models.weight_axes().get(split_layer(path)[1])
+
+
+def matrix_lead(path: str) -> int:
+    """How many leading axes the leaf at `path` has before its 2-D matrix (for a matrix): the
+    stacked "layers" axis, and the "experts" axis of a MoE layer's experts (one matrix each)."""
+    ax = axes(path) or ()
+    return int(is_stacked(path)) + sum(a == "experts" for a in ax[:-2])
 
 
 def is_lookup_table(path: str) -> bool:

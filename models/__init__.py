@@ -5,9 +5,11 @@ Shape glossary (einsum letters and docstrings):
   L layers                  D model width             F MLP hidden width
   N query heads             K key/value heads         H head dim
   G query heads per KV head (N // K)                  V vocabulary size
+  E experts of a MoE layer  k experts per token       N tokens of a call, flattened (B*T)
 
 Logical axis names on parameters (mapped to mesh axes by the runtime's sharding rules):
-  layers, vocab, embed, heads, kv_heads, mlp, qkv, positions, head_dim (q/k norms).
+  layers, vocab, embed, heads, kv_heads, mlp, qkv, positions, head_dim (q/k norms),
+  experts, expert_mlp (a MoE layer's stacked experts and their hidden width).
 
 Per-layer API (calibration, GPTQ, pruning run the model one layer at a time):
   embed(config, params, tokens, positions) -> x [B, T, D]
@@ -110,7 +112,12 @@ def input_sites(config: ModelConfig) -> dict[str, tuple[str, ...]]:
       o_in     attention output [N*H]    -> attn/o
       mlp_in   normed x [D]              -> the MLP's input projection(s)
       down_in  MLP hidden activation [F] -> the MLP's output projection
+    TypeError for a family without them, and for mixture-of-experts layers: each expert sees
+    the tokens routed to it, which one shared input per site does not describe.
     """
+    if getattr(config, "n_experts", 0):
+        raise TypeError("mixture-of-experts layers (n_experts > 0) declare no input sites: "
+                        "each expert multiplies only the tokens routed to it")
     return _family(config).SITES
 
 
@@ -167,7 +174,8 @@ def weight_axes() -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     every_llama_weight = LlamaConfig.tiny(qkv_bias=True, o_bias=True, mlp_bias=True,
                                           qk_norm=True, post_norms=True)
-    for config in (every_llama_weight, GPT2Config.tiny()):
+    moe = LlamaConfig.tiny(n_experts=4, n_experts_per_token=2)
+    for config in (every_llama_weight, moe, GPT2Config.tiny()):
         flat = jax.tree_util.tree_flatten_with_path(logical_axes(config),
                                                     is_leaf=lambda x: isinstance(x, tuple))[0]
         for key_path, ax in flat:

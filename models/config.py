@@ -29,9 +29,10 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
-    """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2/3, Gemma 3): RMSNorm, RoPE, a
-    gated MLP, GQA. The fields after `sliding_windows` describe Gemma 3's differences; their
-    defaults are Llama's."""
+    """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2/3, Phi-3, Gemma 3, and the
+    mixture-of-experts Mixtral and Qwen3-MoE): RMSNorm, RoPE, a gated MLP, GQA. The fields
+    after `sliding_windows` describe Gemma 3's differences, the last three the MoE layers;
+    their defaults are Llama's."""
 
     vocab_size: int  # V
     d_model: int  # D, residual width
@@ -39,7 +40,7 @@ class LlamaConfig:
     n_heads: int  # N, query heads
     n_kv_heads: int  # K, key/value heads (N % K == 0; K == N is MHA, K == 1 is MQA)
     head_dim: int  # H
-    d_ff: int  # F, SwiGLU hidden width
+    d_ff: int  # F, SwiGLU hidden width (of each expert in a MoE layer)
     max_seq_len: int  # longest position the model was trained for
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base
@@ -62,6 +63,12 @@ class LlamaConfig:
     # Attention scores are q.k * query_scale; None: 1 / sqrt(head_dim). Gemma 3:
     # query_pre_attn_scalar ** -0.5.
     query_scale: float | None = None
+    # Mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is n_experts gated MLPs of
+    # width d_ff and a router that picks n_experts_per_token of them for each token (softmax
+    # over the experts, then the top k); 0: one dense MLP.
+    n_experts: int = 0  # E
+    n_experts_per_token: int = 0  # k, experts each token goes through
+    norm_topk_prob: bool = True  # the k router weights renormalised to sum to 1 (Mixtral)
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -70,6 +77,9 @@ class LlamaConfig:
             raise ValueError("sliding_windows needs one entry per layer")
         if self.activation not in ("silu", "gelu_tanh"):
             raise ValueError(f"unknown activation {self.activation!r}; known: silu, gelu_tanh")
+        if self.n_experts and not 1 <= self.n_experts_per_token <= self.n_experts:
+            raise ValueError(f"n_experts_per_token {self.n_experts_per_token} must be in "
+                             f"1..n_experts ({self.n_experts})")
 
     @property
     def family(self) -> str:

@@ -1,5 +1,7 @@
 """Llama-family decoder in Flax: Llama 2/3, SmolLM2, Mistral (sliding window), Qwen2 (qkv bias),
-Gemma 3 (norms around attention and MLP, q/k norms, GeGLU, local and global layers).
+Qwen3 (q/k norms), Phi-3 (its fused qkv / gate_up weights are split when loaded), Gemma 3 (norms
+around attention and MLP, q/k norms, GeGLU, local and global layers), and the mixture-of-experts
+Mixtral and Qwen3-MoE (`models.moe`: the MLP's place taken by a routed set of experts).
 
 Parameters (2-D projection weights are [in, out]; every per-layer leaf has a leading L axis):
   embed [V, D]; final_norm [D]; lm_head [D, V] (untied only)
@@ -8,6 +10,8 @@ Parameters (2-D projection weights are [in, out]; every per-layer leaf has a lea
   layers/attn/{q [L, D, N*H], k [L, D, K*H], v [L, D, K*H], o [L, N*H, D]} (+ q_bias, k_bias,
     v_bias [L, *], o_bias [L, D] when configured; q_norm, k_norm [L, H] with qk_norm)
   layers/mlp/{gate [L, D, F], up [L, D, F], down [L, F, D]} (+ *_bias when configured)
+  layers/moe/{router [L, D, E], gate [L, E, D, F], up [L, E, D, F], down [L, E, F, D]}
+    instead of layers/mlp with n_experts (see models.moe)
 With norm_plus_one (Gemma) every norm weight w scales by (1 + w), as HF stores it.
 
 Per-layer API (see `models.embed`, `models.apply_layer`, `models.head`): `embed`, `apply_layer`
@@ -40,12 +44,14 @@ from models.layers import (
     unembed,
     weight,
 )
+from models.moe import MoE
 
 ZEROS = nn.initializers.zeros
 ONES = nn.initializers.ones
 
 # Calibration sites of one layer (`models.input_sites`): each input some projections multiply ->
 # those projections (paths under the layer's params), in the order the layer applies them.
+# Dense MLPs only: a MoE layer's experts each see their own tokens (see `models.input_sites`).
 SITES = {
     "attn_in": ("attn/q", "attn/k", "attn/v"),  # rms_norm(x) [D]
     "o_in": ("attn/o",),  # attention output [N*H]
@@ -143,7 +149,8 @@ class Block(nn.Module):
         a, cache_kv = Attention(c, self.kernel, name="attn")(
             norm("attn_norm", x), positions, k_pos, window, inv_freq, layer, slots, cache_kv)
         x = x + (norm("attn_post_norm", a) if c.post_norms else a)
-        m = MLP(c, name="mlp")(norm("mlp_norm", x))
+        mlp = MoE(c, name="moe") if c.n_experts else MLP(c, name="mlp")
+        m = mlp(norm("mlp_norm", x))
         x = x + (norm("mlp_post_norm", m) if c.post_norms else m)
         return (x, cache_kv), None
 

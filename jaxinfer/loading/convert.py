@@ -3,7 +3,12 @@
 One table per family (`NAMES`) gives, for every param path, the Hugging Face tensor name, whether
 its layout is transposed (HF Linear weights are [out, in], params are [in, out]) and the GGUF
 tensor name. Per-layer entries ("layers/...") name the tensor of one layer; `hf_name` and
-`gguf_name` add the layer prefix.
+`gguf_name` add the layer prefix. Two more shapes of checkpoint tensor are named the same way:
+  * fused projections (Phi-3's qkv_proj and gate_up_proj): several params name one HF tensor
+    and `Name.fused` lists them in the order the tensor concatenates their outputs; each takes
+    its own columns, split off when it is loaded (the models only know q, k, v, gate, up);
+  * experts (Mixtral, Qwen3-MoE): a name with "{e}" is one tensor per expert, stacked on the
+    param's experts axis [E, ...] (within a layer: [L, E, ...] stacked).
 
 A `TensorSource` is anything with `names() -> set[str]`, `get(name) -> np.ndarray` (HF names and
 layout) and `describe(name) -> str` (the file, for errors). `build_params` is the one builder of
@@ -36,9 +41,10 @@ class TensorSource(Protocol):
 class Name(NamedTuple):
     """Where a param lives in checkpoint files (per-layer names without the layer prefix)."""
 
-    hf: str
+    hf: str  # with "{e}": one tensor per expert
     transpose: bool = False  # HF [out, in] -> params [in, out]
     gguf: str | None = None  # None: GGUF files of the family do not hold it
+    fused: tuple[str, ...] = ()  # params whose outputs the HF tensor concatenates, in order
 
 
 NAMES: dict[str, dict[str, Name]] = {
@@ -89,20 +95,55 @@ NAMES["gemma3"] = {
                                   gguf="post_attention_norm.weight"),
     "layers/mlp_post_norm": Name("post_feedforward_layernorm.weight", gguf="post_ffw_norm.weight"),
 }
-_LAYER_PREFIX = {"llama": "model.layers.{i}.", "gemma3": "model.layers.{i}.", "gpt2": "h.{i}."}
+# Phi-3: q, k, v in one qkv_proj [(N + 2K) * H, D] and gate, up in one gate_up_proj [2F, D].
+_QKV = ("layers/attn/q", "layers/attn/k", "layers/attn/v")
+_GATE_UP = ("layers/mlp/gate", "layers/mlp/up")
+NAMES["phi3"] = {
+    **NAMES["llama"],
+    **{p: Name("self_attn.qkv_proj.weight", True, fused=_QKV) for p in _QKV},
+    **{p: Name("mlp.gate_up_proj.weight", True, fused=_GATE_UP) for p in _GATE_UP},
+}
+# Mixture of experts: the router (HF [E, D]) and one gate/up/down per expert, as the published
+# checkpoints and transformers' save_pretrained write them.
+NAMES["mixtral"] = {
+    **NAMES["llama"],
+    "layers/moe/router": Name("block_sparse_moe.gate.weight", True),
+    "layers/moe/gate": Name("block_sparse_moe.experts.{e}.w1.weight", True),
+    "layers/moe/up": Name("block_sparse_moe.experts.{e}.w3.weight", True),
+    "layers/moe/down": Name("block_sparse_moe.experts.{e}.w2.weight", True),
+}
+NAMES["qwen3_moe"] = {
+    **NAMES["llama"],
+    "layers/moe/router": Name("mlp.gate.weight", True),
+    "layers/moe/gate": Name("mlp.experts.{e}.gate_proj.weight", True),
+    "layers/moe/up": Name("mlp.experts.{e}.up_proj.weight", True),
+    "layers/moe/down": Name("mlp.experts.{e}.down_proj.weight", True),
+}
+_LAYER_PREFIX = {"gpt2": "h.{i}."} | {f: "model.layers.{i}." for f in (
+    "llama", "gemma3", "phi3", "mixtral", "qwen3_moe")}
 
 
-def table_name(config: ModelConfig) -> str:
-    """The key of `NAMES` that names `config`'s checkpoint tensors."""
+def table_name(config: ModelConfig, names: set[str] | None = None) -> str:
+    """The key of `NAMES` that names `config`'s checkpoint tensors; `names` (the checkpoint's
+    tensor names) tells apart tables of one config: Phi-3's fused projections from Llama's,
+    Mixtral's MoE names from Qwen3-MoE's."""
     if isinstance(config, GPT2Config):
         return "gpt2"
-    return "gemma3" if config.post_norms else "llama"
+    if config.post_norms:
+        return "gemma3"
+    names = names or set()
+    if config.n_experts:
+        return "mixtral" if any(".block_sparse_moe." in n for n in names) else "qwen3_moe"
+    return "phi3" if any(n.endswith(".self_attn.qkv_proj.weight") for n in names) else "llama"
 
 
-def hf_name(family: str, path: str, layer: int | None = None) -> str:
-    """The HF tensor name of param `path` ("layers/..." entries: of layer `layer`), as a
-    checkpoint of the family's text model names it (see `_family` for nested checkpoints)."""
+def hf_name(family: str, path: str, layer: int | None = None, expert: int | None = None) -> str:
+    """The HF tensor name of param `path` ("layers/..." entries: of layer `layer`; expert
+    entries: of expert `expert`), as a checkpoint of the family's text model names it (see
+    `_family` for nested checkpoints)."""
     name = NAMES[family][path].hf
+    if expert is not None:
+        name = name.format(e=expert)
     if path.startswith("layers/"):
         name = _LAYER_PREFIX[family].format(i=layer) + name
     return name
@@ -151,7 +192,7 @@ def _family(config: ModelConfig, names: set[str]) -> tuple[str, Callable[[str], 
         return "gpt2", lambda name: prefix + name
     if not isinstance(config, LlamaConfig):
         raise TypeError(type(config).__name__)
-    family = table_name(config)
+    family = table_name(config, names)
     nested = next((n for n in _NESTED if hf_name(family, "embed") not in names
                    and n + "embed_tokens.weight" in names), None)
     if nested is None:
@@ -181,20 +222,37 @@ def _fetch(src: TensorSource, names: set[str], name: str, transpose: bool, shape
 
 def source_leaf(config: ModelConfig, src: TensorSource, dtype=jnp.float32) -> Callable:
     """make_leaf (see `build_params`) reading float arrays from `src` in HF names/layout:
-    per-layer tensors are stacked into one [L, ...] buffer."""
+    per-layer tensors are stacked into one [L, ...] buffer, per-expert ones into [.., E, ...],
+    and a param of a fused HF tensor takes its own columns of it."""
     names = set(src.names())
     family, spell = _family(config, names)
     np_dtype = np.dtype(dtype)
+    abstract = models.abstract_params(config)
+
+    def read(path, shape, layer=None):
+        """One layer's (or a top-level) param of shape `shape` (without L)."""
+        entry = NAMES[family][path]
+        if "{e}" in entry.hf:
+            buf = np.empty(shape, np_dtype)
+            for e in range(shape[0]):
+                buf[e] = _fetch(src, names, spell(hf_name(family, path, layer, e)),
+                                entry.transpose, shape[1:], np_dtype)
+            return buf
+        if not entry.fused:
+            return _fetch(src, names, spell(hf_name(family, path, layer)), entry.transpose,
+                          shape, np_dtype)
+        widths = [paths.get(abstract, p).shape[-1] for p in entry.fused]  # [in, out] params
+        start = sum(widths[:entry.fused.index(path)])
+        whole = _fetch(src, names, spell(hf_name(family, path, layer)), entry.transpose,
+                       (*shape[:-1], sum(widths)), np_dtype)
+        return np.ascontiguousarray(whole[..., start:start + shape[-1]])
 
     def make_leaf(path, spec):
-        transpose = NAMES[family][path].transpose
         if not paths.is_stacked(path):
-            return _fetch(src, names, spell(hf_name(family, path)), transpose,
-                          spec.shape, np_dtype)
+            return read(path, spec.shape)
         buf = np.empty(spec.shape, np_dtype)
         for i in range(config.n_layers):
-            buf[i] = _fetch(src, names, spell(hf_name(family, path, i)), transpose,
-                            spec.shape[1:], np_dtype)
+            buf[i] = read(path, spec.shape[1:], i)
         return buf
 
     return make_leaf

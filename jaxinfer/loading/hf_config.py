@@ -10,7 +10,9 @@ from __future__ import annotations
 from jaxinfer.errors import ConfigError
 from models.config import GPT2Config, LlamaConfig, ModelConfig, RopeScaling
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "mixtral", "qwen3_moe")
+# Families whose every layer has the config's sliding_window (when it is set).
+WINDOW_ALL_LAYERS = ("mistral", "mixtral", "phi3", "qwen3_moe")
 SUPPORTED = (*LLAMA_TYPES, "gemma3", "gpt2")  # gemma3: the text_config of the multimodal one
 
 
@@ -25,6 +27,10 @@ def _rope(cfg: dict, source: str) -> tuple[float, RopeScaling | None]:
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
+    partial = float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    if partial != 1.0:
+        raise ConfigError(f"{source}: partial_rotary_factor {partial} is not supported (RoPE "
+                          "over the whole head only)")
     if kind == "default":
         return theta, None
     if kind == "linear":
@@ -40,13 +46,14 @@ def _rope(cfg: dict, source: str) -> tuple[float, RopeScaling | None]:
                 original_max_position_embeddings=int(params["original_max_position_embeddings"]))
         except KeyError as e:
             raise ConfigError(f"{source}: llama3 RoPE scaling is missing field {e}") from None
-    raise ConfigError(f"{source}: unsupported RoPE type {kind!r}; supported: default, linear, llama3")
+    raise ConfigError(f"{source}: unsupported RoPE type {kind!r} (rope_scaling / rope_parameters); "
+                      "supported: default, linear, llama3")
 
 
 def _windows(cfg: dict, model_type: str, n_layers: int, source: str):
     """Per-layer sliding windows, or None when every layer attends fully."""
     window = cfg.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         return None
     types = cfg.get("layer_types")
     if types is None and model_type == "gemma3_text":  # older configs: every k-th layer global
@@ -63,7 +70,7 @@ def _windows(cfg: dict, model_type: str, n_layers: int, source: str):
             raise ConfigError(f"{source}: sliding_attention layers need 'sliding_window'")
         out = tuple(int(window) if t == "sliding_attention" else None for t in types)
         return out if any(out) else None
-    if window and model_type == "mistral":
+    if window and model_type in WINDOW_ALL_LAYERS:
         return (int(window),) * n_layers
     return None
 
@@ -99,6 +106,31 @@ def _gemma3(cfg: dict, source: str) -> dict:
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", True)))
 
 
+def _moe(cfg: dict, model_type: str, source: str) -> dict:
+    """The LlamaConfig fields of a mixture-of-experts config (Mixtral, Qwen3-MoE): experts,
+    experts per token, their width (d_ff) and whether the top-k weights are renormalised.
+    Every field is required (one ConfigError naming the file and the field)."""
+    if model_type == "mixtral":
+        experts, width, norm = "num_local_experts", "intermediate_size", None
+    else:
+        experts, width, norm = "num_experts", "moe_intermediate_size", "norm_topk_prob"
+        if int(cfg.get("decoder_sparse_step") or 1) != 1 or cfg.get("mlp_only_layers"):
+            raise ConfigError(f"{source}: decoder_sparse_step / mlp_only_layers (dense layers "
+                              "between the MoE layers) are not supported; every layer must be MoE")
+    # transformers treats num_experts and num_local_experts as one field (attribute_map)
+    other = {"num_experts": "num_local_experts", "num_local_experts": "num_experts"}[experts]
+    if cfg.get(experts) is None and cfg.get(other) is not None:
+        cfg = {**cfg, experts: cfg[other]}
+    req = {k: _require(cfg, k, source) for k in (experts, "num_experts_per_tok", width)
+           + ((norm,) if norm else ())}
+    n, k = int(req[experts]), int(req["num_experts_per_tok"])
+    if n < 1 or not 1 <= k <= n:
+        raise ConfigError(f"{source}: {experts}={n} and num_experts_per_tok={k}: need "
+                          f"1 <= num_experts_per_tok <= {experts}")
+    return dict(n_experts=n, n_experts_per_token=k, d_ff=int(req[width]),
+                norm_topk_prob=bool(req[norm]) if norm else True)
+
+
 def _llama(cfg: dict, model_type: str, source: str) -> LlamaConfig:
     req = {k: _require(cfg, k, source) for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -126,9 +158,10 @@ def _llama(cfg: dict, model_type: str, source: str) -> LlamaConfig:
         qkv_bias=model_type == "qwen2" or attn_bias, o_bias=attn_bias,
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         sliding_windows=_windows(cfg, model_type, n_layers, source),
-        qk_norm=model_type == "qwen3",  # RMSNorm over each head of q and k
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),  # RMSNorm over each head of q and k
     )
-    return LlamaConfig(**(fields | gemma))
+    moe = _moe(cfg, model_type, source) if model_type in ("mixtral", "qwen3_moe") else {}
+    return LlamaConfig(**(fields | gemma | moe))
 
 
 def _gpt2(cfg: dict, source: str) -> GPT2Config:

@@ -1,6 +1,8 @@
 """Logical-axis sharding: one rules table maps the models' logical axis names to mesh axes.
 
-Mesh axes are `data` (batch rows) and `model` (tensor parallelism). Every array that is
+Mesh axes are `data` (batch rows) and `model` (tensor parallelism, and expert parallelism: a
+MoE layer's `experts` axis goes on `model`, so each device holds and runs whole experts while
+the attention heads split over the same devices). Every array that is
 sharded — a weight, a KV cache buffer, a batch input — is described by a tuple of logical axis
 names, one per dimension, and `spec_for` turns that tuple into a `PartitionSpec` on a mesh:
 
@@ -49,6 +51,8 @@ RULES: Mapping[str, str | None] = {
     "mlp": MODEL,
     "vocab": MODEL,
     "qkv": MODEL,
+    "experts": MODEL,  # expert parallelism
+    "expert_mlp": None,  # an expert's hidden width: whole experts per device
     "embed": None,
     "layers": None,
     "positions": None,
@@ -322,12 +326,13 @@ def default_mesh_shape(config, num_devices: int, local_devices: int | None = Non
                        ) -> tuple[int, int]:
     """(data, model) chosen from the device count and the model's shapes.
 
-    model = the largest size that divides the query heads, KV heads, MLP width and vocabulary
+    model = the largest size that divides the query heads, KV heads, MLP width, vocabulary (and experts)
     and divides the devices of one process (tensor parallelism stays inside a host and never
     splits a head); data = num_devices // model (all devices used).
     """
     local = local_devices or num_devices
-    dims = (config.n_heads, config.n_kv_heads, config.d_ff, config.vocab_size)
+    dims = (config.n_heads, config.n_kv_heads, config.d_ff, config.vocab_size,
+            getattr(config, "n_experts", 0))
     model = max(m for m in range(1, local + 1)
                 if local % m == 0 and num_devices % m == 0 and all(d % m == 0 for d in dims))
     return num_devices // model, model

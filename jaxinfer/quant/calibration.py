@@ -39,6 +39,11 @@ from jaxinfer.model import pad_batch
 def sites(config) -> dict[str, tuple[str, ...]]:
     """`models.input_sites(config)`: site -> the projection paths (under one layer's params)
     reading it, the first one recording. InputError for a family that declares none."""
+    if getattr(config, "n_experts", 0):
+        raise InputError("calibration (GPTQ, Wanda, structured pruning) does not run on "
+                         "mixture-of-experts layers (each expert sees only the tokens routed "
+                         "to it); quantize with round-to-nearest (--method rtn) or prune by "
+                         "magnitude instead")
     try:
         return models.input_sites(config)
     except TypeError:

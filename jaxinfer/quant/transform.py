@@ -8,9 +8,10 @@ slices the quantized leaf like the float one.
 Rules are (pattern, scheme) pairs; the first rule whose pattern matches a weight matrix decides
 its scheme (None keeps it float). Patterns are globs over whole paths: `*` and `?` stay within one
 path segment, `**` crosses segments, `[abc]` is a character class and `{a,b}` an alternative.
-Only weight matrices (2-D per layer) are ever quantized: biases and norms never are, and a rule
-that matches no weight matrix is an error. Quantized leaves are never quantized again, with one
-exception: an Int8 rule on an N:M sparse leaf with float values gives it int8 values (2:4 + int8).
+Only weight matrices (2-D per layer, and per expert) are ever quantized: biases and norms never
+are, and a rule that matches no weight matrix is an error. Quantized leaves are never quantized
+again, with one exception: an Int8 rule on an N:M sparse leaf with float values gives it int8
+values (2:4 + int8).
 
 Matrix layouts: lookup tables (the embeddings, whose first logical axis is "vocab" or
 "positions") are [rows, dim] and quantized per row (OUT_IN: rows are gathered, and the tied LM
@@ -33,8 +34,9 @@ from jaxinfer.quant.nm import NMSparseWeight
 from jaxinfer.quant.schemes import Int8, Scheme, as_scheme
 
 # Attention and MLP projections of every family (Llama: q k v o gate up down; GPT-2: qkv o fc
-# proj). Biases, norms, embeddings and the LM head are left alone.
-DEFAULT_PATTERNS = ("layers/attn/{q,k,v,o,qkv}", "layers/mlp/{gate,up,down,fc,proj}")
+# proj; a MoE layer's experts: moe/gate up down, each expert's matrix on its own). Biases,
+# norms, embeddings, the LM head and the MoE router (its top-k choice) are left alone.
+DEFAULT_PATTERNS = ("layers/attn/{q,k,v,o,qkv}", "layers/{mlp,moe}/{gate,up,down,fc,proj}")
 
 
 # ----------------------------------------------------------------------------- leaf kinds
@@ -46,10 +48,14 @@ def matrix_layout(path: str) -> str:
 
 
 def is_matrix(path: str, leaf) -> bool:
-    """A float array that is a 2-D matrix (per layer, for stacked leaves)."""
+    """A float array that is a 2-D matrix (per layer for stacked leaves, per expert for a MoE
+    layer's experts: `paths.matrix_lead`)."""
     if not isinstance(leaf, jax.Array | np.ndarray) or not jnp.issubdtype(leaf.dtype, jnp.floating):
         return False
-    return leaf.ndim == (3 if paths.is_stacked(path) else 2)
+    stacked = int(paths.is_stacked(path))
+    if leaf.ndim == 2 + stacked:  # the common case, without asking the declared axes
+        return True
+    return leaf.ndim > 2 + stacked and leaf.ndim == 2 + paths.matrix_lead(path)
 
 
 def _in_dim(path: str, leaf) -> int:
