@@ -291,8 +291,10 @@ def test_unavailable_kernel_falls_back_to_xla(fresh_state, monkeypatch, tmp_path
 
 
 def test_supported_isas_follow_the_cpu_flags(monkeypatch):
-    for flags, want in [("avx512f avx2 fma f16c", ("avx512", "avx2")), ("avx2 fma f16c", ("avx2",)),
-                        ("avx512f avx2 f16c", ()), ("sse4_2 avx", ())]:
+    for flags, want in [("avx512f avx512bw avx2 fma f16c", ("avx512", "avx2")),
+                        ("avx512f avx2 fma f16c", ("avx2",)),  # AVX-512 without BW: AVX2
+                        ("avx2 fma f16c", ("avx2",)), ("avx512f avx512bw avx2 f16c", ()),
+                        ("sse4_2 avx", ())]:
         _fake_cpu(monkeypatch, flags)
         assert kernels.supported_isas() == want, flags
     _fake_cpu(monkeypatch, "avx512f avx2 fma f16c", machine="aarch64")
