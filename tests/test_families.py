@@ -20,7 +20,6 @@ import transformers
 from jax.sharding import PartitionSpec
 
 import jaxinfer
-import models
 from jaxinfer import kernels
 from jaxinfer.errors import CheckpointError, ConfigError
 from jaxinfer.generate import Request, generate_ids, run_params
@@ -134,19 +133,9 @@ def test_ragged_rows_match_each_row_alone(case):
 
 def test_cached_decode_equals_full_forward(case):
     """Prefill 3 tokens, then one at a time through the per-layer KV cache."""
-    _, _, model, _ = case
-    c = model.config
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, size=(2, 10)))
-    positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
-    full, _ = models.forward(c, model.params, tokens, positions)
-    step = jax.jit(models.forward, static_argnums=0)
-    params = models.unstack_layers(model.params)
-    cache = models.init_cache(c, 2, 16, per_layer=True)
-    out, cache = step(c, params, tokens[:, :3], positions[:, :3], cache)
-    np.testing.assert_allclose(out, full[:, :3], atol=1e-5)
-    for t in range(3, 10):
-        out, cache = step(c, params, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
-        np.testing.assert_allclose(out[:, 0], full[:, t], atol=1e-5)
+    from test_gemma3 import assert_cached_decode_equals_full_forward
+
+    assert_cached_decode_equals_full_forward(case[2], VOCAB, 10)
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"], indirect=True)

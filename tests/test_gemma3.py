@@ -90,20 +90,25 @@ def test_tiny_ragged_rows_match_each_row_alone(tiny):
 def test_tiny_cached_decode_equals_full_forward(tiny):
     """Prefill then one token at a time through the per-layer KV cache (past the window)
     against the uncached forward (the stacked layout's scan runs in the logits tests)."""
+    assert_cached_decode_equals_full_forward(tiny[0], VOCAB, 12)
+
+
+def assert_cached_decode_equals_full_forward(model, vocab: int, length: int) -> None:
+    """Prefill 3 of `length` random tokens (2 rows), then one at a time through the per-layer
+    KV cache (16 slots): every step's logits equal the uncached forward's."""
     import jax
     import jax.numpy as jnp
 
-    model, _ = tiny
     c = model.config
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, size=(2, 12)))
-    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, vocab, size=(2, length)))
+    positions = jnp.broadcast_to(jnp.arange(length), (2, length))
     full, _ = models.forward(c, model.params, tokens, positions)
     step = jax.jit(models.forward, static_argnums=0)
     params = models.unstack_layers(model.params)
     cache = models.init_cache(c, 2, 16, per_layer=True)
     out, cache = step(c, params, tokens[:, :3], positions[:, :3], cache)
     np.testing.assert_allclose(out, full[:, :3], atol=1e-5)
-    for t in range(3, 12):
+    for t in range(3, length):
         out, cache = step(c, params, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
         np.testing.assert_allclose(out[:, 0], full[:, t], atol=1e-5)
 
