@@ -181,23 +181,23 @@ GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
 def write_gemma3_gguf(path, hf, odd_tensor=None):
     """hf's weights as llama.cpp writes a gemma3 GGUF (F32; every norm weight w as 1 + w, q
     and k rows not permuted); odd_tensor: a GGUF name written as IQ4_NL instead."""
-    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf import GGMLQuantizationType
+    from test_gguf import write_gguf
 
     c = hf.config
-    w = GGUFWriter(str(path), "gemma3")
-    for key, value in {"context_length": 256, "embedding_length": c.hidden_size,
-                       "block_count": c.num_hidden_layers,
-                       "feed_forward_length": c.intermediate_size,
-                       "attention.head_count": c.num_attention_heads,
-                       "attention.head_count_kv": c.num_key_value_heads,
-                       "attention.key_length": c.head_dim, "attention.value_length": c.head_dim,
-                       "attention.sliding_window": c.sliding_window}.items():
-        w.add_uint32(f"gemma3.{key}", value)
-    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
-    w.add_float32("gemma3.rope.freq_base", 1e6)
-    w.add_string("tokenizer.ggml.model", "llama")
-    w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(VOCAB)])
-    w.add_array("tokenizer.ggml.scores", [0.0] * VOCAB)
+    metadata = {f"gemma3.{key}": value for key, value in {
+        "context_length": 256, "embedding_length": c.hidden_size,
+        "block_count": c.num_hidden_layers, "feed_forward_length": c.intermediate_size,
+        "attention.head_count": c.num_attention_heads,
+        "attention.head_count_kv": c.num_key_value_heads,
+        "attention.key_length": c.head_dim, "attention.value_length": c.head_dim,
+        "attention.sliding_window": c.sliding_window,
+        "attention.layer_norm_rms_epsilon": float(c.rms_norm_eps),
+        "rope.freq_base": 1e6}.items()}
+    metadata.update({"tokenizer.ggml.model": "llama",
+                     "tokenizer.ggml.tokens": [f"t{i}" for i in range(VOCAB)],
+                     "tokenizer.ggml.scores": [0.0] * VOCAB})
+    tensors = {}
     for name, t in hf.state_dict().items():
         t = t.float().numpy()
         if name == "model.embed_tokens.weight":
@@ -211,14 +211,11 @@ def write_gemma3_gguf(path, hf, odd_tensor=None):
             continue  # lm_head: tied
         t = t + 1 if "norm" in g else t
         if g == odd_tensor:
-            rows = np.zeros((t.shape[0], t.shape[1] // 32 * 18), np.uint8)
-            w.add_tensor(g, rows, raw_dtype=GGMLQuantizationType.IQ4_NL)
+            tensors[g] = (np.zeros((t.shape[0], t.shape[1] // 32 * 18), np.uint8),
+                          GGMLQuantizationType.IQ4_NL)
         else:
-            w.add_tensor(g, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            tensors[g] = t
+    write_gguf(path, tensors, arch="gemma3", metadata=metadata)
     return path
 
 
@@ -307,29 +304,22 @@ def without_vocabulary(src_path, out_path):
     262,144-entry arrays (gemma3.vocab_size says the vocabulary size instead): transformers'
     GGUF reader takes minutes over those arrays on this machine, and a model load does not
     use them."""
-    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf import GGMLQuantizationType
+    from test_gguf import write_gguf
 
     from jaxinfer.loading.gguf import GGUFFile
 
     src = GGUFFile(src_path)
-    w = GGUFWriter(str(out_path), src.architecture)
-    for key, value in src.metadata.items():
-        if key == "general.architecture" or (key.startswith("tokenizer.") and
-                                             isinstance(value, list)):
-            continue
-        add = {bool: w.add_bool, int: w.add_uint32, float: w.add_float32, str: w.add_string}
-        add.get(type(value), w.add_array)(key, value)
-    w.add_uint32(f"{src.architecture}.vocab_size", src.tensor_shape("token_embd.weight")[0])
+    metadata = {key: value for key, value in src.metadata.items()
+                if key != "general.architecture" and not (key.startswith("tokenizer.") and
+                                                          isinstance(value, list))}
+    metadata[f"{src.architecture}.vocab_size"] = int(src.tensor_shape("token_embd.weight")[0])
+    tensors = {}
     for name in src.tensor_names():
         kind, raw = src.tensor_type(name), src.raw(name)
-        if kind == "F32":
-            w.add_tensor(name, raw.view(np.float32).reshape(src.tensor_shape(name)))
-        else:
-            w.add_tensor(name, np.asarray(raw), raw_dtype=GGMLQuantizationType[kind])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        tensors[name] = (raw.view(np.float32).reshape(src.tensor_shape(name)) if kind == "F32"
+                         else (np.asarray(raw), GGMLQuantizationType[kind]))
+    write_gguf(out_path, tensors, arch=src.architecture, metadata=metadata)
     return out_path
 
 
