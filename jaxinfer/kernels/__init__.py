@@ -425,15 +425,20 @@ class NativeQuant:
         """From a `jaxinfer.quant.base.KernelRows` (numpy, N rows of K) for `isa` (default: the
         process's ISA; RuntimeError if none runs). ValueError for 4-bit rows whose group is
         not a multiple of ACT_BLOCK."""
+        if not cls.takes(rows):
+            raise ValueError(f"4-bit kernel weights need a group of a multiple of {ACT_BLOCK}, "
+                             f"got {rows.group}")
         q = _panels(np.asarray(rows.q))
         if rows.mins is not None:
-            if rows.group % ACT_BLOCK:
-                raise ValueError(f"4-bit kernel weights need a group of a multiple of "
-                                 f"{ACT_BLOCK}, got {rows.group}")
             q = _nibble_panels(q)
         mins = None if rows.mins is None else jax.device_put(_panels(rows.mins))
         return cls(q=jax.device_put(q), scales=jax.device_put(_panels(rows.scales)), mins=mins,
                    n=int(rows.q.shape[0]), isa=_require(isa))
+
+    @staticmethod
+    def takes(rows) -> bool:
+        """Whether the kernels take these KernelRows (4-bit: groups of whole ACT_BLOCKs)."""
+        return rows.mins is None or rows.group % ACT_BLOCK == 0
 
     bits = property(lambda self: 8 if self.q.dtype == jnp.int8 else 4)
     shape = property(lambda self: (self.q.shape[1] * (1 if self.bits == 8 else 8), self.n))
@@ -637,7 +642,7 @@ def _native_quantized(path: str, leaf, tied_key: str | None, isa: str):
     if not tied and (paths.is_lookup_table(path) or leaf.layout != "in_out"):
         return leaf
     rows = leaf.kernel_rows()
-    if rows is None or (rows.mins is not None and rows.group % ACT_BLOCK):
+    if rows is None or not NativeQuant.takes(rows):
         return leaf
     head = NativeQuant.from_rows(rows, isa)
     return NativeQuantEmbedding(head=head, dtype=leaf.dtype) if tied else head
