@@ -187,6 +187,9 @@ def setup_compile_cache(args) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    from jaxinfer import programs
+
+    programs.enable(Path(path) / "programs")  # the engine's lowered programs, beside them
 
 
 def _status(msg: str) -> None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from jaxinfer import engine, kernels, profile
+from jaxinfer import engine, kernels, profile, programs
 from jaxinfer.errors import InputError
 from jaxinfer.sampling import Sampling, SamplingArrays
 
@@ -256,16 +256,21 @@ class _LocalOps:
 
     batch_multiple = 1
     init_state = staticmethod(engine.init_state)
-    decode = staticmethod(engine.decode)
+
+    @staticmethod
+    def decode(params, state, limit, **static):
+        return programs.call(engine.decode, (params, state, limit), static, donate=1, out_like=1)
 
     @staticmethod
     def admit(params, state, *group, **static):
-        return engine.admit(params, state, *(jax.tree.map(jnp.asarray, g) for g in group),
-                            **static)
+        group = tuple(jax.tree.map(jnp.asarray, g) for g in group)
+        return programs.call(engine.admit, (params, state, *group), static, donate=1,
+                             out_like=1)
 
     @staticmethod
     def release(state, slots):
-        return engine.release(state, jnp.asarray(slots, jnp.int32))
+        return programs.call(engine.release, (state, jnp.asarray(slots, jnp.int32)), {},
+                             donate=0, out_like=0)
 
 
 class Engine:

@@ -324,7 +324,13 @@ def test_second_generate_hits_the_compile_cache_for_every_program(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     cold_compiled, cold_hits = compiled_and_hits(runs[0].stderr)
     compiled, hits = compiled_and_hits(runs[1].stderr)
-    assert {"init_state", "admit", "decode"} <= set(compiled)
+    # the engine's admit and decode run as serialized programs (jaxinfer.programs) ...
+    assert {"init_state", "exported_admit", "exported_decode"} <= set(compiled)
+    assert len(list((tmp_path / "xla" / "programs").glob("*.jaxprog"))) >= 2
+    # ... so the warm run never traces them: only the cold one does
+    for name in ("admit", "decode"):
+        assert f"Finished tracing {name} for" in runs[0].stderr
+        assert f"Finished tracing {name} for" not in runs[1].stderr
     assert not cold_hits  # the first run compiled into an empty cache ...
     assert compiled == hits  # ... and the second loaded every program it needed from it
     profile_hits = re.search(r"jax: persistent cache hits\s+\S+\s+(\d+)", runs[1].stderr)

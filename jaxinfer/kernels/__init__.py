@@ -58,6 +58,7 @@ FLAGS = ("-O3", "-mtune=native", "-ffp-contract=off", "-std=c++17", "-shared", "
 # kernel kind -> symbol in cpu.cc (the same in every ISA's library)
 _SYMBOLS = {"matmul": "JaxinferMatmulF32", "matmul_many": "JaxinferMatmulManyF32",
             "glu": "JaxinferGluF32", "attend": "JaxinferAttendF32", "qmatmul": "JaxinferQMatmul"}
+KINDS = tuple(_SYMBOLS)
 STRIP = 48  # columns per packed panel (kStrip in cpu.cc, checked when a library loads)
 
 
@@ -181,6 +182,12 @@ def _library(isa: str) -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         warnings.warn(f"native CPU kernels ({isa}) unavailable, using XLA: {e}", stacklevel=3)
         return None
+
+
+def register(isa: str) -> bool:
+    """Build, load and register `isa`'s kernels with XLA if not yet done; False where they
+    cannot be (see `_library`). A program that calls them needs this before it compiles."""
+    return _library(isa) is not None
 
 
 def _active() -> str | None:

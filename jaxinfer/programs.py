@@ -1,0 +1,186 @@
+"""Serialized engine programs: a warm start neither traces nor lowers the model.
+
+JAX's persistent compilation cache is keyed by the lowered program, so even when every
+executable comes from it, each start still traces the engine's functions in Python (the model's
+30 layers, once per program) and lowers them to StableHLO — seconds on a small CPU. Here the
+lowered program itself is kept: `call(fn, args, static)` exports `fn` (a `jax.jit` function of
+`jaxinfer.engine`) once per argument signature with `jax.export`, writes it to the programs
+directory, and from then on runs the deserialized program (`Exported.call` under `jax.jit`,
+whose executable the compilation cache then serves) without tracing `fn`.
+
+The key of an entry is everything the program depends on: the function, its static arguments
+(the model config ...), the tree structure, shapes and dtypes of its arguments, the jax and
+jaxlib versions, the JAX options that change tracing, the kernel environment variables and a
+digest of this package's and `models`' source files (any edit makes new entries). A tree whose
+structure prints an object address (it would never match again; module-level functions are
+named instead) is not cached. Entries are
+written to a temporary name and renamed when complete, and carry the sha256 of their payload:
+a damaged or unreadable entry is deleted and rebuilt, never run.
+
+Off until `enable(directory)` (the CLI turns it on beside the compilation cache); the
+Python API traces as usual.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import jax
+
+_dir: Path | None = None
+_memo: dict = {}  # signature -> (callable on flat leaves, out-tree argument index) or None
+ROOTS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "models")
+_ENV = ("JAXINFER_NATIVE", "JAXINFER_CPU_ISA")
+_OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_rank_promotion")
+_TARGET = re.compile(rb"jaxinfer_[a-z_]+_f32_([a-z0-9]+)")
+_FUNCTION = re.compile(r"<function ([\w.]+) at 0x[0-9a-f]+>")  # module-level functions only
+
+
+def enable(directory: str | os.PathLike | None) -> None:
+    """Keep and reuse serialized programs under `directory` (None: off)."""
+    global _dir
+    _dir = None if directory is None else Path(directory)
+    _memo.clear()
+
+
+def enabled() -> bool:
+    return _dir is not None
+
+
+def _source_digest() -> str:
+    """sha256 over this package's and `models`' .py/.cc/.h files (names and contents)."""
+    if not hasattr(_source_digest, "value"):
+        h = hashlib.sha256()
+        for root in ROOTS:
+            for p in sorted(root.rglob("*")):
+                if p.suffix in (".py", ".cc", ".h") and "__pycache__" not in p.parts:
+                    h.update(str(p.relative_to(root.parent)).encode() + b"\0" + p.read_bytes())
+        _source_digest.value = h.hexdigest()
+    return _source_digest.value
+
+
+def _key(fn, static: dict, tree_text: str, avals) -> str:
+    import jaxlib
+
+    parts = [getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)),
+             repr(sorted(static.items())), tree_text, repr(avals), jax.__version__,
+             jaxlib.__version__, _source_digest(), jax.default_backend(),
+             repr([(k, os.environ.get(k)) for k in _ENV]),
+             repr([(k, getattr(jax.config, k, None)) for k in _OPTIONS])]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:40]
+
+
+def _read(path: Path):
+    """(Exported, ISAs of the kernels it calls) from an entry; None (entry deleted) if the
+    entry is damaged."""
+    try:
+        blob = path.read_bytes()
+        head, payload = blob.split(b"\n", 1)
+        meta = json.loads(head)
+        if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
+            raise ValueError("checksum mismatch")
+        return jax.export.deserialize(bytearray(payload)), meta["isas"]
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - any damage means: rebuild, never run it
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _write(path: Path, exported) -> list[str]:
+    """Write `exported` atomically; returns the kernel ISAs it calls."""
+    payload = bytes(exported.serialize())
+    isas = sorted({m.decode() for m in _TARGET.findall(bytes(exported.mlir_module_serialized))})
+    head = json.dumps({"sha256": hashlib.sha256(payload).hexdigest(), "isas": isas}).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(head + b"\n" + payload)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return isas
+
+
+def _export(fn, static: dict, in_tree, leaves, out_like: int):
+    """Export fn on these arguments; None where its result is not shaped like args[out_like]."""
+    from jaxinfer import kernels
+
+    out_trees = []
+
+    def flat(*xs):
+        out = fn(*jax.tree.unflatten(in_tree, xs), **static)
+        leaves_out, tree = jax.tree.flatten(out)
+        out_trees.append(tree)
+        return leaves_out
+
+    flat.__name__ = flat.__qualname__ = getattr(fn, "__name__", "program")  # as jit logs it
+    checks = [jax.export.DisabledSafetyCheck.custom_call(kernels.target(kind, isa))
+              for kind in kernels.KINDS for isa in kernels.ISA_FLAGS]
+    specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.weak_type) for x in leaves]
+    exported = jax.export.export(jax.jit(flat), disabled_checks=checks)(*specs)
+    arg_tree = jax.tree.structure(jax.tree.unflatten(in_tree, leaves)[out_like])
+    return exported if out_trees[-1] == arg_tree else None
+
+
+def _runner(name: str, exported, isas, donate: tuple[int, ...]):
+    """The deserialized program as a jitted function of the flat leaves, named
+    `exported_<name>` (in compile logs and profiles)."""
+    from jaxinfer import kernels
+
+    for isa in isas:  # the program calls these kernels: register them before compiling
+        if not kernels.register(isa):
+            return None
+
+    def run(*leaves):
+        return exported.call(*leaves)
+
+    run.__name__ = run.__qualname__ = f"exported_{name}"
+    return jax.jit(run, donate_argnums=donate)
+
+
+def call(fn, args: tuple, static: dict, *, donate: int | None = None, out_like: int = 0):
+    """fn(*args, **static) through a serialized program where programs are enabled.
+
+    fn's result must have the tree structure of args[out_like] (the engine's state); donate:
+    the index of the argument fn donates (its leaves are donated to the program). Falls back
+    to calling fn where programs are off or the arguments cannot be keyed.
+    """
+    if _dir is None:
+        return fn(*args, **static)
+    leaves, in_tree = jax.tree.flatten(args)
+    avals = tuple((x.shape, str(x.dtype), bool(getattr(x, "weak_type", False))) for x in leaves)
+    sig = (fn, in_tree, avals, tuple(sorted(static.items())))
+    if sig not in _memo:
+        _memo[sig] = _prepare(fn, args, static, leaves, in_tree, avals, donate, out_like)
+    run = _memo[sig]
+    if run is None:
+        return fn(*args, **static)
+    out = run(*leaves)
+    return jax.tree.unflatten(jax.tree.structure(args[out_like]), out)
+
+
+def _prepare(fn, args, static, leaves, in_tree, avals, donate, out_like):
+    """The runner for one signature: from its entry, or exported and written now."""
+    tree_text = _FUNCTION.sub(r"<function \1>", str(in_tree))  # e.g. the cache's attention
+    if " at 0x" in tree_text:  # another object's address: the key would never match again
+        return None
+    path = _dir / f"{_key(fn, static, tree_text, avals)}.jaxprog"
+    donated = ()
+    if donate is not None:
+        start = len(jax.tree.leaves(args[:donate]))
+        donated = tuple(range(start, start + len(jax.tree.leaves(args[donate]))))
+    entry = _read(path)
+    if entry is None:
+        exported = _export(fn, static, in_tree, leaves, out_like)
+        if exported is None:
+            return None
+        entry = exported, _write(path, exported)
+    return _runner(getattr(fn, "__name__", "program"), *entry, donated)

@@ -1,0 +1,89 @@
+"""Serialized engine programs (jaxinfer.programs): the same tokens as tracing, no tracing of the
+model on a warm start, and a damaged entry rebuilt, never run."""
+
+import dataclasses
+
+import jax
+import pytest
+from test_startup import tiny_model_file
+
+import jaxinfer
+import models
+from jaxinfer import generate, programs
+from jaxinfer.generate import Request
+from jaxinfer.sampling import Sampling
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8]]
+
+
+@pytest.fixture
+def tiny(tmp_path_factory):
+    return jaxinfer.load(tiny_model_file(tmp_path_factory.mktemp("tiny")), progress=False)
+
+
+@pytest.fixture(autouse=True)
+def programs_off():
+    yield
+    programs.enable(None)
+
+
+def run(model, sampling=None) -> list[list[int]]:
+    req = Request(prompts=PROMPTS, sampling=[sampling or Sampling()], max_new_tokens=6,
+                  stop_token_ids=())
+    return [c.token_ids for c in generate.generate_ids(model, req, chunk=3)]
+
+
+def fresh_process(directory, monkeypatch) -> list:
+    """What a new process sees: nothing compiled or memoized; count the model's traces."""
+    jax.clear_caches()
+    programs.enable(directory)
+    traced = []
+    forward = models.forward
+    monkeypatch.setattr(models, "forward", lambda *a, **k: traced.append(1) or forward(*a, **k))
+    return traced
+
+
+def test_programs_give_the_tokens_of_tracing_and_skip_it_when_warm(tiny, tmp_path, monkeypatch):
+    samplings = [None, Sampling(temperature=0.9, top_p=0.9, seed=3)]  # greedy, seeded
+    want = [run(tiny, s) for s in samplings]
+    traced = fresh_process(tmp_path, monkeypatch)
+    assert [run(tiny, s) for s in samplings] == want  # cold: exported, written, run from it
+    assert traced and len(list(tmp_path.glob("*.jaxprog"))) >= 2
+    traced = fresh_process(tmp_path, monkeypatch)
+    assert [run(tiny, s) for s in samplings] == want  # warm: from the entries
+    assert traced == []  # the model was never traced
+
+
+def test_damaged_program_is_rebuilt_never_run(tiny, tmp_path, monkeypatch):
+    """Each entry damaged one way (truncated, one payload bit flipped, emptied)."""
+    want = run(tiny)
+    fresh_process(tmp_path, monkeypatch)
+    run(tiny)
+    entries = sorted(tmp_path.glob("*.jaxprog"))
+    assert len(entries) >= 2
+    for i, p in enumerate(entries):
+        blob = p.read_bytes()
+        blob = [blob[: len(blob) // 2], blob[:-100] + bytes([blob[-100] ^ 1]) + blob[-99:],
+                b""][i % 3]
+        p.write_bytes(blob)
+    traced = fresh_process(tmp_path, monkeypatch)
+    assert run(tiny) == want
+    assert traced  # rebuilt by tracing again ...
+    for p in entries:  # ... and written whole again
+        assert programs._read(p) is not None
+
+
+def test_other_config_gets_its_own_entry(tiny, tmp_path, monkeypatch):
+    fresh_process(tmp_path, monkeypatch)
+    run(tiny)
+    first = set(tmp_path.glob("*.jaxprog"))
+    config = dataclasses.replace(tiny.config, norm_eps=tiny.config.norm_eps * 2)
+    other = dataclasses.replace(tiny, config=config)
+    run(other)
+    assert set(tmp_path.glob("*.jaxprog")) > first
+
+
+def test_programs_off_writes_nothing(tiny, tmp_path, monkeypatch):
+    programs.enable(None)
+    run(tiny)
+    assert not programs.enabled() and not list(tmp_path.iterdir())
