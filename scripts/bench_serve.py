@@ -1,13 +1,16 @@
 """Serving throughput and latency: continuous batching (`jaxinfer serve`) against static batching
-of the same requests on the same engine, in one run.
+of the same requests on the same engine, and against llama.cpp's `llama-server`, in one run.
 
 A fixed workload (mixed prompt lengths, mixed output lengths with ignore_eos so lengths are
 exact, greedy) is sent to an in-process server on 127.0.0.1 by 1, 4, 16, ... concurrent
 streaming clients and as one burst; static batching runs the same requests in arrival order in
-batches of the slot count, each batch until its longest row ends. Prints a Markdown table;
-`--out FILE` also writes it.
+batches of the slot count, each batch until its longest row ends. `--llama-server BIN` also
+starts that binary on the same GGUF file (`-np` = slots, `-t` = threads, 127.0.0.1) and sends
+it the same token ids (its own `/completion` endpoint). Prints a Markdown table; `--out FILE`
+also writes it. Needs a quiet machine: llama.cpp's threads spin-wait and collapse under load.
 
-    python scripts/bench_serve.py --requests 64 --slots 16 --concurrency 1 4 16 32
+    python scripts/bench_serve.py --requests 64 --slots 16 --concurrency 1 4 16 32 \
+        --quant native --llama-server /path/to/llama-server
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import platform
+import socket
+import subprocess
+import sys
 import time
 
 import httpx2 as httpx
@@ -23,7 +30,7 @@ import numpy as np
 
 import jaxinfer
 from jaxinfer.bench import english_text, publish
-from jaxinfer.generate import Request, generate_ids
+from jaxinfer.generate import Engine
 from jaxinfer.sampling import Sampling
 from jaxinfer.serve.app import BackgroundServer, create_app
 
@@ -41,20 +48,41 @@ def workload(model, n: int, seed: int = 0, prompt_range=(16, 512), out_range=(8,
     return out
 
 
-def one_request(base: str, prompt: list[int], max_tokens: int) -> dict:
+def _jaxinfer_body(prompt: list[int], max_tokens: int) -> tuple[str, dict]:
+    return "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                               "ignore_eos": True, "stream": True, "logprobs": True}
+
+
+def _jaxinfer_tokens(chunk: dict) -> int:
+    lp = chunk["choices"][0].get("logprobs") if chunk["choices"] else None
+    return len(lp["tokens"]) if lp else 0
+
+
+def _llama_body(prompt: list[int], max_tokens: int) -> tuple[str, dict]:
+    return "/completion", {"prompt": prompt, "n_predict": max_tokens, "temperature": 0,
+                           "ignore_eos": True, "stream": True, "cache_prompt": False}
+
+
+def _llama_tokens(chunk: dict) -> int:
+    return len(chunk.get("tokens") or [])
+
+
+PROTOCOLS = {"jaxinfer": (_jaxinfer_body, _jaxinfer_tokens),
+             "llama-server": (_llama_body, _llama_tokens)}
+
+
+def one_request(base: str, prompt: list[int], max_tokens: int, protocol: str = "jaxinfer") -> dict:
     """Stream one completion; returns tokens, TTFT and per-token gaps (seconds)."""
+    make_body, count = PROTOCOLS[protocol]
     t0 = time.perf_counter()
     first, gaps, tokens, last = None, [], 0, None
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "logprobs": True}
-    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=3600) as r:
+    path, body = make_body(prompt, max_tokens)
+    with httpx.stream("POST", base + path, json=body, timeout=3600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            chunk = json.loads(line[6:])
-            lp = chunk["choices"][0].get("logprobs") if chunk["choices"] else None
-            k = len(lp["tokens"]) if lp else 0
+            k = count(json.loads(line[6:]))
             if not k:
                 continue
             now = time.perf_counter()
@@ -66,77 +94,158 @@ def one_request(base: str, prompt: list[int], max_tokens: int) -> dict:
     return {"tokens": tokens, "ttft": first, "gaps": gaps}
 
 
-def run_served(base: str, reqs, concurrency: int) -> dict:
+SHORT_PROMPT = 64  # "short requests" of the burst row: prompts of at most this many tokens
+PREFILL_TOKENS = 256  # the server's per-step prompt-token budget (create_app's default)
+
+
+def run_served(base: str, reqs, concurrency: int, protocol: str = "jaxinfer") -> dict:
+    """Send every request with `concurrency` clients; throughput and latency percentiles."""
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda r: one_request(base, *r), reqs))
+        results = list(pool.map(lambda r: one_request(base, *r, protocol), reqs))
     wall = time.perf_counter() - t0
-    assert all(r["tokens"] == m for r, (_, m) in zip(results, reqs, strict=True))
+    got = [r["tokens"] for r in results]
+    assert got == [m for _, m in reqs], f"{protocol}: token counts {got}"
     ttft = [r["ttft"] for r in results]
+    short = [r["ttft"] for r, (p, _) in zip(results, reqs, strict=True)
+             if len(p) <= SHORT_PROMPT] or [0.0]
     gaps = [g for r in results for g in r["gaps"]] or [0.0]
-    return {"wall_s": wall, "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+    return {"wall_s": wall, "tokens_per_s": sum(got) / wall,
             "requests_per_s": len(reqs) / wall, "ttft_p50": np.percentile(ttft, 50),
             "ttft_p99": np.percentile(ttft, 99), "itl_p50": np.percentile(gaps, 50),
-            "itl_p99": np.percentile(gaps, 99)}
+            "itl_p99": np.percentile(gaps, 99), "short_ttft_p50": np.percentile(short, 50),
+            "short_ttft_p99": np.percentile(short, 99)}
 
 
-def run_static(model, reqs, slots: int) -> dict:
-    """The same requests in arrival order, `slots` at a time, each batch to its longest row."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def llama_server_rows(binary: str, gguf, reqs, args) -> list[tuple[str, dict]]:
+    """The same workload against llama-server (same file, slots and threads), then stop it."""
+    port = _free_port()
+    cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+           "-np", str(args.slots), "-c", str(args.slots * args.max_len), "-t", str(args.threads),
+           "-tb", str(args.threads), "--no-webui"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"{binary} exited with {proc.returncode}: {' '.join(cmd)}")
+            time.sleep(0.5)
+        run_served(base, reqs[: args.slots], args.slots, "llama-server")  # warm-up
+        rows = [(f"llama-server, {c} client{'s' if c > 1 else ''}",
+                 run_served(base, reqs, c, "llama-server")) for c in args.concurrency]
+        rows.append(("llama-server, burst", run_served(base, reqs, len(reqs), "llama-server")))
+        return rows
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def run_static(model, reqs, slots: int, max_len: int) -> dict:
+    """The same requests in arrival order, `slots` at a time: each batch is prefilled whole,
+    then decoded until its longest row ends (the engine and shapes of the server's)."""
+    eng = Engine(model, slots=slots, cache_len=max_len, buf_len=max_len, admit_group=1,
+                 prefill_tokens=PREFILL_TOKENS)
     t0 = time.perf_counter()
     tokens = 0
     for i in range(0, len(reqs), slots):
         batch = reqs[i:i + slots]
+        handles = [eng.submit(p, Sampling(), m) for p, m in batch]
+        while any(eng.entries[h].prefilled < len(eng.entries[h].ids) for h in handles):
+            eng.advance(0)  # prefill only
         longest = max(m for _, m in batch)
-        req = Request(prompts=[p for p, _ in batch], sampling=[Sampling()],
-                      max_new_tokens=longest, stop_token_ids=())
-        out = generate_ids(model, req)
-        tokens += sum(min(len(c.token_ids), m) for c, (_, m) in zip(out, batch, strict=True))
+        while not all(eng.finished(h) for h in handles):
+            eng.advance(longest)
+        for h in handles:
+            tokens += len(eng.result(h)[0])
+            eng.forget(h)
     wall = time.perf_counter() - t0
+    assert tokens == sum(m for _, m in reqs)
     return {"wall_s": wall, "tokens_per_s": tokens / wall, "requests_per_s": len(reqs) / wall}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--quant", choices=["none", "native"], default="none",
+                   help="native: keep the GGUF's blocks packed (the kernels' fastest path)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     p.add_argument("--prompt-range", type=int, nargs=2, default=[16, 512])
     p.add_argument("--out-range", type=int, nargs=2, default=[8, 256])
+    p.add_argument("--llama-server", default=None, metavar="BIN",
+                   help="also measure this llama-server binary on the same GGUF file")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="llama-server's threads (jaxinfer's XLA and kernels use every core)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    model = jaxinfer.load(args.model, progress=False)
+    model = jaxinfer.load(args.model, progress=False, keep_packed=args.quant == "native")
     reqs = workload(model, args.requests, prompt_range=args.prompt_range,
                     out_range=args.out_range)
     server = BackgroundServer(create_app(model, model_name="m", slots=args.slots,
-                                         max_len=args.max_len, max_queue=10 * args.requests))
+                                         max_len=args.max_len, max_queue=10 * args.requests,
+                                         prefill_tokens=PREFILL_TOKENS, prefix_cache_bytes=0))
+    rows = []
+
+    def measured(name, result):
+        rows.append((name, result))
+        print(f"{name}: {result['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+
     try:
-        warm = reqs[: args.slots]
-        run_served(server.base, warm, len(warm))  # compile the shapes the run will use
-        rows = [(f"continuous, {c} client{'s' if c > 1 else ''}", run_served(server.base, reqs, c))
-                for c in args.concurrency]
-        rows.append(("continuous, burst", run_served(server.base, reqs, len(reqs))))
+        run_served(server.base, reqs, len(reqs))  # warm-up: compiles every shape the run uses
+        for c in args.concurrency:
+            measured(f"continuous, {c} client{'s' if c > 1 else ''}",
+                     run_served(server.base, reqs, c))
+        measured("continuous, burst", run_served(server.base, reqs, len(reqs)))
     finally:
         server.stop()
-    run_static(model, reqs[: args.slots], args.slots)  # warm-up
-    static = run_static(model, reqs, args.slots)
+    run_static(model, reqs[: args.slots], args.slots, args.max_len)  # warm-up
+    static = run_static(model, reqs, args.slots, args.max_len)
+    print(f"static: {static['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     burst = rows[-1][1]
-    head = (f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}. {args.requests} "
-            f"requests, prompts {args.prompt_range[0]}-{args.prompt_range[1]} tokens, outputs "
-            f"{args.out_range[0]}-{args.out_range[1]} tokens (ignore_eos, greedy), "
-            f"{args.slots} slots, max_len {args.max_len}.\n"
+    if args.llama_server:
+        from jaxinfer.loading import resolve_source
+
+        rows += llama_server_rows(args.llama_server, resolve_source(args.model), reqs, args)
+    kernels = "off (JAXINFER_NATIVE=0)" if os.environ.get("JAXINFER_NATIVE") == "0" else "on"
+    head = (f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} "
+            f"cores. {args.model}, weights {args.quant}, native kernels {kernels}. "
+            f"{args.requests} requests, prompts {args.prompt_range[0]}-{args.prompt_range[1]} "
+            f"tokens, outputs {args.out_range[0]}-{args.out_range[1]} tokens (ignore_eos, "
+            f"greedy), {args.slots} slots, max_len {args.max_len}, {PREFILL_TOKENS} prompt "
+            f"tokens per engine step, no prefix cache (llama-server: cache_prompt off); short "
+            f"requests: prompts of at most {SHORT_PROMPT} tokens.\n"
             f"Continuous (burst) / static: {burst['tokens_per_s'] / static['tokens_per_s']:.2f}x "
             "output tokens/s.")
+    for c in args.concurrency:
+        ours = dict(rows).get(f"continuous, {c} client{'s' if c > 1 else ''}")
+        theirs = dict(rows).get(f"llama-server, {c} client{'s' if c > 1 else ''}")
+        if ours and theirs:
+            head += (f" {c} client(s): jaxinfer / llama-server "
+                     f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x.")
     table = ["| mode | output tokens/s | requests/s | TTFT p50 (s) | TTFT p99 (s) | "
-             "ITL p50 (ms) | ITL p99 (ms) |", "|---|---|---|---|---|---|---|"]
+             "short TTFT p50 / p99 (s) | ITL p50 (ms) | ITL p99 (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         table.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | "
-                     f"{r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | {1e3 * r['itl_p50']:.1f} | "
-                     f"{1e3 * r['itl_p99']:.1f} |")
+                     f"{r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | "
+                     f"{r['short_ttft_p50']:.2f} / {r['short_ttft_p99']:.2f} | "
+                     f"{1e3 * r['itl_p50']:.1f} | {1e3 * r['itl_p99']:.1f} |")
     table.append(f"| static batches of {args.slots} | {static['tokens_per_s']:.1f} | "
-                 f"{static['requests_per_s']:.2f} | | | | |")
+                 f"{static['requests_per_s']:.2f} | | | | | |")
     publish(head, table, out=args.out)
 
 

@@ -1,8 +1,10 @@
 """Start-up time of the README's first command, each run a fresh process; prints medians.
 
 cold: a new, empty cache directory per run (the model file linked in, so nothing is fetched;
-no converted weights, no compiled programs, no kernel library). warm: one cache directory
-primed by a first run, then timed runs. Also times `jaxinfer.load(model)` alone in a fresh
+no converted weights, no compiled programs, no kernel library). cold compile: the same, but
+with the converted weights and the kernel library of a primed cache linked in (the issue's
+"cold": model fetched, empty compilation cache). warm: one cache directory primed by a first
+run, then timed runs. Also times `jaxinfer.load(model)` alone in a fresh
 process with the warm cache. `--checkout DIR` (repeatable) measures those checkouts instead of
 the inherited PYTHONPATH, their runs interleaved (A, B, A, B, ...) so that a machine whose load
 drifts treats them alike. Extra generate flags go after `--`.
@@ -27,7 +29,8 @@ from jaxinfer.bench import publish
 from jaxinfer.loading import resolve_source
 
 PROMPT = "What is the capital of France?"
-ROWS = ("cold generate (empty caches)", "warm generate",
+ROWS = ("cold generate (empty caches)", "cold compile (weights + kernels cached, no programs)",
+        "warm generate",
         "warm `import jaxinfer; jaxinfer.load(...)` process",
         "warm jaxinfer.load call alone (in that process)")
 
@@ -57,21 +60,27 @@ def fresh_cache(root: Path, model_file: Path, pythonpath: str | None) -> dict:
 
 
 def measure(checkouts: list, generate: list[str], load: list[str], runs: int, model_file: Path,
-            tmp: Path) -> dict:
+            tmp: Path, cold_runs: int) -> dict:
     """{checkout: {row: [seconds per run]}}, the checkouts' runs interleaved."""
     rows = {c: {name: [] for name in ROWS} for c in checkouts}
-    for i in range(runs):
+    for i in range(cold_runs):
         for j, c in enumerate(checkouts):
             env = fresh_cache(tmp / f"cold{j}-{i}", model_file, c)
             rows[c][ROWS[0]].append(timed(generate, env))
     warm = {c: fresh_cache(tmp / f"warm{j}", model_file, c) for j, c in enumerate(checkouts)}
     for c in checkouts:
         timed(generate, warm[c])  # primes the caches
+    for i in range(runs):
+        for j, c in enumerate(checkouts):
+            env = fresh_cache(tmp / f"compile{j}-{i}", model_file, c)
+            for kept in ("converted", "kernels"):
+                (Path(env["JAXINFER_CACHE"]) / kept).symlink_to(Path(warm[c]["JAXINFER_CACHE"]) / kept)
+            rows[c][ROWS[1]].append(timed(generate, env))
     for _ in range(runs):
         for c in checkouts:
-            rows[c][ROWS[1]].append(timed(generate, warm[c]))
-            rows[c][ROWS[2]].append(timed(load, warm[c], rows[c][ROWS[3]]))
-    return rows
+            rows[c][ROWS[2]].append(timed(generate, warm[c]))
+            rows[c][ROWS[3]].append(timed(load, warm[c], rows[c][ROWS[4]]))
+    return {c: {k: v for k, v in r.items() if v} for c, r in rows.items()}
 
 
 def main() -> None:
@@ -80,6 +89,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5, help="timed fresh processes per row")
     p.add_argument("--checkout", action="append", default=None,
                    help="a source tree to measure (its PYTHONPATH); repeatable")
+    p.add_argument("--cold-runs", type=int, default=None,
+                   help="fresh processes for the all-empty cold row (default --runs; 0: skip)")
     p.add_argument("--out", default=None, help="also write the report here")
     p.add_argument("extra", nargs="*", help="more generate flags (after --)")
     args = p.parse_args()
@@ -90,7 +101,8 @@ def main() -> None:
             f"jaxinfer.load({args.model!r}); print(time.perf_counter() - t)"]
     checkouts = [str(Path(c).resolve()) for c in args.checkout] if args.checkout else [None]
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
-        rows = measure(checkouts, generate, load, args.runs, model_file, Path(tmp))
+        cold = args.runs if args.cold_runs is None else args.cold_runs
+        rows = measure(checkouts, generate, load, args.runs, model_file, Path(tmp), cold)
     table = ["| checkout | run | median s | runs (s) |", "|---|---|---|---|"]
     table += [f"| {c or 'PYTHONPATH'} | {name} | {statistics.median(t):.2f} | "
               f"{', '.join(f'{x:.2f}' for x in t)} |"
