@@ -78,9 +78,10 @@ def _free_compiled_programs():
     jax.clear_caches()
 
 
-# The longest modules first (test_notebooks alone kept one worker busy for ~8 minutes in CI on
-# 2 cores): the two workers each take whole modules (--dist loadfile), and a long module
-# started last would run alone at the end while the other worker sits idle.
+# The longest modules first (in CI on 2 cores, 2026-12-01: test_notebooks ~11 minutes, its
+# compression_study notebook 408 s): the two workers each take whole modules (--dist loadfile,
+# in this order: --no-loadscope-reorder), and a long module started last runs on after the
+# other worker has finished.
 LONGEST_FIRST = ("test_notebooks.py", "test_serve.py", "test_distributed.py", "test_cli.py",
                  "test_families.py", "test_startup.py")
 
