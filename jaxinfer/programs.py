@@ -14,7 +14,8 @@ jaxlib versions, the JAX options that change tracing, the kernel environment var
 digest of this package's and `models`' source files (any edit makes new entries). A tree whose
 structure prints an object address (it would never match again; module-level functions are
 named instead) is not cached. Entries are
-written to a temporary name and renamed when complete, and carry the sha256 of their payload:
+written to a temporary name and renamed when complete (`convert_cache.atomic_write`; a cache
+directory that cannot be written only costs the speed-up), and carry the sha256 of their payload:
 a damaged or unreadable entry is deleted and rebuilt, never run.
 
 Off until `enable(directory)` (the CLI turns it on beside the compilation cache); the
@@ -27,13 +28,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import jax
 
 _dir: Path | None = None
-_memo: dict = {}  # signature -> (callable on flat leaves, out-tree argument index) or None
+_memo: dict = {}  # signature -> jitted program of the flat leaves, or None (call fn itself)
 ROOTS = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "models")
 _ENV = ("JAXINFER_NATIVE", "JAXINFER_CPU_ISA")
 _OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_rank_promotion")
@@ -76,41 +76,38 @@ def _key(fn, static: dict, tree_text: str, avals) -> str:
 
 
 def _read(path: Path):
-    """(Exported, ISAs of the kernels it calls) from an entry; None (entry deleted) if the
-    entry is damaged."""
+    """(Exported, ISAs of the kernels it calls) from an entry; None if there is none, or if it
+    is damaged (then it is deleted)."""
     try:
         blob = path.read_bytes()
+    except OSError:  # no entry, or a directory that cannot be read: export it
+        return None
+    try:
         head, payload = blob.split(b"\n", 1)
         meta = json.loads(head)
         if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
             raise ValueError("checksum mismatch")
         return jax.export.deserialize(bytearray(payload)), meta["isas"]
-    except FileNotFoundError:
-        return None
     except Exception:  # noqa: BLE001 - any damage means: rebuild, never run it
         path.unlink(missing_ok=True)
         return None
 
 
 def _write(path: Path, exported) -> list[str]:
-    """Write `exported` atomically; returns the kernel ISAs it calls."""
+    """Write `exported` atomically (a warning where the directory cannot be written); returns
+    the kernel ISAs it calls."""
+    from jaxinfer.loading.convert_cache import atomic_write
+
     payload = bytes(exported.serialize())
     isas = sorted({m.decode() for m in _TARGET.findall(bytes(exported.mlir_module_serialized))})
     head = json.dumps({"sha256": hashlib.sha256(payload).hexdigest(), "isas": isas}).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head + b"\n" + payload)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: tmp.write_bytes(head + b"\n" + payload),
+                 what="the engine programs", then="the next start traces them again")
     return isas
 
 
-def _export(fn, static: dict, in_tree, leaves, out_like: int):
-    """Export fn on these arguments; None where its result is not shaped like args[out_like]."""
+def _export(fn, static: dict, in_tree, leaves, want_tree):
+    """Export fn on these arguments; None where its result's tree is not `want_tree`."""
     from jaxinfer import kernels
 
     out_trees = []
@@ -126,8 +123,7 @@ def _export(fn, static: dict, in_tree, leaves, out_like: int):
               for kind in kernels.KINDS for isa in kernels.ISA_FLAGS]
     specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.weak_type) for x in leaves]
     exported = jax.export.export(jax.jit(flat), disabled_checks=checks)(*specs)
-    arg_tree = jax.tree.structure(jax.tree.unflatten(in_tree, leaves)[out_like])
-    return exported if out_trees[-1] == arg_tree else None
+    return exported if out_trees[-1] == want_tree else None
 
 
 def _runner(name: str, exported, isas, donate: tuple[int, ...]):
@@ -179,7 +175,7 @@ def _prepare(fn, args, static, leaves, in_tree, avals, donate, out_like):
         donated = tuple(range(start, start + len(jax.tree.leaves(args[donate]))))
     entry = _read(path)
     if entry is None:
-        exported = _export(fn, static, in_tree, leaves, out_like)
+        exported = _export(fn, static, in_tree, leaves, jax.tree.structure(args[out_like]))
         if exported is None:
             return None
         entry = exported, _write(path, exported)

@@ -117,6 +117,10 @@ def run_served(base: str, reqs, concurrency: int, protocol: str = "jaxinfer") ->
             "short_ttft_p99": np.percentile(short, 99)}
 
 
+def _clients(c: int) -> str:
+    return f"{c} client{'s' if c > 1 else ''}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -142,8 +146,8 @@ def llama_server_rows(binary: str, gguf, reqs, args) -> list[tuple[str, dict]]:
                 raise RuntimeError(f"{binary} exited with {proc.returncode}: {' '.join(cmd)}")
             time.sleep(0.5)
         run_served(base, reqs[: args.slots], args.slots, "llama-server")  # warm-up
-        rows = [(f"llama-server, {c} client{'s' if c > 1 else ''}",
-                 run_served(base, reqs, c, "llama-server")) for c in args.concurrency]
+        rows = [(f"llama-server, {_clients(c)}", run_served(base, reqs, c, "llama-server"))
+                for c in args.concurrency]
         rows.append(("llama-server, burst", run_served(base, reqs, len(reqs), "llama-server")))
         return rows
     finally:
@@ -207,8 +211,7 @@ def main() -> None:
     try:
         run_served(server.base, reqs, len(reqs))  # warm-up: compiles every shape the run uses
         for c in args.concurrency:
-            measured(f"continuous, {c} client{'s' if c > 1 else ''}",
-                     run_served(server.base, reqs, c))
+            measured(f"continuous, {_clients(c)}", run_served(server.base, reqs, c))
         measured("continuous, burst", run_served(server.base, reqs, len(reqs)))
     finally:
         server.stop()
@@ -231,8 +234,8 @@ def main() -> None:
             f"Continuous (burst) / static: {burst['tokens_per_s'] / static['tokens_per_s']:.2f}x "
             "output tokens/s.")
     for c in args.concurrency:
-        ours = dict(rows).get(f"continuous, {c} client{'s' if c > 1 else ''}")
-        theirs = dict(rows).get(f"llama-server, {c} client{'s' if c > 1 else ''}")
+        ours = dict(rows).get(f"continuous, {_clients(c)}")
+        theirs = dict(rows).get(f"llama-server, {_clients(c)}")
         if ours and theirs:
             head += (f" {c} client(s): jaxinfer / llama-server "
                      f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x.")

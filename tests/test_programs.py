@@ -87,3 +87,11 @@ def test_programs_off_writes_nothing(tiny, tmp_path, monkeypatch):
     programs.enable(None)
     run(tiny)
     assert not programs.enabled() and not list(tmp_path.iterdir())
+
+
+def test_unwritable_directory_only_costs_the_speed_up(tiny, tmp_path, monkeypatch, capsys):
+    want = run(tiny)
+    (tmp_path / "a file").write_text("")
+    fresh_process(tmp_path / "a file" / "programs", monkeypatch)
+    assert run(tiny) == want
+    assert "cannot write the engine programs" in capsys.readouterr().err

@@ -89,10 +89,12 @@ def discard(entry: Path, why: str) -> None:
     entry.unlink(missing_ok=True)
 
 
-def _atomic_write(final: Path, write, stale: str) -> None:
+def atomic_write(final: Path, write, stale: str | None = None, *,
+                 what: str = "the converted-weights cache",
+                 then: str = "loading will convert again next time") -> None:
     """write(tmp_path) into a temporary file beside `final`, then rename it into place and
-    remove older entries matching the glob `stale`. Warns instead of raising when the
-    directory cannot be written."""
+    remove older entries matching the glob `stale`. Warns ("cannot write `what` ...; `then`")
+    instead of raising when the directory cannot be written."""
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")
@@ -103,15 +105,15 @@ def _atomic_write(final: Path, write, stale: str) -> None:
             os.replace(tmp, final)
         finally:
             Path(tmp).unlink(missing_ok=True)
-        for old in final.parent.glob(stale):
+        for old in final.parent.glob(stale) if stale else ():
             if old != final:
                 old.unlink(missing_ok=True)
         for old in final.parent.glob(".*.partial"):  # left by a killed process, an hour ago
             if time.time() - old.stat().st_mtime > 3600:
                 old.unlink(missing_ok=True)
     except OSError as e:
-        print(f"jaxinfer: cannot write the converted-weights cache {final.parent} ({e}); "
-              "loading will convert again next time", file=sys.stderr, flush=True)
+        print(f"jaxinfer: cannot write {what} {final.parent} ({e}); {then}", file=sys.stderr,
+              flush=True)
 
 
 class PendingParams:
@@ -214,7 +216,7 @@ def write_params(entry: Path, params, source: str, *, background: bool = True,
         meta = {"format": str(FORMAT_VERSION), CHECKSUM: digest.hexdigest(), "source": source}
         stem, dtype_name = entry.name.rsplit(".", 3)[:2]
         old = stale or glob.escape(stem) + f".{dtype_name}.*.safetensors"
-        _atomic_write(entry, lambda tmp: write_safetensors(tmp, tensors, meta), old)
+        atomic_write(entry, lambda tmp: write_safetensors(tmp, tensors, meta), old)
 
     if not background:
         return write()
@@ -258,4 +260,4 @@ def write_tokenizer(entry: Path, state: dict) -> None:
     source file are removed."""
     record = {"format": FORMAT_VERSION, "sha256": _tokenizer_digest(state), "state": state}
     stale = glob.escape(entry.name.rsplit(".", 3)[0]) + ".*.tokenizer.json"
-    _atomic_write(entry, lambda tmp: tmp.write_text(json.dumps(record), encoding="utf-8"), stale)
+    atomic_write(entry, lambda tmp: tmp.write_text(json.dumps(record), encoding="utf-8"), stale)
