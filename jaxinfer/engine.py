@@ -17,6 +17,7 @@ bucketed by the host side (`jaxinfer.generate`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.struct
@@ -83,21 +84,25 @@ def _set(a: jax.Array, rows: jax.Array, values) -> jax.Array:
     return a.at[rows].set(values, mode="drop")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scan_unroll", "shard"),
+@functools.partial(jax.jit, static_argnames=("config", "scan_unroll", "shard", "kv_len"),
                    donate_argnums=(1,))
 def admit(params, state: DecodeState, slots: jax.Array, tokens: jax.Array,
           positions: jax.Array, first: jax.Array, last: jax.Array, sampling: SamplingArrays,
           stop_ids: jax.Array, max_new: jax.Array, *, config, scan_unroll: int = 1,
-          shard=None) -> DecodeState:
+          shard=None, kv_len: int | None = None) -> DecodeState:
     """Prefill one chunk of G requests into `slots` [G] int32 (an index >= B is a filler row).
 
     tokens, positions [G, C]: the chunks, right-padded (position -1). first [G] bool: the
     chunk starts its prompt (the slot's cache row is emptied first); last [G] bool: it ends it
     — the request's first token is drawn, and the slot goes live with sampling (G rows),
     stop_ids [G, E] and max_new [G]. The other slots keep their state.
+    kv_len (static, optional): the chunk is prefilled in the rows' first kv_len cache slots
+    alone, read, attended over and written back (the caller guarantees that the rows hold
+    nothing beyond them, chunk included: e.g. kv_len = C for first chunks); the rest of the
+    rows is emptied. None: the whole rows.
     """
     b = state.done.shape[0]
-    rows_cache = kvc.clear_rows(kvc.take_rows(state.cache, slots), first)
+    rows_cache = kvc.clear_rows(kvc.take_rows(state.cache, slots, kv_len), first)
     logits, rows_cache = models.forward(config, params, tokens, positions, rows_cache,
                                         last_only=True, scan_unroll=scan_unroll)
     cache = kvc.put_rows(state.cache, slots, rows_cache)
@@ -159,17 +164,29 @@ def _record(state: DecodeState, tok: jax.Array, logp: jax.Array) -> DecodeState:
                          seen=seen, step=state.step + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scan_unroll", "shard", "kv_len"),
-                   donate_argnums=(1,))
+@functools.partial(jax.jit, static_argnames=("config", "scan_unroll", "shard", "kv_len",
+                                             "rows"), donate_argnums=(1,))
 def decode(params, state: DecodeState, limit: jax.Array, *, config,
-           scan_unroll: int = 1, shard=None, kv_len: int | None = None) -> DecodeState:
+           scan_unroll: int = 1, shard=None, kv_len: int | None = None,
+           rows: int | None = None) -> DecodeState:
     """Decode on the device until every slot is done or `state.step` reaches `limit`.
 
     Done and free slots are fed one padding token (position -1) that takes no cache slot.
     kv_len (static, optional): attention reads only the first kv_len cache slots (the caller
     guarantees that no live slot gets past them within this call; see KVCache.visible).
+    rows (static, optional): run only the first `rows` slots (the caller guarantees that the
+    others are done); the step then costs what `rows` slots cost, not B.
     shard (static, optional): as in `init_state`, applied to the loop's state.
     """
+    if rows is None or rows >= state.done.shape[0]:
+        return _decode_loop(params, state, limit, config, scan_unroll, shard, kv_len)
+    head = _decode_loop(params, _head_rows(state, rows), limit, config, scan_unroll, shard,
+                        kv_len)
+    return _put_head_rows(state, head)
+
+
+def _decode_loop(params, state, limit, config, scan_unroll, shard, kv_len):
+    """decode's loop over every slot of `state`."""
 
     def cond(s: DecodeState):
         return (s.step < limit) & ~jnp.all(s.done)
@@ -184,6 +201,27 @@ def decode(params, state: DecodeState, limit: jax.Array, *, config,
         return _shard(shard, _record(s, tok, logp))
 
     return _shard(shard, jax.lax.while_loop(cond, body, _shard(shard, state)))
+
+
+def _row_fields() -> list[str]:
+    """The DecodeState fields with one row per slot (every field but the cache and `step`)."""
+    return [f.name for f in dataclasses.fields(DecodeState)
+            if "batch" in f.metadata.get("axes", ())]
+
+
+def _head_rows(state: DecodeState, rows: int) -> DecodeState:
+    """The state of the first `rows` slots (the cache's key and value buffers whole:
+    models.cache.head_rows)."""
+    cut = {n: jax.tree.map(lambda a: a[:rows], getattr(state, n)) for n in _row_fields()}
+    return state.replace(cache=kvc.head_rows(state.cache, rows), **cut)
+
+
+def _put_head_rows(state: DecodeState, head: DecodeState) -> DecodeState:
+    """state updated from `head` (from `_head_rows`)."""
+    r = head.done.shape[0]
+    put = {n: jax.tree.map(lambda a, h: a.at[:r].set(h), getattr(state, n), getattr(head, n))
+           for n in _row_fields()}
+    return head.replace(cache=kvc.put_head_rows(state.cache, head.cache), **put)
 
 
 def _shard(shard, x):

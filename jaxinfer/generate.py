@@ -27,6 +27,24 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (int(n) - 1).bit_length())
 
 
+def rows_bucket(n: int) -> int:
+    """Next power of four >= n: the decode row counts compiled (1, 4, 16, 64, ...)."""
+    r = 1
+    while r < n:
+        r *= 4
+    return r
+
+
+def chunk_bucket(remaining: int, share: int) -> int:
+    """The prompt chunk to prefill next for a request with `remaining` prompt tokens, at most
+    `share` (a power of two): the next power of two, or the one below when that and the
+    chunk after it cost at most three quarters of the padded one (143 tokens run as 128 + 16,
+    not as 256; 17 as 32, not as 16 + 16)."""
+    up = bucket(min(remaining, share))
+    down = up // 2
+    return down if up > 16 and down + bucket(remaining - down) <= up * 3 // 4 else up
+
+
 @dataclasses.dataclass
 class Completion:
     """One row's result. token_ids are the generated ids only."""
@@ -372,18 +390,35 @@ class Engine:
         up to `steps` decode steps on the device if any slot is live."""
         self._admit()
         if steps > 0 and self._any_live():
-            limit = jnp.int32(int(self.state.step) + steps)
-            self.state = self.ops.decode(self.params, self.state, limit, **self.static,
-                                         kv_len=self._kv_len(steps))
-            self._host = None
+            self._decode(int(self.state.step) + steps, self._kv_len(steps), self._rows())
 
-    def _kv_len(self, steps: int) -> int:
+    def _decode(self, limit: int, kv_len: int | None, rows: int | None) -> None:
+        self.state = self.ops.decode(self.params, self.state, jnp.int32(limit), **self.static,
+                                     kv_len=kv_len, **({} if rows is None else {"rows": rows}))
+        self._host = None
+
+    def _kv_len(self, steps: int) -> int | None:
         """Cache slots the next `steps` decode steps can reach (bucketed, at least 64): every
-        live slot holds its prompt and the tokens drawn so far, and no padding."""
+        live slot holds its prompt and the tokens drawn so far, and no padding. None with an
+        attention kernel, which reads each row's used slots whatever the window."""
+        if self.state.cache.attention is not None:
+            return None
         length = self.snapshot()[1]
         ends = [len(e.ids) + int(length[e.slot]) for h, e in self.entries.items()
                 if self.live(h)]
         return min(self.cache_len, bucket(max(ends, default=1) + steps, minimum=64))
+
+    def _rows(self) -> int | None:
+        """The slots the next decode call runs: the first `rows_bucket` of them holding every
+        unfinished live request (requests take the lowest free slot, so at low load a step
+        costs a few rows, not all B). None: all (and always under a placement)."""
+        if not isinstance(self.ops, _LocalOps):
+            return None
+        done = self.snapshot()[2]
+        top = max((e.slot for h, e in self.entries.items()
+                   if self.live(h) and not done[e.slot]), default=0)
+        rows = rows_bucket(top + 1)
+        return rows if rows < self.slots else None
 
     def _any_live(self) -> bool:
         return any(self.live(h) and not self.finished(h) for h in self.entries)
@@ -395,7 +430,7 @@ class Engine:
         while self.waiting and self.free and len(group) < self.admit_group:
             h = self.waiting.pop(0)
             e = self.entries[h]
-            e.slot = self.free.pop(0)
+            e.slot = self.free.pop(self.free.index(min(self.free)))  # lowest: see _rows
             self.by_slot[e.slot] = h
             if self.prefixes is not None:
                 self._start_from_prefix(e)
@@ -403,8 +438,12 @@ class Engine:
         if not group:
             return
         share = max(16, 1 << (self.prefill_tokens // len(group)).bit_length() - 1)
-        chunk = bucket(max(min(len(self.entries[h].ids) - self.entries[h].prefilled, share)
-                           for h in group))
+        chunk = max(chunk_bucket(len(self.entries[h].ids) - self.entries[h].prefilled, share)
+                    for h in group)
+        # First chunks only: prefill in a window of the chunk's length (engine.admit's kv_len),
+        # not over the whole cache rows.
+        first_only = all(self.entries[h].prefilled == 0 for h in group)
+        window = chunk if first_only and chunk < self.cache_len else None
         g = bucket(len(group), minimum=1)
         slots = np.full((g,), self.slots, np.int32)  # filler rows: out of range, dropped
         tokens = np.zeros((g, chunk), np.int32)
@@ -426,7 +465,8 @@ class Engine:
             rows.append(e.sampling)
         sampling = SamplingArrays.from_rows(rows, g)
         self.state = self.ops.admit(self.params, self.state, slots, tokens, positions, first,
-                                    last, sampling, stop, max_new, **self.static)
+                                    last, sampling, stop, max_new, **self.static,
+                                    kv_len=window)
         self._host = None
         now = time.perf_counter()
         for i, h in enumerate(group):
@@ -456,16 +496,36 @@ class Engine:
         self.prefixes.add(e.ids[:n], kv)
 
     def warm_up(self) -> None:
-        """Compile every admit shape this engine can use with admit_group 1 (one per prompt
-        chunk bucket) and the decode loop, on a dummy request per bucket."""
+        """Compile every shape this engine can use with admit_group 1: each prompt chunk bucket
+        as a first chunk (in its own window) and as a later one (over the whole rows), on dummy
+        requests, and the decode loop (warm_up_decode)."""
         c = bucket(1)
+        top = min(self.prefill_tokens, self.cache_len - 1)
         while True:
-            h = self.submit([0] * min(c, self.cache_len - 1), Sampling(), 1)
-            self.advance(1)
-            self.forget(h)
-            if c >= min(self.prefill_tokens, self.cache_len - 1):
+            for n in (c, top + c):  # first chunk; a later chunk after one of `top` tokens
+                if n < self.cache_len:
+                    h = self.submit([0] * n, Sampling(), 1)
+                    while not self.live(h):
+                        self.advance(0)
+                    self.forget(h)
+            if c >= top:
                 break
             c *= 2
+        self.warm_up_decode()
+
+    def warm_up_decode(self) -> None:
+        """Compile the decode loop for every row bucket (and cache window without an attention
+        kernel), with a step limit of zero."""
+        windows = ([None] if self.state.cache.attention is not None else
+                   sorted({min(self.cache_len, bucket(n, minimum=64))
+                           for n in range(1, self.cache_len + 1)}))
+        r = 1
+        while True:
+            for w in windows:
+                self._decode(int(self.state.step), w, r if r < self.slots else None)
+            if r >= self.slots:
+                break
+            r = rows_bucket(r + 1)
 
     def snapshot(self):
         """(tokens [B, N], lengths [B], done [B], hit_stop [B], logprobs [B, N]) as numpy,

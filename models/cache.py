@@ -136,18 +136,51 @@ def _map_rows(fn, cache: KVCache, *others: KVCache) -> KVCache:
     return cache.replace(**new)
 
 
-def take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+def take_rows(cache: KVCache, rows: jax.Array, length: int | None = None) -> KVCache:
     """The cache of rows [G] (a row index >= B reads some row: its result is for `put_rows` to
-    drop)."""
-    return _map_rows(lambda a, ax: jnp.take(a, rows, axis=ax.index("batch"), mode="clip"), cache)
+    drop); length (static, optional): only their first `length` slots (a window)."""
+    def take(a, ax):
+        a = jnp.take(a, rows, axis=ax.index("batch"), mode="clip")
+        if length is None or "sequence" not in ax:
+            return a
+        return jax.lax.slice_in_dim(a, 0, length, axis=ax.index("sequence"))
+
+    return _map_rows(take, cache)
 
 
 def put_rows(cache: KVCache, rows: jax.Array, part: KVCache) -> KVCache:
-    """cache with rows [G] replaced by the G-row cache `part` (indices >= B are dropped)."""
-    def put(a, ax, p):
-        return a.at[(slice(None),) * ax.index("batch") + (rows,)].set(p, mode="drop")
+    """cache with rows [G] replaced by the G-row cache `part` (indices >= B are dropped).
 
-    return _map_rows(put, cache, part)
+    A `part` of fewer slots than the cache (a window from `take_rows(..., length)`) replaces
+    the rows' first slots and empties the rest of them: the caller guarantees that the rows
+    hold no token beyond the window.
+    """
+    w = part.pos.shape[1]
+
+    def put(a, ax, p):
+        idx = [slice(None)] * a.ndim
+        idx[ax.index("batch")] = rows
+        if "sequence" in ax:
+            idx[ax.index("sequence")] = slice(0, w)
+        return a.at[tuple(idx)].set(p, mode="drop")
+
+    cache = _map_rows(put, cache, part)
+    if w == cache.max_len:
+        return cache
+    return cache.replace(pos=cache.pos.at[rows, w:].set(-1, mode="drop"))
+
+
+def head_rows(cache: KVCache, rows: int) -> KVCache:
+    """The cache as seen by a forward pass over its first `rows` rows: their positions and
+    ends, and the whole (shared, B-row) key and value buffers, which the layers write and read
+    at rows 0..rows-1 only (`self_attention` reads the first rows of what it reads back)."""
+    return cache.replace(pos=cache.pos[:rows], end=cache.end[:rows])
+
+
+def put_head_rows(cache: KVCache, head: KVCache) -> KVCache:
+    """cache updated from `head` (from `head_rows`, after a forward pass)."""
+    r = head.end.shape[0]
+    return head.replace(pos=cache.pos.at[:r].set(head.pos), end=cache.end.at[:r].set(head.end))
 
 
 def clear_rows(cache: KVCache, clear: jax.Array) -> KVCache:
@@ -229,9 +262,7 @@ def write_layer(buf: jax.Array, layer, slots: jax.Array, new: jax.Array) -> jax.
 def read_prefix(cache: KVCache, row: jax.Array, length: int) -> KVCache:
     """A 1-row cache holding row `row`'s first `length` (static) slots: the keys, values and
     positions of its first tokens (`end` as it is)."""
-    part = take_rows(cache, jnp.reshape(row, (1,)))
-    return _map_rows(lambda a, ax: jax.lax.slice_in_dim(a, 0, length, axis=ax.index("sequence"))
-                     if "sequence" in ax else a, part)
+    return take_rows(cache, jnp.reshape(row, (1,)), length)
 
 
 def write_prefix(cache: KVCache, row: jax.Array, prefix: KVCache, used: jax.Array) -> KVCache:

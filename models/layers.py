@@ -239,8 +239,8 @@ def self_attention(q, k, v, positions, k_pos, window, layer, slots, cache_kv, ke
         return attend(q, k, v, attention_mask(positions, k_pos, window)), None
     cache_kv = kvc.write_kv(cache_kv, layer, slots, k, v)
     k, v = kvc.read_kv(cache_kv, layer, q.dtype)
-    s = k_pos.shape[-1]  # the visible slots (KVCache.visible_pos)
-    k, v = k[..., :s], v[..., :s, :]
+    b, s = k_pos.shape  # the rows attending and the visible slots (KVCache.visible_pos):
+    k, v = k[:b, ..., :s], v[:b, ..., :s, :]  # the first rows (cache.head_rows) and slots
     return attend(q, k, v, attention_mask(positions, k_pos, window)), cache_kv
 
 

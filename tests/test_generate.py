@@ -302,6 +302,7 @@ def test_request_joining_a_running_batch_gets_its_own_tokens(tiny, sampling):
     h = eng.submit(prompt, sampling, 12)  # joins mid-run, in the last free slot
     while not eng.finished(h):
         eng.advance(2)
+    eng.warm_up_decode()  # every decode row bucket
     before = cache_sizes()  # admits of 1 and of 4 requests compiled: group sizes are bucketed
     assert eng.entries[h].slot == 3
     ids, lps, _ = eng.result(h)
@@ -313,6 +314,95 @@ def test_request_joining_a_running_batch_gets_its_own_tokens(tiny, sampling):
         eng.advance(4)
     assert eng.entries[h2].slot == 0 and eng.result(h2)[0] == want
     assert cache_sizes() == before
+
+
+LAYOUTS = {"native kernels": {}, "xla": dict(native=False), "stacked": dict(unstack=False),
+           "int8 cache": {}}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_decode_over_the_first_rows_equals_decode_over_all(tiny, layout):
+    """engine.decode(rows=r) runs the first r slots alone (the others done) and leaves the
+    state a decode over every slot leaves: tokens, log-probs, positions and cache contents."""
+    params = generate.run_layout(tiny.params, tiny.config, **LAYOUTS[layout])
+    eng = Engine(tiny, slots=8, cache_len=64, buf_len=16, params=params,
+                 kv_cache="int8" if layout == "int8 cache" else "float")
+    if layout == "native kernels":  # the attention kernel on per-layer buffers
+        assert eng.state.cache.per_layer and eng.state.cache.attention is not None
+    if layout == "stacked":  # stacked buffers: the model's own attention
+        assert not eng.state.cache.per_layer
+    for i, p in enumerate(RAGGED[:3]):
+        eng.submit(p, Sampling(temperature=1.0, seed=i), 16 if i != 1 else 2)  # slot 1 ends
+    eng.advance(0)
+    limit = jnp.int32(int(eng.state.step) + 6)
+    copy = jax.tree.map(jnp.copy, eng.state)
+    head = engine.decode(eng.params, eng.state, limit, **eng.static, rows=4)
+    whole = engine.decode(eng.params, copy, limit, **eng.static)
+    assert int(head.step) == int(whole.step) == int(limit)
+    _assert_same_state(head, whole)
+
+
+def _assert_same_state(a, b, atol=1e-5):
+    """Two DecodeStates hold the same tokens, positions and cache contents (float leaves within
+    atol). The cache's empty slots (position -1) are not compared: padding is written there
+    (where a row's next token goes) and is no token."""
+    np.testing.assert_array_equal(a.cache.pos, b.cache.pos)
+    held = np.asarray(b.cache.pos) >= 0  # [B, S]
+
+    def held_only(state):
+        def mask(x, ax):
+            if "sequence" not in ax:
+                return x
+            return jnp.where(held.reshape([held.shape[0] if n == "batch" else held.shape[1]
+                                           if n == "sequence" else 1 for n in ax]), x, 0)
+
+        return state.replace(cache=models.cache._map_rows(mask, state.cache))
+
+    for x, y in zip(jax.tree.leaves(held_only(a)), jax.tree.leaves(held_only(b)), strict=True):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            np.testing.assert_allclose(x, y, atol=atol)
+        else:
+            np.testing.assert_array_equal(x, y)
+
+
+def test_first_chunk_in_its_window_equals_admit_over_the_whole_row(tiny):
+    """engine.admit with kv_len (a first chunk prefilled in a window of its own length) into
+    a slot that held a longer request leaves the state an admit over the whole row leaves:
+    the old tokens beyond the window are emptied."""
+    eng = Engine(tiny, slots=2, cache_len=64, buf_len=16)
+    old = eng.submit(list(range(3, 40)), Sampling(), 8)
+    while not eng.finished(old):
+        eng.advance(4)
+    prompt = [5, 7, 11, 13, 17]
+    args = (np.asarray([eng.entries[old].slot], np.int32), np.zeros((1, 16), np.int32),
+            np.full((1, 16), -1, np.int32), np.ones((1,), bool), np.ones((1,), bool),
+            SamplingArrays.from_rows([Sampling(temperature=1.0, seed=3)], 1),
+            np.full((1, engine.MAX_STOP_IDS), -1, np.int32), np.full((1,), 8, np.int32))
+    args[1][0, :5], args[2][0, :5] = prompt, np.arange(5)
+    copy = jax.tree.map(jnp.copy, eng.state)
+    windowed = engine.admit(eng.params, eng.state, *args, **eng.static, kv_len=16)
+    whole = engine.admit(eng.params, copy, *args, **eng.static)
+    assert int(windowed.cache.end[0]) == 5 and (np.asarray(windowed.cache.pos[0, 5:]) == -1).all()
+    _assert_same_state(windowed, whole)
+
+
+def test_engine_gives_the_lowest_free_slot_and_decodes_a_row_bucket(tiny):
+    """Requests take the lowest free slot, so the decode call runs the smallest row bucket
+    (1, 4, 16, ...) holding every unfinished request."""
+    eng = Engine(tiny, slots=8, cache_len=64, buf_len=16)
+    a = eng.submit(RAGGED[0], Sampling(), 16)
+    eng.advance(0)
+    assert eng.entries[a].slot == 0 and eng._rows() == 1
+    others = [eng.submit(p, Sampling(), 16) for p in RAGGED[1:3]]
+    eng.advance(0)
+    assert [eng.entries[h].slot for h in others] == [1, 2] and eng._rows() == 4
+    eng.forget(a)
+    b = eng.submit(RAGGED[0], Sampling(), 16)
+    eng.advance(0)
+    assert eng.entries[b].slot == 0
+    assert generate.rows_bucket(5) == 16 and generate.rows_bucket(16) == 16
+    assert [generate.chunk_bucket(n, 256) for n in (16, 17, 100, 143, 200, 256, 300)] == \
+        [16, 32, 128, 128, 256, 256, 256]
 
 
 def test_released_request_frees_its_slot_and_others_continue(tiny):

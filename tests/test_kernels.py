@@ -369,3 +369,31 @@ def test_decode_attention_matches_write_and_attend(n, k, h, s, window, rope, isa
     np.testing.assert_array_equal(got_k, want_k)
     np.testing.assert_array_equal(got_v, want_v)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_decode_attention_on_the_first_rows_and_padding_rows(isa):
+    """q of B rows over buffers of R > B rows attends with the buffers' first B rows (the
+    others untouched), as the same kernel on those rows alone; a padding row (position -1) is
+    written as the XLA path writes it and gets zeros (its output is never read)."""
+    r, b, n, k, h, s = 5, 3, 4, 2, 32, 24
+    keys = jax.random.split(jax.random.key(1), 5)
+    q = jax.random.normal(keys[0], (b, 1, n, h))
+    k_new = jax.random.normal(keys[1], (b, 1, k, h))
+    v_new = jax.random.normal(keys[2], (b, 1, k, h))
+    kc = jax.random.normal(keys[3], (r, k, h, s))
+    vc = jax.random.normal(keys[4], (r, k, s, h))
+    used = np.array([10, 6, 20])
+    k_pos = jnp.asarray(np.where(np.arange(s)[None] < used[:, None], np.arange(s)[None], -1),
+                        jnp.int32)
+    q_pos = jnp.asarray([[9], [-1], [19]], jnp.int32)
+    slots = jnp.asarray((used - 1)[:, None], jnp.int32)
+    fn = jax.jit(lambda q, kn, vn, kc, vc, qp: kernels.decode_attention(
+        q, kn, vn, kc, vc, qp, k_pos, 1 << 30, slots, None, isa=isa))
+    got, got_k, got_v = fn(q, k_new, v_new, kc, vc, q_pos)
+    want, want_k, want_v = fn(q, k_new, v_new, kc[:b], vc[:b], q_pos.at[1].set(5))
+    np.testing.assert_array_equal(got_k[:b], want_k)
+    np.testing.assert_array_equal(got_v[:b], want_v)
+    np.testing.assert_array_equal(got_k[b:], kc[b:])
+    np.testing.assert_array_equal(got_v[b:], vc[b:])
+    np.testing.assert_array_equal(got[0::2], want[0::2])
+    np.testing.assert_array_equal(got[1], np.zeros_like(got[1]))

@@ -538,10 +538,12 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
     [H/2] is given), written into this layer's cache and attends over the row's used slots,
     in one call (the buffers are updated in place).
 
-    q [B, 1, N, H]; k, v [B, 1, K, H] (new, q and k before RoPE); k_buf [B, K, H, S], v_buf
-    [B, K, S, H]; positions [B, 1]; k_pos [B, S]; window (int); slots [B, 1] (where the new
+    q [B, 1, N, H]; k, v [B, 1, K, H] (new, q and k before RoPE); k_buf [R, K, H, S], v_buf
+    [R, K, S, H] with R >= B (the B rows attending are the buffers' first: models.cache.
+    head_rows); positions [B, 1]; k_pos [B, S]; window (int); slots [B, 1] (where the new
     token goes) -> (out [B, 1, N * H], k_buf, v_buf), as models.layers.self_attention's XLA
-    path. Float32 with H a multiple of 16 (at most 256) runs `isa`'s kernel (default: the
+    path, except that a padding row (position -1, whose output is never read) gets zeros on
+    the kernel. Float32 with H a multiple of 16 (at most 256) runs `isa`'s kernel (default: the
     process's, when one runs); anything else XLA.
     """
     from models.layers import rope_tables, self_attention

@@ -261,10 +261,11 @@ constexpr HeadsFn kHeadsFns[kHeads] = {&AttendHeads<1>, &AttendHeads<2>, &Attend
 int64_t Count(const ffi::Buffer<ffi::F32>& b) { return static_cast<int64_t>(b.element_count()); }
 
 // Rotates each row's new token by RoPE, writes it into this layer's cache, then attends:
-// k [B, K, H, S], v [B, K, S, H] (aliased with the results k_out, v_out: updated in place),
-// q [B, N, H], k_new, v_new [B, K, H] (before RoPE), rope [B, H] (cos [H/2], then sin [H/2], of
+// k [R, K, H, S], v [R, K, S, H] (aliased with the results k_out, v_out: updated in place;
+// R >= B: the B rows attending are the first B of the buffers), q [B, N, H], k_new, v_new [B, K, H] (before RoPE), rope [B, H] (cos [H/2], then sin [H/2], of
 // the row's position: cos 1 and sin 0 for none), qpos [B], kpos [B, S], window [1], slot [B]
 // (where the new token goes; slots up to it are the used ones) -> out [B, N, H], k_out, v_out.
+// A row whose query position is negative (padding) is written but attends to nothing: out 0.
 // H must be a multiple of 16, at most 256.
 ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                   ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
@@ -274,11 +275,12 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_out,
                   ffi::ResultBuffer<ffi::F32> v_out) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[0] ||
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || kd[0] < qd[0] ||
       qd[1] % kd[1] != 0 || kd[2] != qd[2] || qd[2] % 16 != 0 || qd[2] > 256 ||
       vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[3] || vd[3] != kd[2] ||
-      kpos.dimensions()[1] != kd[3] || window.element_count() != 1 ||
-      Count(k_new) != kd[0] * kd[1] * kd[2] || Count(v_new) != kd[0] * kd[1] * kd[2] ||
+      kpos.dimensions()[0] != qd[0] || kpos.dimensions()[1] != kd[3] ||
+      window.element_count() != 1 ||
+      Count(k_new) != qd[0] * kd[1] * kd[2] || Count(v_new) != qd[0] * kd[1] * kd[2] ||
       Count(rope) != qd[0] * qd[2]) {
     return ffi::Error::InvalidArgument("jaxinfer_attend_f32: unexpected shapes");
   }
@@ -318,6 +320,10 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
       Rotate(kn + item * H, cs + b * H, H, rk);
       for (int64_t h = 0; h < H; ++h) kb[h * S + sl[b]] = rk[h];
       std::copy_n(vn + item * H, H, vb + sl[b] * H);
+    }
+    if (qp[b] < 0) {  // a padding query (a finished or free row): its output is never read
+      std::fill_n(os + (b * N + kh * G) * H, G * H, 0.0f);
+      return;
     }
     for (int64_t g = 0; g < G; ++g)
       Rotate(qs + (b * N + kh * G + g) * H, cs + b * H, H, rq + g * H);
