@@ -330,6 +330,9 @@ class Engine:
         self.state = self.ops.init_state(self.params, config=model.config, slots=self.slots,
                                          cache_len=cache_len, buf_len=buf_len, kv_cache=kv_cache)
         self.admit_group = admit_group or self.slots
+        # The attention kernel reads each row's used slots itself: no decode windows then.
+        self.kernel_attention = getattr(self.state, "stacked", self.state).cache.attention \
+            is not None  # (a PmapState holds the per-device states stacked)
         local = isinstance(self.ops, _LocalOps)
         self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes and local else None
         self.entries: dict[int, _Entry] = {}
@@ -401,7 +404,7 @@ class Engine:
         """Cache slots the next `steps` decode steps can reach (bucketed, at least 64): every
         live slot holds its prompt and the tokens drawn so far, and no padding. None with an
         attention kernel, which reads each row's used slots whatever the window."""
-        if self.state.cache.attention is not None:
+        if self.kernel_attention:
             return None
         length = self.snapshot()[1]
         ends = [len(e.ids) + int(length[e.slot]) for h, e in self.entries.items()
@@ -516,7 +519,7 @@ class Engine:
     def warm_up_decode(self) -> None:
         """Compile the decode loop for every row bucket (and cache window without an attention
         kernel), with a step limit of zero."""
-        windows = ([None] if self.state.cache.attention is not None else
+        windows = ([None] if self.kernel_attention else
                    sorted({min(self.cache_len, bucket(n, minimum=64))
                            for n in range(1, self.cache_len + 1)}))
         r = 1
