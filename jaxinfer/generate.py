@@ -330,6 +330,7 @@ class Engine:
         self.state = self.ops.init_state(self.params, config=model.config, slots=self.slots,
                                          cache_len=cache_len, buf_len=buf_len, kv_cache=kv_cache)
         self.admit_group = admit_group or self.slots
+        self.warm = False  # every shape compiled (warm_up)
         # The attention kernel reads each row's used slots itself: no decode windows then.
         self.kernel_attention = getattr(self.state, "stacked", self.state).cache.attention \
             is not None  # (a PmapState holds the per-device states stacked)
@@ -397,7 +398,7 @@ class Engine:
 
     def _decode(self, limit: int, kv_len: int | None, rows: int | None) -> None:
         self.state = self.ops.decode(self.params, self.state, jnp.int32(limit), **self.static,
-                                     kv_len=kv_len, **({} if rows is None else {"rows": rows}))
+                                     kv_len=kv_len, rows=rows)
         self._host = None
 
     def _kv_len(self, steps: int) -> int | None:
@@ -441,7 +442,10 @@ class Engine:
         if not group:
             return
         share = max(16, 1 << (self.prefill_tokens // len(group)).bit_length() - 1)
-        chunk = max(chunk_bucket(len(self.entries[h].ids) - self.entries[h].prefilled, share)
+        # Splitting a chunk (chunk_bucket) saves prefill work only where the extra shape is
+        # compiled already (after warm_up); otherwise it would cost a compile: pad instead.
+        fit = chunk_bucket if self.warm else lambda n, share: bucket(min(n, share))
+        chunk = max(fit(len(self.entries[h].ids) - self.entries[h].prefilled, share)
                     for h in group)
         # First chunks only: prefill in a window of the chunk's length (engine.admit's kv_len),
         # not over the whole cache rows.
@@ -501,7 +505,8 @@ class Engine:
     def warm_up(self) -> None:
         """Compile every shape this engine can use with admit_group 1: each prompt chunk bucket
         as a first chunk (in its own window) and as a later one (over the whole rows), on dummy
-        requests, and the decode loop (warm_up_decode)."""
+        requests, and the decode loop (warm_up_decode). After it, prompt chunks may be split
+        (chunk_bucket), since every split shape is compiled."""
         c = bucket(1)
         top = min(self.prefill_tokens, self.cache_len - 1)
         while True:
@@ -515,6 +520,7 @@ class Engine:
                 break
             c *= 2
         self.warm_up_decode()
+        self.warm = True
 
     def warm_up_decode(self) -> None:
         """Compile the decode loop for every row bucket (and cache window without an attention

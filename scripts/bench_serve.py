@@ -160,6 +160,7 @@ def run_static(model, reqs, slots: int, max_len: int) -> dict:
     then decoded until its longest row ends (the engine and shapes of the server's)."""
     eng = Engine(model, slots=slots, cache_len=max_len, buf_len=max_len, admit_group=1,
                  prefill_tokens=PREFILL_TOKENS)
+    eng.warm_up()  # as the server's engine
     t0 = time.perf_counter()
     tokens = 0
     for i in range(0, len(reqs), slots):
