@@ -28,11 +28,10 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def rows_bucket(n: int) -> int:
-    """Next power of four >= n: the decode row counts compiled (1, 4, 16, 64, ...)."""
-    r = 1
-    while r < n:
-        r *= 4
-    return r
+    """Next power of two >= n: the decode row counts compiled (1, 2, 4, 8, ...). A decode step
+    over r rows costs about a fixed part plus r times a per-row part (one row's matmuls), so a
+    row bucket of twice the live rows at most doubles the per-row part."""
+    return bucket(n, minimum=1)
 
 
 def chunk_bucket(remaining: int, share: int) -> int:
@@ -389,10 +388,16 @@ class Engine:
     # -- running ----------------------------------------------------------------------------
 
     def advance(self, steps: int) -> None:
-        """Admit waiting requests into free slots (one prompt chunk each, within the
-        prefill_tokens budget; a longer prompt gets its next chunk at the next call), then run
-        up to `steps` decode steps on the device if any slot is live."""
-        self._admit()
+        """Admit waiting requests into free slots (one prompt chunk each, admit calls of at
+        most admit_group requests until the prefill_tokens budget is spent; a longer prompt
+        gets its next chunk at the next call), then run up to `steps` decode steps on the
+        device if any slot is live."""
+        budget, admitted = self.prefill_tokens, set()
+        while budget >= 16:
+            used = self._admit(budget, admitted)
+            if not used:
+                break
+            budget -= used
         if steps > 0 and self._any_live():
             self._decode(int(self.state.step) + steps, self._kv_len(steps), self._rows())
 
@@ -427,10 +432,12 @@ class Engine:
     def _any_live(self) -> bool:
         return any(self.live(h) and not self.finished(h) for h in self.entries)
 
-    def _admit(self) -> None:
-        """One admit call for every request with a slot (or a free one) and prompt left."""
+    def _admit(self, budget: int, admitted: set[int]) -> int:
+        """One admit call for up to admit_group requests with a slot (or a free one) and
+        prompt left, not in `admitted` (those had a chunk in this advance; the call adds its
+        own), within `budget` prompt tokens. Returns the tokens it ran (0: no call)."""
         group = [h for h, e in self.entries.items() if e.slot is not None and
-                 e.prefilled < len(e.ids)][:self.admit_group]
+                 e.prefilled < len(e.ids) and h not in admitted][:self.admit_group]
         while self.waiting and self.free and len(group) < self.admit_group:
             h = self.waiting.pop(0)
             e = self.entries[h]
@@ -440,8 +447,9 @@ class Engine:
                 self._start_from_prefix(e)
             group.append(h)
         if not group:
-            return
-        share = max(16, 1 << (self.prefill_tokens // len(group)).bit_length() - 1)
+            return 0
+        admitted.update(group)
+        share = max(16, 1 << (budget // len(group)).bit_length() - 1)
         # Splitting a chunk (chunk_bucket) saves prefill work only where the extra shape is
         # compiled already (after warm_up); otherwise it would cost a compile: pad instead.
         fit = chunk_bucket if self.warm else lambda n, share: bucket(min(n, share))
@@ -481,6 +489,7 @@ class Engine:
                 self.entries[h].first_token_s = now - self.entries[h].submitted
                 if self.prefixes is not None:
                     self._save_prefix(self.entries[h])
+        return chunk * len(group)
 
     def _start_from_prefix(self, e: _Entry) -> None:
         """Load the longest cached prefix of e's prompt into its slot."""

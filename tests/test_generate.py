@@ -388,7 +388,7 @@ def test_first_chunk_in_its_window_equals_admit_over_the_whole_row(tiny):
 
 def test_engine_gives_the_lowest_free_slot_and_decodes_a_row_bucket(tiny):
     """Requests take the lowest free slot, so the decode call runs the smallest row bucket
-    (1, 4, 16, ...) holding every unfinished request."""
+    (1, 2, 4, 8, ...) holding every unfinished request."""
     eng = Engine(tiny, slots=8, cache_len=64, buf_len=16)
     a = eng.submit(RAGGED[0], Sampling(), 16)
     eng.advance(0)
@@ -400,9 +400,26 @@ def test_engine_gives_the_lowest_free_slot_and_decodes_a_row_bucket(tiny):
     b = eng.submit(RAGGED[0], Sampling(), 16)
     eng.advance(0)
     assert eng.entries[b].slot == 0
-    assert generate.rows_bucket(5) == 16 and generate.rows_bucket(16) == 16
+    assert generate.rows_bucket(5) == 8 and generate.rows_bucket(16) == 16
     assert [generate.chunk_bucket(n, 256) for n in (16, 17, 100, 143, 200, 256, 300)] == \
         [16, 32, 128, 128, 256, 256, 256]
+
+
+def test_one_advance_admits_requests_until_the_prefill_budget_is_spent(tiny):
+    """admit_group 1 (the server's engine): one advance runs one admit call after another,
+    one prompt chunk each, until prefill_tokens is spent; what is left goes in at the next
+    advance, and every request still gives the tokens it gives alone."""
+    eng = Engine(tiny, slots=8, cache_len=64, buf_len=16, admit_group=1, prefill_tokens=32)
+    prompts = [RAGGED[0], RAGGED[1], RAGGED[2], [5] * 20]  # chunks of 16, 16, 16 and 32
+    handles = [eng.submit(p, Sampling(), 6) for p in prompts]
+    eng.advance(0)
+    assert [eng.live(h) for h in handles] == [True, True, False, False]
+    eng.advance(0)
+    assert [eng.live(h) for h in handles] == [True, True, True, False]
+    while not all(eng.finished(h) for h in handles):
+        eng.advance(4)
+    for p, h in zip(prompts, handles):
+        assert eng.result(h)[0] == _alone(tiny, p, Sampling(), 6)[0]
 
 
 def test_released_request_frees_its_slot_and_others_continue(tiny):
