@@ -18,10 +18,12 @@
 //
 // 4-bit weights take x quantized per row in blocks of 32 (as llama.cpp's Q8 activations):
 // d = max |x| / 127 over the block, xq = round(x * 127 / max |x|) in int8, so the result is
-// q8(x) @ W with q8(x) = d * xq. The products are integer dot products of 8 k per 32-bit lane
-// (maddubs + madd on AVX2): far fewer instructions per weight than converting nibbles to
-// floats, which bound the float path. Every row runs the same loop (the panel stays in L1/L2
-// across rows), so a row's result does not depend on how many rows a call has.
+// q8(x) @ W with q8(x) = d * xq. The products are integer dot products (maddubs on AVX2, summed
+// in int16 over a block of 32 k, then to int32): far fewer instructions per weight than
+// converting nibbles to floats, which bound the float path. Up to 4 rows of x share each
+// unpacked weight vector (the panel stays in L1/L2 across row blocks), and every row runs the
+// same operations in the same order, so a row's result does not depend on how many rows a call
+// has.
 #include "common.h"
 
 namespace {
@@ -106,57 +108,72 @@ QuantRows QuantizeRows(const float* x, int64_t m, int64_t k) {
   return out;
 }
 
-// Vectors of columns per pass of the integer loop: C int32 sums, C group sums, C results, two
-// quads of x and three temporaries in the registers.
+// Rows of x per pass of the integer loop: each unpacked weight vector serves this many rows.
+// All row blocks run over kDotK rows of k (6 KB of a 4-bit panel: it stays in L1) before the
+// next kDotK.
+constexpr int kDotRows = 4;
+constexpr int64_t kDotK = 256;
+
+// Vectors of columns per pass of the integer loop for R rows: R * C int16 sums, C low and C
+// high nibble vectors, a quad of x, the nibble mask and two products in the registers.
+template <int R>
 constexpr int DotCols() {
   for (int c = kCols; c > 1; --c)
-    if (kCols % c == 0 && 3 * c + 7 <= simd::kRegs) return c;
+    if (kCols % c == 0 && R * c + 2 * c + 4 <= simd::kRegs) return c;
   return 1;
 }
 
-// tile[C0 * kWidth .. (C0 + C) * kWidth) = q8(x) [K] @ the 4-bit panel's columns there, for one
-// quantized row (xq, d, sum: that row's parts of QuantRows); q, s, mins point at the panel.
-template <int C, int C0>
-void DotRowCols(const int8_t* xq, const float* d, const float* sum, const uint8_t* q,
-                const uint16_t* s, const uint16_t* mins, int64_t K, int64_t G, float* tile) {
-  Vec acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = simd::Zero();
-  for (int64_t g0 = 0, g = 0; g0 < K; g0 += G, ++g) {
-    Vec part[C];  // sum over the group's blocks of d * (xq . q)
-    for (int c = 0; c < C; ++c) part[c] = simd::Zero();
-    float xsum = 0.0f;
-    for (int64_t k0 = g0; k0 < g0 + G; k0 += kBlock) {
-      simd::IVec dot[C];
-      for (int c = 0; c < C; ++c) dot[c] = simd::IZero();
-      const uint8_t* qk = q + k0 / 8 * kStrip * 4 + C0 * kWidth * 4;
-      for (int64_t k = k0; k < k0 + kBlock; k += 8, qk += kStrip * 4) {
-        const simd::IVec x0 = simd::Quad(xq + k), x1 = simd::Quad(xq + k + 4);
-        for (int c = 0; c < C; ++c) {
-          const simd::IVec w = simd::LoadBytes(qk + c * kWidth * 4);
-          dot[c] = simd::Dot4x2(dot[c], simd::LowNibbles(w), x0, simd::HighNibbles(w), x1);
-        }
+// tile rows 0 .. R-1, columns C0 * kWidth .. (C0 + C) * kWidth += q8(x) rows r0 .. r0 + R - 1,
+// k in [kb, ke) @ the 4-bit panel's columns there (kb == 0: = instead of +=); q, s, mins point
+// at the panel, K is its depth. Per block of 32 k, each
+// row's integer dot (int16 pairs over the block, then int32) is added to its float32 result
+// as acc + dot * (d * scale) + sum * min: the same operations in the same order for every
+// row, whatever R is, so a row's result does not depend on the other rows of the call.
+template <int R, int C, int C0>
+void DotRowsCols(const QuantRows& x, int64_t r0, const uint8_t* q, const uint16_t* s,
+                 const uint16_t* mins, int64_t K, int64_t kb, int64_t ke, int64_t G,
+                 float* tile) {
+  const int64_t blocks = K / kBlock;
+  for (int64_t k0 = kb; k0 < ke; k0 += kBlock) {
+    simd::IVec pairs[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) pairs[r][c] = simd::IZero();
+    const uint8_t* qk = q + k0 / 8 * kStrip * 4 + C0 * kWidth * 4;
+    for (int64_t k = k0; k < k0 + kBlock; k += 8, qk += kStrip * 4) {
+      simd::IVec lo[C], hi[C];
+      for (int c = 0; c < C; ++c) {
+        const simd::IVec w = simd::LoadBytes(qk + c * kWidth * 4);
+        lo[c] = simd::LowNibbles(w);
+        hi[c] = simd::HighNibbles(w);
       }
-      const Vec db = simd::Set1(d[k0 / kBlock]);
-      for (int c = 0; c < C; ++c) part[c] = simd::Fma(simd::ToFloat(dot[c]), db, part[c]);
-      xsum += sum[k0 / kBlock];
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xr = x.xq.data() + (r0 + r) * K + k;
+        const simd::IVec x0 = simd::Quad(xr), x1 = simd::Quad(xr + 4);
+        for (int c = 0; c < C; ++c) pairs[r][c] = simd::DotPairs(pairs[r][c], lo[c], x0, hi[c], x1);
+      }
     }
-    const uint16_t* sg = s + g * kStrip + C0 * kWidth;
-    const uint16_t* mg = mins + g * kStrip + C0 * kWidth;
-    const Vec xs = simd::Set1(xsum);
+    const int64_t g = k0 / G, b = k0 / kBlock;
     for (int c = 0; c < C; ++c) {
-      acc[c] = simd::Fma(part[c], simd::LoadHalf(sg + c * kWidth), acc[c]);
-      acc[c] = simd::Fma(xs, simd::LoadHalf(mg + c * kWidth), acc[c]);
+      const Vec sc = simd::LoadHalf(s + g * kStrip + (C0 + c) * kWidth);
+      const Vec mn = simd::LoadHalf(mins + g * kStrip + (C0 + c) * kWidth);
+      for (int r = 0; r < R; ++r) {
+        float* t = tile + r * kStrip + (C0 + c) * kWidth;
+        const int64_t rb = (r0 + r) * blocks + b;
+        const Vec dot = simd::ToFloat(simd::SumPairs(pairs[r][c]));
+        Vec acc = k0 == 0 ? simd::Zero() : simd::Load(t);
+        acc = simd::Fma(dot, simd::Mul(simd::Set1(x.d[rb]), sc), acc);
+        simd::Store(t, simd::Fma(simd::Set1(x.sum[rb]), mn, acc));
+      }
     }
   }
-  for (int c = 0; c < C; ++c) simd::Store(tile + (C0 + c) * kWidth, acc[c]);
 }
 
-template <int C0 = 0>
-void DotRow(const int8_t* xq, const float* d, const float* sum, const uint8_t* q,
-            const uint16_t* s, const uint16_t* mins, int64_t K, int64_t G, float* tile) {
-  constexpr int C = DotCols();
-  DotRowCols<C, C0>(xq, d, sum, q, s, mins, K, G, tile);
-  if constexpr (C0 + C < kCols) DotRow<C0 + C>(xq, d, sum, q, s, mins, K, G, tile);
+template <int R, int C0 = 0>
+void DotRows(const QuantRows& x, int64_t r0, const uint8_t* q, const uint16_t* s,
+             const uint16_t* mins, int64_t K, int64_t kb, int64_t ke, int64_t G, float* tile) {
+  constexpr int C = DotCols<R>();
+  DotRowsCols<R, C, C0>(x, r0, q, s, mins, K, kb, ke, G, tile);
+  if constexpr (C0 + C < kCols) DotRows<R, C0 + C>(x, r0, q, s, mins, K, kb, ke, G, tile);
 }
 
 // out [kc][kStrip] = W rows k0 .. k0 + kc of the 8-bit panel, as float32.
@@ -207,16 +224,25 @@ void Panel8(const QProj& w, int64_t p, const Inputs& in, int64_t m, int64_t K, f
   }
 }
 
-// tile [M][kStrip] = q8(x) [M, K] @ panel p of the 4-bit w, one row at a time.
+// tile [M][kStrip] = q8(x) [M, K] @ panel p of the 4-bit w: kDotK rows of k at a time, in
+// which kDotRows rows of x at a time.
 void Panel4(const QProj& w, int64_t p, const Inputs& in, int64_t m, int64_t K, float* tile) {
   const int64_t groups = K / w.group;
   const uint8_t* q = static_cast<const uint8_t*>(w.q) + p * K / 2 * kStrip;
   const uint16_t* s = static_cast<const uint16_t*>(w.s) + p * groups * kStrip;
   const uint16_t* mins = w.mins + p * groups * kStrip;
   const QuantRows& x = *in.xq;
-  for (int64_t r = 0; r < m; ++r)
-    DotRow(x.xq.data() + r * K, x.d.data() + r * K / kBlock, x.sum.data() + r * K / kBlock, q,
-           s, mins, K, w.group, tile + r * kStrip);
+  const int64_t G = w.group;
+  for (int64_t kb = 0; kb < K; kb += kDotK) {
+    const int64_t ke = std::min(K, kb + kDotK);
+    int64_t r = 0;
+    for (; r + kDotRows <= m; r += kDotRows)
+      DotRows<kDotRows>(x, r, q, s, mins, K, kb, ke, G, tile + r * kStrip);
+    static_assert(kDotRows == 4, "the tails below");
+    if (m - r == 3) DotRows<3>(x, r, q, s, mins, K, kb, ke, G, tile + r * kStrip);
+    if (m - r == 2) DotRows<2>(x, r, q, s, mins, K, kb, ke, G, tile + r * kStrip);
+    if (m - r == 1) DotRows<1>(x, r, q, s, mins, K, kb, ke, G, tile + r * kStrip);
+  }
 }
 
 void Panel(const QProj& w, int64_t p, const Inputs& in, int64_t m, int64_t K, float* tile,

@@ -27,9 +27,11 @@
 //   IZero LoadBytes(p)             zeros; 4 * kWidth bytes at p
 //   Quad(p)                        the 4 int8 at p, in every 32-bit lane
 //   LowNibbles HighNibbles(b)      each byte's low / high nibble (0..15), as bytes
-//   Dot4x2(acc, u0, s0, u1, s1)    acc + per 32-bit lane the sum of its 8 products u * s of
+//   DotPairs(acc, u0, s0, u1, s1)  acc + per 16-bit lane the sum of its 4 products u * s of
 //                                  unsigned bytes u0, u1 (< 16) with signed bytes s0, s1
-//                                  (|s| <= 127): no intermediate overflows
+//                                  (|s| <= 127), in int16 lanes: |sum| <= 7620, so four
+//                                  calls add up without overflow
+//   SumPairs(p)                    per 32-bit lane the sum of its two int16 lanes of p
 //   ToFloat(i)                     int32 lanes as floats
 //   PrefetchL1 PrefetchL2 Pause    hints
 #ifndef JAXINFER_KERNELS_SIMD_H_
@@ -105,10 +107,11 @@ inline IVec LowNibbles(IVec b) { return _mm512_and_si512(b, _mm512_set1_epi8(15)
 inline IVec HighNibbles(IVec b) {
   return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(15));
 }
-inline IVec Dot4x2(IVec acc, IVec u0, IVec s0, IVec u1, IVec s1) {  // AVX512BW
-  const __m512i pairs = _mm512_add_epi16(_mm512_maddubs_epi16(u0, s0), _mm512_maddubs_epi16(u1, s1));
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)));
+inline IVec DotPairs(IVec acc, IVec u0, IVec s0, IVec u1, IVec s1) {  // AVX512BW
+  return _mm512_add_epi16(acc, _mm512_add_epi16(_mm512_maddubs_epi16(u0, s0),
+                                                _mm512_maddubs_epi16(u1, s1)));
 }
+inline IVec SumPairs(IVec p) { return _mm512_madd_epi16(p, _mm512_set1_epi16(1)); }
 inline Vec ToFloat(IVec i) { return _mm512_cvtepi32_ps(i); }
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -196,10 +199,11 @@ inline IVec LowNibbles(IVec b) { return _mm256_and_si256(b, _mm256_set1_epi8(15)
 inline IVec HighNibbles(IVec b) {
   return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15));
 }
-inline IVec Dot4x2(IVec acc, IVec u0, IVec s0, IVec u1, IVec s1) {
-  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(u0, s0), _mm256_maddubs_epi16(u1, s1));
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+inline IVec DotPairs(IVec acc, IVec u0, IVec s0, IVec u1, IVec s1) {
+  return _mm256_add_epi16(acc, _mm256_add_epi16(_mm256_maddubs_epi16(u0, s0),
+                                                _mm256_maddubs_epi16(u1, s1)));
 }
+inline IVec SumPairs(IVec p) { return _mm256_madd_epi16(p, _mm256_set1_epi16(1)); }
 inline Vec ToFloat(IVec i) { return _mm256_cvtepi32_ps(i); }
 
 #else
