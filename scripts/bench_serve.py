@@ -224,7 +224,10 @@ def main() -> None:
         from jaxinfer.loading import resolve_source
 
         rows += llama_server_rows(args.llama_server, resolve_source(args.model), reqs, args)
-    kernels = "off (JAXINFER_NATIVE=0)" if os.environ.get("JAXINFER_NATIVE") == "0" else "on"
+    from jaxinfer import kernels as native
+
+    isa = native.isa()
+    kernels = f"on ({isa})" if isa else "off (JAXINFER_NATIVE=0, or no ISA the kernels have)"
     head = (f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} "
             f"cores. {args.model}, weights {args.quant}, native kernels {kernels}. "
             f"{args.requests} requests, prompts {args.prompt_range[0]}-{args.prompt_range[1]} "

@@ -418,7 +418,7 @@ def test_one_advance_admits_requests_until_the_prefill_budget_is_spent(tiny):
     assert [eng.live(h) for h in handles] == [True, True, True, False]
     while not all(eng.finished(h) for h in handles):
         eng.advance(4)
-    for p, h in zip(prompts, handles):
+    for p, h in zip(prompts, handles, strict=True):
         assert eng.result(h)[0] == _alone(tiny, p, Sampling(), 6)[0]
 
 
