@@ -393,7 +393,7 @@ class Engine:
         gets its next chunk at the next call), then run up to `steps` decode steps on the
         device if any slot is live."""
         budget, admitted = self.prefill_tokens, set()
-        while budget >= 16:
+        while budget >= bucket(1):  # room for the smallest chunk
             used = self._admit(budget, admitted)
             if not used:
                 break

@@ -29,6 +29,7 @@ import httpx2 as httpx
 import numpy as np
 
 import jaxinfer
+from jaxinfer import kernels
 from jaxinfer.bench import english_text, publish
 from jaxinfer.generate import Engine
 from jaxinfer.sampling import Sampling
@@ -224,12 +225,10 @@ def main() -> None:
         from jaxinfer.loading import resolve_source
 
         rows += llama_server_rows(args.llama_server, resolve_source(args.model), reqs, args)
-    from jaxinfer import kernels as native
-
-    isa = native.isa()
-    kernels = f"on ({isa})" if isa else "off (JAXINFER_NATIVE=0, or no ISA the kernels have)"
+    isa = kernels.isa()
+    native = f"on ({isa})" if isa else "off (JAXINFER_NATIVE=0, or no ISA the kernels have)"
     head = (f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} "
-            f"cores. {args.model}, weights {args.quant}, native kernels {kernels}. "
+            f"cores. {args.model}, weights {args.quant}, native kernels {native}. "
             f"{args.requests} requests, prompts {args.prompt_range[0]}-{args.prompt_range[1]} "
             f"tokens, outputs {args.out_range[0]}-{args.out_range[1]} tokens (ignore_eos, "
             f"greedy), {args.slots} slots, max_len {args.max_len}, {PREFILL_TOKENS} prompt "

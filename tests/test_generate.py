@@ -410,7 +410,7 @@ def test_one_advance_admits_requests_until_the_prefill_budget_is_spent(tiny):
     one prompt chunk each, until prefill_tokens is spent; what is left goes in at the next
     advance, and every request still gives the tokens it gives alone."""
     eng = Engine(tiny, slots=8, cache_len=64, buf_len=16, admit_group=1, prefill_tokens=32)
-    prompts = [RAGGED[0], RAGGED[1], RAGGED[2], [5] * 20]  # chunks of 16, 16, 16 and 32
+    prompts = [RAGGED[0], RAGGED[1], RAGGED[2], [5] * 20]  # the last: two chunks of 16
     handles = [eng.submit(p, Sampling(), 6) for p in prompts]
     eng.advance(0)
     assert [eng.live(h) for h in handles] == [True, True, False, False]

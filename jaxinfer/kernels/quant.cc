@@ -125,10 +125,10 @@ constexpr int DotCols() {
 
 // tile rows 0 .. R-1, columns C0 * kWidth .. (C0 + C) * kWidth += q8(x) rows r0 .. r0 + R - 1,
 // k in [kb, ke) @ the 4-bit panel's columns there (kb == 0: = instead of +=); q, s, mins point
-// at the panel, K is its depth. Per block of 32 k, each
-// row's integer dot (int16 pairs over the block, then int32) is added to its float32 result
-// as acc + dot * (d * scale) + sum * min: the same operations in the same order for every
-// row, whatever R is, so a row's result does not depend on the other rows of the call.
+// at the panel, K is its depth. Per block of 32 k, each row's integer dot (int16 pairs over
+// the block, then int32) is added to its float32 result as acc + dot * (d * scale) + sum * min:
+// the same operations in the same order for every row, whatever R is, so a row's result does
+// not depend on the other rows of the call.
 template <int R, int C, int C0>
 void DotRowsCols(const QuantRows& x, int64_t r0, const uint8_t* q, const uint16_t* s,
                  const uint16_t* mins, int64_t K, int64_t kb, int64_t ke, int64_t G,
