@@ -132,6 +132,12 @@ def _serve_parser(sub) -> None:
     s.add_argument("--prefill-tokens", type=int, default=256,
                    help="prompt tokens prefilled per engine step before its decode steps "
                         "(power of two, 16..512; default 256)")
+    s.add_argument("--schedule", choices=["shortest", "fifo"], default="shortest",
+                   help="order in which waiting requests get slots: shortest prompt first, aged "
+                        "by --aging (default), or first come, first served")
+    s.add_argument("--aging", type=float, default=256.0,
+                   help="with --schedule shortest: prompt tokens a waiting request gains per "
+                        "second in the queue (bounds how long a long prompt waits; default 256)")
     s.add_argument("--prefix-cache-mb", type=int, default=256,
                    help="memory for the KV of shared prompt prefixes (0: off; default 256)")
     s.add_argument("--served-model-name", default=None,
@@ -451,6 +457,8 @@ def cmd_serve(args) -> int:
     if not 16 <= args.prefill_tokens <= 512 or args.prefill_tokens & (args.prefill_tokens - 1):
         raise InputError(f"--prefill-tokens must be a power of two from 16 to 512, got "
                          f"{args.prefill_tokens}")
+    if not args.aging >= 0:
+        raise InputError(f"--aging must be >= 0 prompt tokens per second, got {args.aging}")
     placement = setup_parallel(args)
     model, load_s = _load(args, placement)
     if args.max_len > model.config.max_seq_len:
@@ -462,7 +470,8 @@ def cmd_serve(args) -> int:
                      max_len=args.max_len, max_queue=args.max_queue, api_key=args.api_key,
                      timeout_s=args.timeout, kv_cache=args.kv_cache,
                      prefix_cache_bytes=args.prefix_cache_mb << 20,
-                     prefill_tokens=args.prefill_tokens)
+                     prefill_tokens=args.prefill_tokens,
+                     shortest_first=args.aging if args.schedule == "shortest" else None)
     serve(app, args.host, args.port)
     return 0
 

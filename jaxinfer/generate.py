@@ -307,12 +307,19 @@ class Engine:
     bucket), compiled up front by `warm_up`. prefix_cache_bytes: keep the KV of prompt
     prefixes (whole PREFIX_BLOCKs) up to this many bytes, and start requests that share one
     from it instead of prefilling it again (one device, no placement; 0: off).
+    shortest_first: None admits waiting requests first come, first served. A rate r (prompt
+    tokens per second) admits the shortest prompt first, less r tokens for each second it has
+    waited: a burst goes in shortest first, and a long prompt waits at most (its length - the
+    shortest's) / r seconds longer than a short one that came after it (0: no aging).
     """
 
     def __init__(self, model, *, slots: int, cache_len: int, buf_len: int,
                  kv_cache: str = "float", params=None, scan_unroll: int = 1,
                  admit_group: int | None = None, prefix_cache_bytes: int = 0,
-                 prefill_tokens: int = MAX_CHUNK):
+                 prefill_tokens: int = MAX_CHUNK, shortest_first: float | None = None):
+        if shortest_first is not None and not shortest_first >= 0:
+            raise InputError(f"shortest_first must be None or a rate >= 0, got {shortest_first}")
+        self.shortest_first = shortest_first
         if kv_cache not in ("float", "int8"):
             raise InputError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
         if not 16 <= prefill_tokens <= MAX_CHUNK or prefill_tokens & (prefill_tokens - 1):
@@ -439,7 +446,7 @@ class Engine:
         group = [h for h, e in self.entries.items() if e.slot is not None and
                  e.prefilled < len(e.ids) and h not in admitted][:self.admit_group]
         while self.waiting and self.free and len(group) < self.admit_group:
-            h = self.waiting.pop(0)
+            h = self._next_waiting()
             e = self.entries[h]
             e.slot = self.free.pop(self.free.index(min(self.free)))  # lowest: see _rows
             self.by_slot[e.slot] = h
@@ -490,6 +497,16 @@ class Engine:
                 if self.prefixes is not None:
                     self._save_prefix(self.entries[h])
         return chunk * len(group)
+
+    def _next_waiting(self) -> int:
+        """Take the waiting request to admit next (see shortest_first; ties: first come)."""
+        if self.shortest_first is None:
+            return self.waiting.pop(0)
+        now, rate = time.perf_counter(), self.shortest_first
+        h = min(self.waiting, key=lambda h: len(self.entries[h].ids)
+                - rate * (now - self.entries[h].submitted))
+        self.waiting.remove(h)
+        return h
 
     def _start_from_prefix(self, e: _Entry) -> None:
         """Load the longest cached prefix of e's prompt into its slot."""

@@ -3,7 +3,8 @@ of the same requests on the same engine, and against llama.cpp's `llama-server`,
 
 A fixed workload (mixed prompt lengths, mixed output lengths with ignore_eos so lengths are
 exact, greedy) is sent to an in-process server on 127.0.0.1 by 1, 4, 16, ... concurrent
-streaming clients and as one burst; static batching runs the same requests in arrival order in
+streaming clients and as one burst (the server's order of admission, shortest prompt first,
+aged; then once more first come, first served); static batching runs the same requests in arrival order in
 batches of the slot count, each batch until its longest row ends. `--llama-server BIN` also
 starts that binary on the same GGUF file (`-np` = slots, `-t` = threads, 127.0.0.1) and sends
 it the same token ids (its own `/completion` endpoint). Prints a Markdown table; `--out FILE`
@@ -215,12 +216,17 @@ def main() -> None:
         for c in args.concurrency:
             measured(f"continuous, {_clients(c)}", run_served(server.base, reqs, c))
         measured("continuous, burst", run_served(server.base, reqs, len(reqs)))
+        engine = server.app.state.engine.engine  # nothing in flight: switch its admission order
+        aging, engine.shortest_first = engine.shortest_first, None
+        measured("continuous, burst, first come first served",
+                 run_served(server.base, reqs, len(reqs)))
+        engine.shortest_first = aging
     finally:
         server.stop()
     run_static(model, reqs[: args.slots], args.slots, args.max_len)  # warm-up
     static = run_static(model, reqs, args.slots, args.max_len)
     print(f"static: {static['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
-    burst = rows[-1][1]
+    burst = dict(rows)["continuous, burst"]
     if args.llama_server:
         from jaxinfer.loading import resolve_source
 

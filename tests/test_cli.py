@@ -56,6 +56,7 @@ def test_bench_json_keys(capsys, smollm2_gguf_path):
     (["generate", "--prompt", "hi", "--model", "/no/such/model"], "no such file or directory"),
     (["bench", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["serve", "--prefill-tokens", "24"], "--prefill-tokens must be a power of two"),
+    (["serve", "--aging", "-1"], "--aging must be >= 0 prompt tokens per second"),
 ])
 def test_bad_input_one_error_line(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv, *BASE)

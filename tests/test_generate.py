@@ -422,6 +422,40 @@ def test_one_advance_admits_requests_until_the_prefill_budget_is_spent(tiny):
         assert eng.result(h)[0] == _alone(tiny, p, Sampling(), 6)[0]
 
 
+def test_shortest_first_admits_short_prompts_first_and_ages_long_ones(tiny):
+    """shortest_first: a short prompt that comes later gets the free slot before a long one
+    that waits; once the long one has waited long enough (rate x seconds > the length
+    difference) it goes before a new short one; every request keeps its own tokens."""
+    with pytest.raises(InputError, match="shortest_first must be None or a rate >= 0"):
+        Engine(tiny, slots=1, cache_len=64, buf_len=16, shortest_first=-1.0)
+    eng = Engine(tiny, slots=1, cache_len=64, buf_len=16, shortest_first=10.0)
+    prompts = {"busy": RAGGED[0], "long": [5] * 30, "short": [7] * 4, "short2": [9] * 3}
+    h = {"busy": eng.submit(prompts["busy"], Sampling(), 2)}
+    eng.advance(0)
+    h["long"] = eng.submit(prompts["long"], Sampling(), 3)
+    h["short"] = eng.submit(prompts["short"], Sampling(), 3)
+
+    got = {}
+
+    def finish_and_admit_next(k):
+        while not eng.finished(h[k]):
+            eng.advance(1)
+        got[k] = eng.result(h[k])[0]
+        eng.forget(h[k])
+        eng.advance(0)
+
+    finish_and_admit_next("busy")
+    assert eng.live(h["short"]) and not eng.live(h["long"])
+    h["short2"] = eng.submit(prompts["short2"], Sampling(), 3)
+    eng.entries[h["long"]].submitted -= 10.0  # it waited 10 s: 30 - 10 * 10 < 3
+    finish_and_admit_next("short")
+    assert eng.live(h["long"]) and not eng.live(h["short2"])
+    finish_and_admit_next("long")
+    finish_and_admit_next("short2")
+    for k in ("long", "short", "short2"):
+        assert got[k] == _alone(tiny, prompts[k], Sampling(), 3)[0]
+
+
 def test_released_request_frees_its_slot_and_others_continue(tiny):
     eng = Engine(tiny, slots=2, cache_len=64, buf_len=16)
     a, b = eng.submit(RAGGED[0], Sampling(), 16), eng.submit(RAGGED[1], Sampling(), 16)

@@ -30,16 +30,20 @@ def create_app(model, *, model_name: str, slots: int = 8, max_len: int = 2048,
                max_queue: int = 64, api_key: str | None = None,
                timeout_s: float | None = 600.0, step_tokens: int = 8,
                kv_cache: str = "float", warm_up: bool = True,
-               prefix_cache_bytes: int = 256 << 20, prefill_tokens: int = 256) -> FastAPI:
+               prefix_cache_bytes: int = 256 << 20, prefill_tokens: int = 256,
+               shortest_first: float | None = 256.0) -> FastAPI:
     """The app serving `model` as `model_name`: `slots` decode slots of `max_len` tokens
     (prompt + completion), at most `max_queue` requests waiting for a slot, prompt prefixes
     kept up to `prefix_cache_bytes` (see generate.PrefixCache), and each engine step
     prefilling at most `prefill_tokens` prompt tokens before its `step_tokens` decode steps
-    (the per-step token budget: a long prompt never stalls the running streams for longer)."""
+    (the per-step token budget: a long prompt never stalls the running streams for longer).
+    shortest_first: the order waiting requests get slots (generate.Engine's: shortest prompt
+    first, aged by this many prompt tokens per second of waiting; None: first come)."""
     metrics = Metrics()
     engine = EngineLoop(model, slots=slots, max_len=max_len, max_queue=max_queue,
                         metrics=metrics, step_tokens=step_tokens, kv_cache=kv_cache,
-                        prefix_cache_bytes=prefix_cache_bytes, prefill_tokens=prefill_tokens)
+                        prefix_cache_bytes=prefix_cache_bytes, prefill_tokens=prefill_tokens,
+                        shortest_first=shortest_first)
 
     async def lifespan(app):
         engine.start(warm_up)

@@ -6,6 +6,8 @@ request) with `submit`; the loop admits waiting choices into free slots between 
 (prompt chunks of long prompts interleaved with the decode of the others), turns new tokens into
 text (stop strings held back and cut, as `generate` does), and delivers events to each job's
 asyncio queue with `call_soon_threadsafe`, so the server's event loop never blocks on the device.
+Waiting requests get slots shortest prompt first, aged by their time in the queue
+(generate.Engine's shortest_first), so a burst of long prompts does not hold short ones back.
 A job that is cancelled (its client went away) or passes its deadline is released within one
 decode chunk. A bounded queue: `submit` raises QueueFull when `max_queue` jobs already wait for
 a slot.
@@ -80,13 +82,14 @@ class EngineLoop:
 
     def __init__(self, model, *, slots: int, max_len: int, max_queue: int, metrics,
                  step_tokens: int = 8, kv_cache: str = "float",
-                 prefix_cache_bytes: int = 256 << 20, prefill_tokens: int = 256):
+                 prefix_cache_bytes: int = 256 << 20, prefill_tokens: int = 256,
+                 shortest_first: float | None = None):
         self.model, self.metrics, self.max_queue = model, metrics, max_queue
         self.step_tokens = step_tokens
         self.engine = Engine(model, slots=slots, cache_len=max_len, buf_len=max_len,
                              kv_cache=kv_cache, admit_group=1,
                              prefix_cache_bytes=prefix_cache_bytes,
-                             prefill_tokens=prefill_tokens)
+                             prefill_tokens=prefill_tokens, shortest_first=shortest_first)
         self.max_len = max_len
         self.inbox: queue.Queue = queue.Queue()
         self.choices: list[_Choice] = []
