@@ -57,16 +57,25 @@ def run_worker(label: str, env: dict, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def generate_peak_mb(quant: list[str], env: dict) -> float:
-    """Peak resident MB of the README's `jaxinfer generate` command (one fresh process, measured
-    by a parent of its own: RUSAGE_CHILDREN is the largest of all children so far)."""
-    cmd = [sys.executable, "-m", "jaxinfer", "generate", "--model", MODEL, *quant, "--prompt",
-           "What is the capital of France?", "--chat", "--max-new-tokens", "16"]
+def generate_peak_mb(quant: list[str], env: dict) -> dict:
+    """Peak resident MB of the README's `jaxinfer generate` command, each run one fresh process
+    measured by a parent of its own (RUSAGE_CHILDREN is the largest of all children so far):
+    "cold" with an empty compilation cache (XLA compiles every program: its compiler's memory
+    counts), then "warm", the same command again on that cache (what every later run costs)."""
+    import tempfile
+
     probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
              "capture_output=True); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    done = subprocess.run([sys.executable, "-c", probe, *cmd], env={**os.environ, **env},
-                          check=True, capture_output=True, text=True)
-    return round(int(done.stdout.split()[-1]) / 1024, 1)
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        cmd = [sys.executable, "-m", "jaxinfer", "generate", "--model", MODEL, *quant,
+               "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "16",
+               "--compile-cache", cache]
+        for kind in ("cold", "warm"):
+            done = subprocess.run([sys.executable, "-c", probe, *cmd], env={**os.environ, **env},
+                                  check=True, capture_output=True, text=True)
+            out[kind] = round(int(done.stdout.split()[-1]) / 1024, 1)
+    return out
 
 
 def transformers_row(gguf, args) -> dict:
@@ -212,7 +221,9 @@ def target_rows(results, ref, best, peak) -> list[str]:
     if nat and f32:
         add("native Q4_1 batch 16 >= float32 batch 16", f"{nat['b16']} vs {f32['b16']}",
             nat["b16"] >= f32["b16"])
-    add("peak memory of `jaxinfer generate --quant native` <= 600 MB", f"{peak} MB", peak <= 600)
+    for kind, mb in peak.items():
+        add(f"peak memory of `jaxinfer generate --quant native` <= 600 MB ({kind} compilation "
+            "cache)", f"{mb} MB", mb <= 600)
     return out
 
 
