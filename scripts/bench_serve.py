@@ -4,8 +4,8 @@ of the same requests on the same engine, and against llama.cpp's `llama-server`,
 A fixed workload (mixed prompt lengths, mixed output lengths with ignore_eos so lengths are
 exact, greedy) is sent to an in-process server on 127.0.0.1 by 1, 4, 16, ... concurrent
 streaming clients and as one burst (the server's order of admission, shortest prompt first,
-aged; then once more first come, first served); static batching runs the same requests in arrival order in
-batches of the slot count, each batch until its longest row ends. `--llama-server BIN` also
+aged; then once more first come, first served); static batching runs the same requests in
+arrival order in batches of the slot count, each batch until its longest row ends. `--llama-server BIN` also
 starts that binary on the same GGUF file (`-np` = slots, `-t` = threads, 127.0.0.1) and sends
 it the same token ids (its own `/completion` endpoint). Prints a Markdown table; `--out FILE`
 also writes it. Needs a quiet machine: llama.cpp's threads spin-wait and collapse under load.
