@@ -8,6 +8,8 @@ A `DecodeState` holds B decode *slots* over one batched KV cache, allocated once
   call is reached; calling it again continues (that is how text is streamed and stop strings
   are checked between chunks). Finished and free slots ride along without taking cache space.
 - `release` frees slots at once (finished, cancelled, stopped by a stop string).
+- `swap` exchanges two slots' contents (`read_slots`, then `write_slots`): the host moves
+  running requests into low slots.
 Every per-request value is per slot and traced — position, token budget, stop ids, sampling
 knobs, seed — so no mix of requests ever recompiles. A request's k-th token is drawn with its
 seed folded with k (its `length`): it does not depend on its slot, on what else runs or on when
@@ -131,6 +133,35 @@ def admit(params, state: DecodeState, slots: jax.Array, tokens: jax.Array,
 def release(state: DecodeState, slots: jax.Array, *, shard=None) -> DecodeState:
     """Free slots [G] at once (their rows stop drawing tokens; indices >= B ignored)."""
     return _shard(shard, state.replace(done=_set(state.done, slots, True)))
+
+
+@jax.jit
+def read_slots(state: DecodeState, slots: jax.Array) -> DecodeState:
+    """What slots [G] int32 (in range) hold, as a G-row DecodeState: their rows of every
+    per-slot field and of the cache (`step` as it is)."""
+    rows = {n: jax.tree.map(lambda x: jnp.take(x, slots, axis=0), getattr(state, n))
+            for n in _row_fields()}
+    return state.replace(cache=kvc.take_rows(state.cache, slots), **rows)
+
+
+@functools.partial(jax.jit, static_argnames=("shard",), donate_argnums=(0,))
+def write_slots(state: DecodeState, slots: jax.Array, rows: DecodeState, *,
+                shard=None) -> DecodeState:
+    """state with slots [G] int32 (in range, distinct) holding `rows` (from read_slots)."""
+    put = {n: jax.tree.map(lambda x, r: kvc.update_rows(x, 0, slots, r), getattr(state, n),
+                           getattr(rows, n)) for n in _row_fields()}
+    return _shard(shard, state.replace(cache=kvc.write_rows(state.cache, slots, rows.cache),
+                                       **put))
+
+
+def swap(state: DecodeState, a: jax.Array, b: jax.Array) -> DecodeState:
+    """Slots a [G] and b [G] int32 exchange all they hold: cache rows, tokens, positions,
+    sampling knobs, seeds, budgets (every index in range, the 2G distinct). A request's tokens
+    do not depend on its slot, so the host may move a running request to a lower slot (this
+    is how `decode(rows=...)` is kept to the rows that still run). Two programs: one that
+    read the rows and overwrote them would copy the whole state (XLA keeps the rows it reads
+    from being overwritten in place); these copy 2G rows."""
+    return write_slots(state, jnp.concatenate([b, a]), read_slots(state, jnp.concatenate([a, b])))
 
 
 @functools.partial(jax.jit, static_argnames=("length",))

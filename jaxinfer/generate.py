@@ -289,6 +289,14 @@ class _LocalOps:
         return programs.call(engine.release, (state, jnp.asarray(slots, jnp.int32)), {},
                              donate=0, out_like=0)
 
+    @staticmethod
+    def swap(state, a, b):
+        """engine.swap, its two programs run through programs.call."""
+        a, b = np.asarray(a, np.int32), np.asarray(b, np.int32)
+        rows = programs.call(engine.read_slots, (state, jnp.asarray(np.concatenate([a, b]))), {})
+        return programs.call(engine.write_slots, (state, jnp.asarray(np.concatenate([b, a])),
+                                                  rows), {}, donate=0, out_like=0)
+
 
 class Engine:
     """Host side of the slot engine (`jaxinfer.engine`): B slots over one device state, a
@@ -406,6 +414,7 @@ class Engine:
                 break
             budget -= used
         if steps > 0 and self._any_live():
+            self._compact()
             self._decode(int(self.state.step) + steps, self._kv_len(steps), self._rows())
 
     def _decode(self, limit: int, kv_len: int | None, rows: int | None) -> None:
@@ -436,6 +445,36 @@ class Engine:
         rows = rows_bucket(top + 1)
         return rows if rows < self.slots else None
 
+    def _compact(self) -> None:
+        """Move the requests still running or prefilling into the lowest slots, so that
+        decode's row bucket (`_rows`) is the bucket of their count: each one at or above
+        rows_bucket(count) swaps with the lowest slot below it that holds none (a free slot or
+        a finished request's result). Requests leave in any order, so without this a late
+        request in a high slot keeps the whole bucket running. Not under a placement, whose
+        decode runs every slot."""
+        if not isinstance(self.ops, _LocalOps):
+            return
+        done = self.snapshot()[2]
+        busy = {e.slot for h, e in self.entries.items()
+                if e.slot is not None and not (self.live(h) and done[e.slot])}
+        target = rows_bucket(max(len(busy), 1))
+        high = sorted(s for s in busy if s >= target)
+        low = [s for s in range(target) if s not in busy]
+        for src, dst in zip(high, low, strict=False):
+            self._swap(src, dst)
+
+    def _swap(self, a: int, b: int) -> None:
+        """Slots a and b exchange their contents (engine.swap) and their requests."""
+        self.state = self.ops.swap(self.state, np.asarray([a], np.int32),
+                                   np.asarray([b], np.int32))
+        self._host = None
+        ha, hb = self.by_slot.pop(a, None), self.by_slot.pop(b, None)
+        for h, slot in ((ha, b), (hb, a)):
+            if h is not None:
+                self.entries[h].slot = slot
+                self.by_slot[slot] = h
+        self.free = [b if s == a else a if s == b else s for s in self.free]
+
     def _any_live(self) -> bool:
         return any(self.live(h) and not self.finished(h) for h in self.entries)
 
@@ -462,10 +501,7 @@ class Engine:
         fit = chunk_bucket if self.warm else lambda n, share: bucket(min(n, share))
         chunk = max(fit(len(self.entries[h].ids) - self.entries[h].prefilled, share)
                     for h in group)
-        # First chunks only: prefill in a window of the chunk's length (engine.admit's kv_len),
-        # not over the whole cache rows.
-        first_only = all(self.entries[h].prefilled == 0 for h in group)
-        window = chunk if first_only and chunk < self.cache_len else None
+        window = self._window(max(self.entries[h].prefilled for h in group), chunk)
         g = bucket(len(group), minimum=1)
         slots = np.full((g,), self.slots, np.int32)  # filler rows: out of range, dropped
         tokens = np.zeros((g, chunk), np.int32)
@@ -497,6 +533,16 @@ class Engine:
                 if self.prefixes is not None:
                     self._save_prefix(self.entries[h])
         return chunk * len(group)
+
+    def _window(self, prefilled: int, chunk: int) -> int | None:
+        """The cache window (engine.admit's kv_len) of a chunk of `chunk` tokens after at most
+        `prefilled` in its rows: a first chunk's own length, else half the cache when the
+        rows' tokens fit in it (XLA's attention then reads half the keys), else None (whole
+        rows). Three windows per chunk bucket at most, all compiled by warm_up."""
+        if prefilled == 0:
+            return chunk if chunk < self.cache_len else None
+        half = self.cache_len // 2
+        return half if prefilled + chunk <= half else None
 
     def _next_waiting(self) -> int:
         """Take the waiting request to admit next (see shortest_first; ties: first come)."""
@@ -530,23 +576,36 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compile every shape this engine can use with admit_group 1: each prompt chunk bucket
-        as a first chunk (in its own window) and as a later one (over the whole rows), on dummy
-        requests, and the decode loop (warm_up_decode). After it, prompt chunks may be split
-        (chunk_bucket), since every split shape is compiled."""
+        in each of its windows (`_window`: a first chunk's own, half the cache, the whole
+        rows) through admit calls of a filler row, the decode loop (warm_up_decode) and
+        engine.swap. After it, prompt chunks may be split (chunk_bucket), since every split
+        shape is compiled."""
         c = bucket(1)
         top = min(self.prefill_tokens, self.cache_len - 1)
         while True:
-            for n in (c, top + c):  # first chunk; a later chunk after one of `top` tokens
-                if n < self.cache_len:
-                    h = self.submit([0] * n, Sampling(), 1)
-                    while not self.live(h):
-                        self.advance(0)
-                    self.forget(h)
+            windows = {self._window(p, c) for p in (0, 1, self.cache_len - 1 - c)
+                       if p + c < self.cache_len}  # first chunk; later ones, short and long
+            for w in windows:
+                self._admit_filler(c, w)
             if c >= top:
                 break
             c *= 2
         self.warm_up_decode()
+        if isinstance(self.ops, _LocalOps) and self.slots > 1:  # compile engine.swap
+            self._swap(0, 1)
+            self._swap(0, 1)
         self.warm = True
+
+    def _admit_filler(self, chunk: int, window: int | None) -> None:
+        """An admit call of one filler row (slot B: nothing is written) of `chunk` tokens in
+        `window`: it compiles that shape."""
+        self.state = self.ops.admit(
+            self.params, self.state, np.full((1,), self.slots, np.int32),
+            np.zeros((1, chunk), np.int32), np.full((1, chunk), -1, np.int32),
+            np.ones((1,), bool), np.zeros((1,), bool), SamplingArrays.from_rows([Sampling()], 1),
+            np.full((1, engine.MAX_STOP_IDS), -1, np.int32), np.ones((1,), np.int32),
+            **self.static, kv_len=window)
+        self._host = None
 
     def warm_up_decode(self) -> None:
         """Compile the decode loop for every row bucket (and cache window without an attention

@@ -170,6 +170,21 @@ def put_rows(cache: KVCache, rows: jax.Array, part: KVCache) -> KVCache:
     return cache.replace(pos=cache.pos.at[rows, w:].set(-1, mode="drop"))
 
 
+def update_rows(x: jax.Array, axis: int, rows: jax.Array, part: jax.Array) -> jax.Array:
+    """x with its entries rows [G] (in range) along `axis` set to part's G entries there,
+    one dynamic_update_slice each (in place in a donated buffer, where a scatter is not)."""
+    for i in range(part.shape[axis]):
+        x = jax.lax.dynamic_update_slice_in_dim(
+            x, jax.lax.slice_in_dim(part, i, i + 1, axis=axis).astype(x.dtype), rows[i], axis)
+    return x
+
+
+def write_rows(cache: KVCache, rows: jax.Array, part: KVCache) -> KVCache:
+    """cache with rows [G] (in range) replaced by the G-row cache `part` (from `take_rows`
+    without a window): keys, values, scales, positions and ends."""
+    return _map_rows(lambda x, ax, p: update_rows(x, ax.index("batch"), rows, p), cache, part)
+
+
 def head_rows(cache: KVCache, rows: int) -> KVCache:
     """The cache as seen by a forward pass over its first `rows` rows: their positions and
     ends, and the whole (shared, B-row) key and value buffers, which the layers write and read

@@ -386,6 +386,32 @@ def test_first_chunk_in_its_window_equals_admit_over_the_whole_row(tiny):
     _assert_same_state(windowed, whole)
 
 
+def test_later_chunk_in_half_the_cache_equals_admit_over_the_whole_row(tiny):
+    """A later prompt chunk whose row fits in half the cache is prefilled in that window
+    (Engine._window) and leaves the state an admit over the whole row leaves."""
+    eng = Engine(tiny, slots=2, cache_len=64, buf_len=16)
+    assert [eng._window(p, c) for p, c in ((0, 16), (16, 16), (16, 32), (0, 64))] == \
+        [16, 32, None, None]
+    prompt = list(range(3, 23))  # 16 tokens, then 4
+
+    def chunk(part, start, first, last):
+        tokens, positions = np.zeros((1, 16), np.int32), np.full((1, 16), -1, np.int32)
+        tokens[0, :len(part)], positions[0, :len(part)] = part, start + np.arange(len(part))
+        return (np.asarray([1], np.int32), tokens, positions, np.asarray([first]),
+                np.asarray([last]), SamplingArrays.from_rows([Sampling(temperature=1.0, seed=3)],
+                                                             1),
+                np.full((1, engine.MAX_STOP_IDS), -1, np.int32), np.full((1,), 8, np.int32))
+
+    state = engine.admit(eng.params, eng.state, *chunk(prompt[:16], 0, True, False),
+                         **eng.static, kv_len=16)
+    copy = jax.tree.map(jnp.copy, state)
+    windowed = engine.admit(eng.params, state, *chunk(prompt[16:], 16, False, True),
+                            **eng.static, kv_len=32)
+    whole = engine.admit(eng.params, copy, *chunk(prompt[16:], 16, False, True), **eng.static)
+    assert int(windowed.cache.end[1]) == 20 and int(windowed.length[1]) == 1
+    _assert_same_state(windowed, whole)
+
+
 def test_engine_gives_the_lowest_free_slot_and_decodes_a_row_bucket(tiny):
     """Requests take the lowest free slot, so the decode call runs the smallest row bucket
     (1, 2, 4, 8, ...) holding every unfinished request."""
@@ -403,6 +429,57 @@ def test_engine_gives_the_lowest_free_slot_and_decodes_a_row_bucket(tiny):
     assert generate.rows_bucket(5) == 8 and generate.rows_bucket(16) == 16
     assert [generate.chunk_bucket(n, 256) for n in (16, 17, 100, 143, 200, 256, 300)] == \
         [16, 32, 128, 128, 256, 256, 256]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_swap_exchanges_two_slots_whole(tiny, layout):
+    """engine.swap(a, b) exchanges every per-slot value of two slots, cache rows included
+    (keys, values, int8 scales, positions, ends), and leaves the other slots as they were."""
+    params = generate.run_layout(tiny.params, tiny.config, **LAYOUTS[layout])
+    eng = Engine(tiny, slots=4, cache_len=64, buf_len=16, params=params,
+                 kv_cache="int8" if layout == "int8 cache" else "float")
+    for i, p in enumerate(RAGGED):
+        eng.submit(p, Sampling(temperature=1.0, seed=i), 16)
+    eng.advance(3)
+    before = jax.device_get(eng.state)
+    after = jax.device_get(engine.swap(eng.state, jnp.asarray([0]), jnp.asarray([3])))
+    order = np.asarray([3, 1, 2, 0])
+
+    def rows(x, ax):  # the rows of x in `order`
+        return jnp.take(x, order, axis=ax.index("batch"))
+
+    moved = before.replace(cache=models.cache._map_rows(rows, before.cache), **{
+        n: jax.tree.map(lambda x: x[order], getattr(before, n)) for n in engine._row_fields()})
+    for x, y in zip(jax.tree.leaves(after), jax.tree.leaves(moved), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_engine_moves_running_requests_into_the_lowest_slots(tiny):
+    """When the low slots finish first, a request still running in a high slot moves down
+    (engine.swap) before the next decode call, which then runs one row, not the bucket of the
+    highest slot. Its tokens are the ones it gets alone, and a finished request's result
+    stays readable after its slot was swapped."""
+    sampling = Sampling(temperature=1.0, top_p=0.9, seed=5)
+    want, want_lp = _alone(tiny, RAGGED[1], sampling, 14)
+    eng = Engine(tiny, slots=8, cache_len=64, buf_len=16)
+    short = [eng.submit(p, Sampling(), 2) for p in (RAGGED * 2)[:5]]
+    late = eng.submit(RAGGED[1], sampling, 14)
+    eng.advance(0)
+    assert eng.entries[late].slot == 5 and eng._rows() is None  # all 8 slots
+    while not all(eng.finished(h) for h in short):
+        eng.advance(1)
+    kept = eng.result(short[0])
+    for h in short[1:]:
+        eng.forget(h)
+    eng.advance(1)  # slot 5 moves to slot 0 (short[0]'s finished result goes to slot 5)
+    assert eng.entries[late].slot == 0 and eng.entries[short[0]].slot == 5
+    assert eng._rows() == 1 and sorted(eng.free) == [1, 2, 3, 4, 6, 7]
+    assert eng.result(short[0]) == kept
+    while not eng.finished(late):
+        eng.advance(3)
+    ids, lps, _ = eng.result(late)
+    assert ids == want
+    np.testing.assert_allclose(lps, want_lp, atol=1e-5)
 
 
 def test_one_advance_admits_requests_until_the_prefill_budget_is_spent(tiny):

@@ -203,10 +203,11 @@ async def _stream(job: Job, s: api.Settings, kind: str, rid: str, model_name: st
 
 class BackgroundServer:
     """A uvicorn server for `app` in a background thread (tests, benchmarks, notebooks):
-    `.base` is its URL once constructed; `.stop()` shuts it down."""
+    `.base` is its URL once constructed; `.stop()` shuts it down. start_timeout_s: how long
+    the start (the engine's warm-up compiles: minutes on 2 busy cores) may take."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0,
-                 start_timeout_s: float = 120.0):
+                 start_timeout_s: float = 900.0):
         import socket
         import threading
 
