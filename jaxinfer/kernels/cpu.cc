@@ -177,8 +177,8 @@ void AttendHeads(const float* q, const float* k, const float* v, const int32_t* 
   const Vec minus_inf = simd::Set1(-INFINITY);
   // q.k in blocks of kKeyRows rows of k: each block streams its rows' used slots in order and
   // adds to the partial scores (in L1). A pass over all H rows per block of slots instead read
-  // H rows S floats apart (S a power of two: one L1 set, 4 KB pages), 2x slower at 512 slots.
-  // Per lane the sum still runs over h in order from zero, so the scores are the same.
+  // H rows S floats apart (S a power of two: one L1 set, 4 KB pages) for every block.
+  // Per lane the sum still runs over h in order from zero: the same operations as before.
   for (int64_t h0 = 0; h0 < H; h0 += kKeyRows) {
     for (int64_t s0 = 0; s0 < used; s0 += kStep) {
       Mask in[J];
