@@ -30,12 +30,13 @@ import models
 from jaxinfer import kernels
 from jaxinfer.sampling import SamplingArrays, sample
 from models import cache as kvc
+from models import pytree
 from models.cache import logical
 
 MAX_STOP_IDS = 8  # stop-token ids per slot (static shape); more is an error
 
 
-@flax.struct.dataclass
+@pytree.dataclass
 class DecodeState:
     """Everything the decode loop carries; one row per slot. N is the token buffer length.
 

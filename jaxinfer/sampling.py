@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.errors import InputError
+from models import pytree
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,7 +96,7 @@ def resolve(checkpoint: dict, **given) -> tuple[dict, dict]:
     return values, sources
 
 
-@flax.struct.dataclass
+@pytree.dataclass
 class SamplingArrays:
     """Per-row sampling parameters, each [B]."""
 

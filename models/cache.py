@@ -14,6 +14,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from models import pytree
+
 
 def logical(*axes: str, host: bool = False, **kwargs):
     """A field of a pytree struct whose array has these logical axes, one per dimension.
@@ -25,7 +27,7 @@ def logical(*axes: str, host: bool = False, **kwargs):
     return flax.struct.field(metadata={"axes": axes, "host": host}, **kwargs)
 
 
-@flax.struct.dataclass
+@pytree.dataclass
 class KVCache:
     """k: [L, B, K, H, S], v: [L, B, K, S, H]; pos: [B, S] int32 (-1 = empty); end: [B] int32
     next free slot.

@@ -183,6 +183,23 @@ def test_matmul_equals_dequantized_float_matmul(name):
     close(call(stacked.layer(1), "matmul", xs[1]), out[1], atol=1e-5)
 
 
+def test_leaf_types_of_equal_shapes_have_distinct_tree_structures():
+    """jit keys its programs by tree structure: an Int8Weight and a W8A8Weight with the same
+    fields, shapes and static values must not share one (structures registered through
+    jax.tree_util.register_dataclass compare equal across classes; models.pytree's do not)."""
+    w = rand((96, 35), seed=4)
+    a, b = Int8Weight.from_float(w), W8A8Weight.from_float(w)
+    assert jax.tree.structure(a) != jax.tree.structure(b)
+    assert jax.tree.structure(a) == jax.tree.structure(Int8Weight.from_float(w * 2))
+    traced = []
+    f = jax.jit(lambda leaf, x: traced.append(type(leaf)) or leaf.matmul(x))
+    x = rand((4, 96), seed=7)
+    close(f(a, x), a.matmul(x), atol=1e-5)
+    close(f(b, x), b.matmul(x), atol=1e-5)
+    assert traced == [Int8Weight, W8A8Weight]
+    assert not np.allclose(np.asarray(f(a, x)), np.asarray(f(b, x)), atol=1e-3)  # they differ
+
+
 def test_w8a8_is_an_exact_integer_dot():
     x = rand((2, 5, 64), seed=8)
     w = rand((64, 33), seed=9)

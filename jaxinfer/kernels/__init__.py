@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer import paths
+from models import pytree
 
 _HERE = Path(__file__).parent
 SOURCES = tuple(_HERE / name for name in ("cpu.cc", "quant.cc", "common.h", "simd.h"))
@@ -307,7 +308,7 @@ def _isa_field():
     return flax.struct.field(pytree_node=False)
 
 
-@flax.struct.dataclass
+@pytree.dataclass
 class NativeWeight:
     """A float32 weight W [K, n] kept packed for `isa`'s kernels: panels [ceil(n / 48), K, 48]."""
 
@@ -347,7 +348,7 @@ class NativeWeight:
         return y.reshape(*x.shape[:-1], self.n)
 
 
-@flax.struct.dataclass
+@pytree.dataclass
 class NativeEmbedding:
     """A tied embedding table [V, D] kept as the packed LM head for `isa`'s kernels: panels of
     table^T, so x @ table^T runs the kernel; rows for the lookup are gathered from the panels."""
@@ -407,7 +408,7 @@ def _nibble_values(q: jax.Array) -> jax.Array:
     return both.reshape(*q.shape[:-2], q.shape[-2] * 8)
 
 
-@flax.struct.dataclass
+@pytree.dataclass
 class NativeQuant:
     """A quantized weight W [K, n] in panels for `isa`'s quantized matmul (quant.cc), made from
     any quantized leaf's `kernel_rows()`:
@@ -507,7 +508,7 @@ def _qdot(x: jax.Array, ws: list[NativeQuant], glu: bool) -> list[jax.Array]:
     return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
-@flax.struct.dataclass
+@pytree.dataclass
 class NativeQuantEmbedding:
     """A quantized tied embedding table [V, D] kept as the LM head's NativeQuant panels
     (W = table^T [D, V]); rows for the lookup are gathered from the panels and dequantized to

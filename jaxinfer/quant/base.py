@@ -1,7 +1,7 @@
 """What every quantized parameter leaf shares: layouts, the three ops the models call, helpers.
 
 A quantized leaf stands for one float parameter P of the params tree and replaces it in place.
-It is a registered pytree (a `flax.struct.dataclass`): its array children are the quantized data
+It is a registered pytree (a `models.pytree.dataclass`): its array children are the quantized data
 and carry the leading layer axis L of a stacked parameter, so `nn.scan` slices it like any
 array; static metadata (layout, group size, ...) is pytree aux data. Every method works on the
 stacked leaf (children [L, ...]) and on a per-layer slice (children without L).

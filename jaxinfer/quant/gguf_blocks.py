@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinfer.quant.base import IN_OUT, KernelRows, QuantizedWeight, check_layout, dot_in, split_axis
+from models import pytree
 
 BLOCK = 32
 # kind -> (bytes per block, bytes of the d/m header)
@@ -57,7 +58,7 @@ def _deq_rows(d, m, qs, kind: str) -> jax.Array:
     return x.reshape(*x.shape[:-2], x.shape[-2] * BLOCK)
 
 
-@flax.struct.dataclass
+@pytree.dataclass
 class GGUFBlockWeight(QuantizedWeight):
     """A Q8_0 / Q4_0 / Q4_1 tensor in ggml's blocks (see the module docstring)."""
 

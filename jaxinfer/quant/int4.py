@@ -38,6 +38,7 @@ from jaxinfer.quant.base import (
     split_axis,
 )
 from jaxinfer.quant.packing import pack_nibbles, unpack_nibbles
+from models import pytree
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -93,7 +94,7 @@ def _quantize(w, group_size: int, symmetric: bool, layout: str):
     return values, scales, mins, jnp.all(jnp.isfinite(w))
 
 
-@flax.struct.dataclass
+@pytree.dataclass
 class Int4Weight(QuantizedWeight):
     """4-bit group-wise weight. `mins` is None when symmetric."""
 

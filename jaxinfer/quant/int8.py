@@ -30,6 +30,7 @@ from jaxinfer.quant.base import (
     safe,
     split_axis,
 )
+from models import pytree
 
 QMAX = 127
 
@@ -98,7 +99,7 @@ class _ChannelInt8(QuantizedWeight):
         float_dtype_name(self.dtype)
 
 
-@flax.struct.dataclass
+@pytree.dataclass
 class Int8Weight(_ChannelInt8):
     """int8 weight-only, per-output-channel symmetric. values int8, scales float32 [..., out]."""
 
@@ -130,7 +131,7 @@ class Int8Weight(_ChannelInt8):
                           None, q.shape[1])
 
 
-@flax.struct.dataclass
+@pytree.dataclass
 class W8A8Weight(_ChannelInt8):
     """int8 weights (per output channel) x dynamic per-token int8 activations, int32 accumulation."""
 

@@ -36,6 +36,7 @@ from jaxinfer.quant.base import (
 )
 from jaxinfer.quant.int8 import quantize_channels
 from jaxinfer.quant.packing import pack_nibbles, unpack_nibbles
+from models import pytree
 
 
 def check_nm(n: int, m: int, n_in: int | None = None) -> str | None:
@@ -75,7 +76,7 @@ def expand(values: jax.Array, indices: jax.Array, n: int, m: int) -> jax.Array:
     return dense.reshape(*values.shape[:-2], g * m, values.shape[-1])
 
 
-@flax.struct.dataclass
+@pytree.dataclass
 class NMSparseWeight(QuantizedWeight):
     """An N:M sparse projection [..., in, out], compressed (see the module docstring)."""
 
