@@ -31,8 +31,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "(default $JAXINFER_COMPILE_CACHE or <cache>/xla)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not use the persistent compilation cache")
-    p.add_argument("--kv-cache", choices=["float", "int8"], default="float",
-                   help="KV cache storage: float (parameter dtype) or int8 with per-token scales")
+    p.add_argument("--kv-cache", choices=["float", "float16", "int8"], default="float",
+                   help="KV cache storage (engine.KV_CACHES): float (parameter dtype), float16 "
+                        "(half the bytes of float32, read as float32) or int8 with per-token "
+                        "scales")
     p.add_argument("--profile", action="store_true",
                    help="print where start-up time goes to stderr (also JAXINFER_PROFILE=1)")
     _quant_args(p)

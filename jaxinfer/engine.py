@@ -59,16 +59,21 @@ class DecodeState:
     max_new: jax.Array = logical("batch")  # [B] int32 token budget per slot
 
 
+# KV cache storage: the params' float dtype, float16 (half the bytes; the attention reads it
+# as float32), or int8 with a float32 scale per token and head.
+KV_CACHES = {"float": None, "float16": jnp.float16, "int8": jnp.int8}
+
+
 @functools.partial(jax.jit, static_argnames=("config", "slots", "cache_len", "buf_len",
                                              "kv_cache", "shard"))
 def init_state(params, *, config, slots: int, cache_len: int, buf_len: int,
                kv_cache: str = "float", shard=None) -> DecodeState:
     """`slots` free slots over a KV cache of `cache_len` tokens each, token buffers of
-    `buf_len`. kv_cache: "float" (the params' dtype) or "int8". shard (static, optional): a
+    `buf_len`. kv_cache: a key of KV_CACHES. shard (static, optional): a
     hashable callable applied to the state (sharding constraints; see
     jaxinfer.parallel.sharding.StateSharding)."""
     b = slots
-    dtype = jnp.int8 if kv_cache == "int8" else _cache_dtype(params)
+    dtype = KV_CACHES[kv_cache] or _cache_dtype(params)
     per_layer = isinstance(params["layers"], tuple | list)  # the cache follows the params
     cache = models.init_cache(config, b, cache_len, dtype, per_layer=per_layer,
                               attention=kernels.attention_for(params, dtype))

@@ -74,7 +74,14 @@ class Request:
     max_new_tokens: int
     stop_token_ids: tuple[int, ...]
     stop_strings: tuple[str, ...] = ()
-    kv_cache: str = "float"  # "float" or "int8"
+    kv_cache: str = "float"  # a key of engine.KV_CACHES
+
+
+def check_kv_cache(kv_cache: str) -> None:
+    """InputError unless kv_cache names a KV cache storage (engine.KV_CACHES)."""
+    if kv_cache not in engine.KV_CACHES:
+        raise InputError(f"kv_cache must be one of {', '.join(map(repr, engine.KV_CACHES))}, "
+                         f"got {kv_cache!r}")
 
 
 def validate_request(model, req: Request) -> None:
@@ -98,8 +105,7 @@ def validate_request(model, req: Request) -> None:
         s.validate()
     if len(req.stop_token_ids) > MAX_STOP_IDS:
         raise InputError(f"at most {MAX_STOP_IDS} stop token ids, got {len(req.stop_token_ids)}")
-    if req.kv_cache not in ("float", "int8"):
-        raise InputError(f"kv_cache must be 'float' or 'int8', got {req.kv_cache!r}")
+    check_kv_cache(req.kv_cache)
     if any(not s for s in req.stop_strings):
         raise InputError("stop strings must be non-empty")
     vocab = model.config.vocab_size
@@ -328,8 +334,7 @@ class Engine:
         if shortest_first is not None and not shortest_first >= 0:
             raise InputError(f"shortest_first must be None or a rate >= 0, got {shortest_first}")
         self.shortest_first = shortest_first
-        if kv_cache not in ("float", "int8"):
-            raise InputError(f"kv_cache must be 'float' or 'int8', got {kv_cache!r}")
+        check_kv_cache(kv_cache)
         if not 16 <= prefill_tokens <= MAX_CHUNK or prefill_tokens & (prefill_tokens - 1):
             raise InputError(f"prefill_tokens must be a power of two from 16 to {MAX_CHUNK}, "
                              f"got {prefill_tokens}")

@@ -80,7 +80,7 @@ def generate(model, prompts: str | Sequence[str], *, chat: bool = False,
     Options: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
     repetition_penalty, seed (int or one per prompt), stop (strings), stop_token_ids
     (default: the checkpoint's EOS ids), chat (apply the chat template), logprobs,
-    kv_cache ("float" or "int8": keys/values stored as int8 with per-token, per-head scales).
+    kv_cache ("float", "float16" or "int8": see jaxinfer.engine.KV_CACHES).
     Returns one Completion per prompt.
     """
     results: list[Completion] = []

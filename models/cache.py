@@ -243,11 +243,12 @@ def replace_layer(buf: tuple, layer, new: jax.Array) -> tuple:
 
 
 def read_kv(bufs, layer, dtype) -> tuple[jax.Array, jax.Array]:
-    """One layer's keys [B, K, H, S] and values [B, K, S, H] in `dtype` (dequantized if int8)."""
+    """One layer's keys [B, K, H, S] and values [B, K, S, H] in `dtype` (dequantized if int8,
+    widened if float16)."""
     ck, cv, ks, vs = (b if b is None else b[int(layer)] if isinstance(b, tuple) else b[layer]
                       for b in bufs)
     if ks is None:
-        return ck, cv
+        return ck.astype(dtype), cv.astype(dtype)
     return ((ck.astype(jnp.float32) * ks[..., None, :]).astype(dtype),
             (cv.astype(jnp.float32) * vs[..., None]).astype(dtype))
 

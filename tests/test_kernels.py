@@ -239,14 +239,19 @@ def test_native_params_wraps_matmul_weights_only(tiny, isa):
             assert leaf is original, path
 
 
-def test_generation_with_kernel_equals_without(tiny, isa, monkeypatch):
-    """Greedy tokens identical and log-probs within float32 rounding, batch of 5 ragged rows."""
+@pytest.mark.parametrize("kv_cache", ["float", "float16"])
+def test_generation_with_kernel_equals_without(tiny, isa, kv_cache, monkeypatch):
+    """Greedy tokens identical and log-probs within float32 rounding, batch of 5 ragged rows
+    (a float32 cache, and a float16 one: the kernel reads it as XLA does)."""
     prompts = [[1 + i, 5, 9, 2 + 3 * i][: 2 + i % 3] for i in range(5)]
-    req = Request(prompts=prompts, sampling=[Sampling()], max_new_tokens=10, stop_token_ids=())
+    req = Request(prompts=prompts, sampling=[Sampling()], max_new_tokens=10, stop_token_ids=(),
+                  kv_cache=kv_cache)
     native = generate.run_layout(tiny.params, tiny.config)
     assert native["layers"][0]["attn"]["o"].isa == isa
     attention = kernels.attention_for(native, jnp.float32)
     assert attention is kernels.attention_for(native, "float32") and attention.keywords == {"isa": isa}
+    assert kernels.attention_for(native, jnp.float16) is attention
+    assert kernels.attention_for(native, jnp.int8) is None
     with_kernel = generate_ids(tiny, req, logprobs=True, params=native)
     monkeypatch.setenv("JAXINFER_NATIVE", "0")
     plain = generate.run_layout(tiny.params, tiny.config)
@@ -326,15 +331,17 @@ def test_isa_override_unknown_or_unsupported_warns_once(fresh_state, monkeypatch
     assert kernels.native_params(params, None) is params
 
 
+@pytest.mark.parametrize("cache", ["float32", "float16"])
 @pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("window", [1 << 30, 5])
 @pytest.mark.parametrize("n,k,h,s", [(9, 3, 64, 192), (4, 4, 16, 7), (8, 1, 128, 40),
                                      (10, 2, 80, 70)])
-def test_decode_attention_matches_write_and_attend(n, k, h, s, window, rope, isa):
+def test_decode_attention_matches_write_and_attend(n, k, h, s, window, rope, cache, isa):
     """Same cache contents and output as RoPE, models.cache's write and models.layers.attend
     with the position mask: groups of 1, 4, 5 and 8 query heads per KV head, ragged rows, left
     padding (position -1 slots), unused slots, a sliding window, a row that sees no key at
-    all, and a slot out of range (dropped)."""
+    all, and a slot out of range (dropped). A float16 cache gets the new token rounded as
+    XLA's convert rounds it, and is attended over in float32."""
     from models.cache import write_keys, write_layer
     from models.layers import apply_rope, attend, attention_mask, rope_inv_freq
 
@@ -343,8 +350,8 @@ def test_decode_attention_matches_write_and_attend(n, k, h, s, window, rope, isa
     q = jax.random.normal(keys[0], (b, 1, n, h))
     k_new = jax.random.normal(keys[1], (b, 1, k, h))
     v_new = jax.random.normal(keys[2], (b, 1, k, h))
-    kc = jax.random.normal(keys[3], (b, k, h, s))
-    vc = jax.random.normal(keys[4], (b, k, s, h))
+    kc = jax.random.normal(keys[3], (b, k, h, s)).astype(cache)
+    vc = jax.random.normal(keys[4], (b, k, s, h)).astype(cache)
     used = np.array([s, 1, max(1, s // 2), s - 1, 3, s])
     k_pos = np.full((b, s), -1, np.int32)
     for row in range(b):
@@ -360,12 +367,16 @@ def test_decode_attention_matches_write_and_attend(n, k, h, s, window, rope, isa
                     if rope else (q, k_new))
     want_k = write_keys(kc, None, slots, k_rot)
     want_v = write_layer(vc, None, slots, v_new)
-    want = attend(q_rot, want_k, want_v, attention_mask(q_pos, k_pos, window))
+    f32 = jnp.float32
+    want = attend(q_rot, want_k.astype(f32), want_v.astype(f32),
+                  attention_mask(q_pos, k_pos, window))
     fn = jax.jit(lambda q, kn, vn, kc, vc, qp, kp, sl: kernels.decode_attention(
         q, kn, vn, kc, vc, qp, kp, window, sl, inv_freq, isa=isa))
-    assert kernels.target("attend", isa) in fn.lower(q, k_new, v_new, kc, vc, q_pos, k_pos,
+    kind = "attend" if cache == "float32" else "attend_half"
+    assert kernels.target(kind, isa) in fn.lower(q, k_new, v_new, kc, vc, q_pos, k_pos,
                                                      slots).as_text()
     got, got_k, got_v = fn(q, k_new, v_new, kc, vc, q_pos, k_pos, slots)
+    assert got_k.dtype == got_v.dtype == jnp.dtype(cache)
     np.testing.assert_array_equal(got_k, want_k)
     np.testing.assert_array_equal(got_v, want_v)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

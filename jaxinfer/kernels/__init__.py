@@ -58,14 +58,16 @@ ISA_FLAGS = {
 FLAGS = ("-O3", "-mtune=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
 # kernel kind -> symbol in cpu.cc (the same in every ISA's library)
 _SYMBOLS = {"matmul": "JaxinferMatmulF32", "matmul_many": "JaxinferMatmulManyF32",
-            "glu": "JaxinferGluF32", "attend": "JaxinferAttendF32", "qmatmul": "JaxinferQMatmul"}
+            "glu": "JaxinferGluF32", "attend": "JaxinferAttendF32",
+            "attend_half": "JaxinferAttendF16", "qmatmul": "JaxinferQMatmul"}
 KINDS = tuple(_SYMBOLS)
 STRIP = 48  # columns per packed panel (kStrip in cpu.cc, checked when a library loads)
 
 
 def target(kind: str, isa: str) -> str:
-    """The XLA FFI target of one kernel kind ("matmul", "matmul_many", "glu", "attend") for
-    one ISA, e.g. "jaxinfer_matmul_f32_avx2"."""
+    """The XLA FFI target of one kernel kind (a key of _SYMBOLS: "matmul", "attend", ...) for
+    one ISA, e.g. "jaxinfer_matmul_f32_avx2" ("attend_half": the attention over a float16
+    cache)."""
     return f"jaxinfer_{kind}_f32_{isa}"
 
 
@@ -537,22 +539,24 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
                      isa=None):
     """The KVCache.attention kernel: each row's new token is rotated by RoPE (when inv_freq
     [H/2] is given), written into this layer's cache and attends over the row's used slots,
-    in one call (the buffers are updated in place).
+    in one call (the buffers are updated in place). The cache is float32 or float16 (the new
+    token rounded to it, the attention in float32).
 
     q [B, 1, N, H]; k, v [B, 1, K, H] (new, q and k before RoPE); k_buf [R, K, H, S], v_buf
     [R, K, S, H] with R >= B (the B rows attending are the buffers' first: models.cache.
     head_rows); positions [B, 1]; k_pos [B, S]; window (int); slots [B, 1] (where the new
     token goes) -> (out [B, 1, N * H], k_buf, v_buf), as models.layers.self_attention's XLA
     path, except that a padding row (position -1, whose output is never read) gets zeros on
-    the kernel. Float32 with H a multiple of 16 (at most 256) runs `isa`'s kernel (default: the
-    process's, when one runs); anything else XLA.
+    the kernel. Float32 q, k, v over a float32 or float16 cache with H a multiple of 16 (at
+    most 256) runs `isa`'s kernel (default: the process's, when one runs); anything else XLA.
     """
     from models.layers import rope_tables, self_attention
 
     b, _, n, h = q.shape
     isa = isa or _active()
-    if not (h % 16 == 0 and h <= 256 and isa is not None and
-            all(a.dtype == jnp.float32 for a in (q, k, v, k_buf, v_buf))):
+    kind = _ATTEND.get(jnp.dtype(k_buf.dtype)) if k_buf.dtype == v_buf.dtype else None
+    if not (h % 16 == 0 and h <= 256 and isa is not None and kind is not None and
+            all(a.dtype == jnp.float32 for a in (q, k, v))):
         # The model's own XLA path, on this layer's buffers as a one-layer cache.
         out, (kb, vb, _, _) = self_attention(q, k, v, positions, k_pos, window, 0, slots,
                                              ((k_buf,), (v_buf,), None, None), None, inv_freq)
@@ -564,14 +568,17 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
         rope = jnp.concatenate([cos[:, 0], sin[:, 0]], axis=-1)
     i32 = jnp.int32
     shapes = (jax.ShapeDtypeStruct((b, n, h), jnp.float32),
-              jax.ShapeDtypeStruct(k_buf.shape, jnp.float32),
-              jax.ShapeDtypeStruct(v_buf.shape, jnp.float32))
-    call = jax.ffi.ffi_call(target("attend", _require(isa)), shapes,
+              jax.ShapeDtypeStruct(k_buf.shape, k_buf.dtype),
+              jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype))
+    call = jax.ffi.ffi_call(target(kind, _require(isa)), shapes,
                             input_output_aliases={0: 1, 1: 2})
     out, k_buf, v_buf = call(k_buf, v_buf, q[:, 0], k[:, 0], v[:, 0], rope.astype(jnp.float32),
                              positions[:, 0].astype(i32), k_pos.astype(i32),
                              jnp.reshape(jnp.asarray(window, i32), (1,)), slots[:, 0].astype(i32))
     return out.reshape(b, 1, n * h), k_buf, v_buf
+
+
+_ATTEND = {jnp.dtype(jnp.float32): "attend", jnp.dtype(jnp.float16): "attend_half"}  # cache dtype
 
 
 @functools.cache
@@ -588,9 +595,9 @@ def _is_native(x) -> bool:
 def attention_for(params, dtype):
     """The decode attention kernel for a cache of `dtype` next to `params`: decode_attention on
     the ISA of the packed leaves when params were prepared by native_params and the cache is
-    float32, else None (the model's own attention)."""
+    float32 or float16, else None (the model's own attention)."""
     native = [x for x in jax.tree.leaves(params, is_leaf=_is_native) if _is_native(x)]
-    return _attention(native[0].isa) if native and jnp.dtype(dtype) == jnp.float32 else None
+    return _attention(native[0].isa) if native and jnp.dtype(dtype) in _ATTEND else None
 
 
 def packed_shape(k: int, n: int) -> tuple[int, int, int]:

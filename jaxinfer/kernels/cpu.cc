@@ -151,6 +151,22 @@ void Rotate(const float* x, const float* cs, int64_t H, float* out) {
   }
 }
 
+// Cache elements: float32, or float16 (its uint16 bits, F16C) widened to float32 on load and
+// rounded to nearest even when the new token is written, as XLA's convert does.
+inline Vec LoadKV(const float* p) { return simd::Load(p); }
+inline Vec LoadKV(const uint16_t* p) { return simd::LoadHalf(p); }
+// The first n (0 <= n <= kWidth) elements at p, zeros after them (nothing past them is read).
+inline Vec LoadKVHead(const float* p, int64_t n) { return simd::LoadMasked(p, simd::Head(n)); }
+inline Vec LoadKVHead(const uint16_t* p, int64_t n) {
+  uint16_t part[kWidth] = {};
+  std::copy_n(p, n, part);
+  return simd::LoadHalf(part);
+}
+inline void StoreKV(float* p, float x) { *p = x; }
+inline void StoreKV(uint16_t* p, float x) {
+  *p = static_cast<uint16_t>(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT));
+}
+
 constexpr int kHeads = 4;  // query heads attended together (one pass over K and V for all)
 constexpr int64_t kKeyRows = 8;  // rows of k (of H) per pass over the slots; H % 16 == 0
 
@@ -166,9 +182,9 @@ constexpr int StepVecs(int heads) {
 // v [S, H]. Slots s < used whose position p satisfies 0 <= p <= qpos and qpos - p < window are
 // visible. out [NQ][H] = softmax(q.k / sqrt(H)) v over visible slots; with none visible, the
 // mean of v over all S slots (what a softmax over all-equal masked scores gives).
-// scores: scratch [NQ][stride], stride >= used rounded up to 64.
-template <int NQ>
-void AttendHeads(const float* q, const float* k, const float* v, const int32_t* kpos,
+// scores: scratch [NQ][stride], stride >= used rounded up to 64. T: the cache's element type.
+template <int NQ, typename T>
+void AttendHeads(const float* q, const T* k, const T* v, const int32_t* kpos,
                  int32_t qpos, int32_t window, int64_t used, int64_t S, int64_t H,
                  float* scores, int64_t stride, float* out) {
   constexpr int J = StepVecs(NQ);
@@ -181,20 +197,20 @@ void AttendHeads(const float* q, const float* k, const float* v, const int32_t* 
   // Per lane the sum still runs over h in order from zero: the same operations as before.
   for (int64_t h0 = 0; h0 < H; h0 += kKeyRows) {
     for (int64_t s0 = 0; s0 < used; s0 += kStep) {
-      Mask in[J];
+      int64_t in[J];  // slots of vector j below `used`
       Vec acc[NQ][J];
       for (int j = 0; j < J; ++j) {
-        in[j] = simd::Head(used - s0 - kWidth * j);
+        in[j] = std::clamp<int64_t>(used - s0 - kWidth * j, 0, kWidth);
         const bool fresh = h0 == 0 || s0 + kWidth * j >= used;
         for (int g = 0; g < NQ; ++g)
           acc[g][j] = fresh ? simd::Zero() : simd::Load(scores + g * stride + s0 + kWidth * j);
       }
       const bool full = s0 + kStep <= used;  // no lane past `used`: plain loads
       for (int64_t h = h0; h < h0 + kKeyRows; ++h) {
-        const float* kh = k + h * S + s0;
+        const T* kh = k + h * S + s0;
         Vec kv[J];
         for (int j = 0; j < J; ++j) {
-          kv[j] = full ? simd::Load(kh + kWidth * j) : simd::LoadMasked(kh + kWidth * j, in[j]);
+          kv[j] = full ? LoadKV(kh + kWidth * j) : LoadKVHead(kh + kWidth * j, in[j]);
           simd::InRegister(kv[j]);
         }
         for (int g = 0; g < NQ; ++g) {
@@ -224,7 +240,7 @@ void AttendHeads(const float* q, const float* k, const float* v, const int32_t* 
   if (!any) {
     for (int64_t j = 0; j < H; j += kWidth) {
       Vec o = simd::Zero();
-      for (int64_t s = 0; s < S; ++s) o = simd::Add(o, simd::Load(v + s * H + j));
+      for (int64_t s = 0; s < S; ++s) o = simd::Add(o, LoadKV(v + s * H + j));
       o = simd::Div(o, simd::Set1(static_cast<float>(S)));
       for (int g = 0; g < NQ; ++g) simd::Store(out + g * H + j, o);
     }
@@ -252,7 +268,7 @@ void AttendHeads(const float* q, const float* k, const float* v, const int32_t* 
     for (int64_t s = 0; s < used; ++s) {
       Vec vv[J];
       for (int j = 0; j < J; ++j) {
-        vv[j] = j < nv ? simd::Load(v + s * H + j0 + kWidth * j) : simd::Zero();
+        vv[j] = j < nv ? LoadKV(v + s * H + j0 + kWidth * j) : simd::Zero();
         simd::InRegister(vv[j]);
       }
       for (int g = 0; g < NQ; ++g) {
@@ -266,12 +282,15 @@ void AttendHeads(const float* q, const float* k, const float* v, const int32_t* 
   }
 }
 
-using HeadsFn = void (*)(const float*, const float*, const float*, const int32_t*, int32_t,
-                         int32_t, int64_t, int64_t, int64_t, float*, int64_t, float*);
-constexpr HeadsFn kHeadsFns[kHeads] = {&AttendHeads<1>, &AttendHeads<2>, &AttendHeads<3>,
-                                       &AttendHeads<4>};
+template <typename T>
+using HeadsFn = void (*)(const float*, const T*, const T*, const int32_t*, int32_t, int32_t,
+                         int64_t, int64_t, int64_t, float*, int64_t, float*);
+template <typename T>
+constexpr HeadsFn<T> kHeadsFns[kHeads] = {&AttendHeads<1, T>, &AttendHeads<2, T>,
+                                          &AttendHeads<3, T>, &AttendHeads<4, T>};
 
-int64_t Count(const ffi::Buffer<ffi::F32>& b) { return static_cast<int64_t>(b.element_count()); }
+template <ffi::DataType D>
+int64_t Count(const ffi::Buffer<D>& b) { return static_cast<int64_t>(b.element_count()); }
 
 // Rotates each row's new token by RoPE, writes it into this layer's cache, then attends:
 // k [R, K, H, S], v [R, K, S, H] (aliased with the results k_out, v_out: updated in place;
@@ -279,14 +298,15 @@ int64_t Count(const ffi::Buffer<ffi::F32>& b) { return static_cast<int64_t>(b.el
 // the row's position: cos 1 and sin 0 for none), qpos [B], kpos [B, S], window [1], slot [B]
 // (where the new token goes; slots up to it are the used ones) -> out [B, N, H], k_out, v_out.
 // A row whose query position is negative (padding) is written but attends to nothing: out 0.
-// H must be a multiple of 16, at most 256.
-ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+// H must be a multiple of 16, at most 256. D: the cache's type, F32 or F16 (T its elements).
+template <ffi::DataType D, typename T>
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<D> k, ffi::Buffer<D> v,
                   ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
                   ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> rope,
                   ffi::Buffer<ffi::S32> qpos, ffi::Buffer<ffi::S32> kpos,
                   ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> slot,
-                  ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_out,
-                  ffi::ResultBuffer<ffi::F32> v_out) {
+                  ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<D> k_out,
+                  ffi::ResultBuffer<D> v_out) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || kd[0] < qd[0] ||
       qd[1] % kd[1] != 0 || kd[2] != qd[2] || qd[2] % 16 != 0 || qd[2] > 256 ||
@@ -295,11 +315,11 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
       window.element_count() != 1 ||
       Count(k_new) != qd[0] * kd[1] * kd[2] || Count(v_new) != qd[0] * kd[1] * kd[2] ||
       Count(rope) != qd[0] * qd[2]) {
-    return ffi::Error::InvalidArgument("jaxinfer_attend_f32: unexpected shapes");
+    return ffi::Error::InvalidArgument("jaxinfer_attend: unexpected shapes");
   }
   const int64_t B = qd[0], N = qd[1], H = qd[2], K = kd[1], S = kd[3], G = N / K;
-  float* ks = k_out->typed_data();
-  float* vs = v_out->typed_data();
+  T* ks = k_out->typed_data();
+  T* vs = v_out->typed_data();
   if (ks != k.typed_data()) std::copy_n(k.typed_data(), k.element_count(), ks);
   if (vs != v.typed_data()) std::copy_n(v.typed_data(), v.element_count(), vs);
   const float* qs = q.typed_data();
@@ -314,8 +334,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
   const int64_t stride = (S + 63) / 64 * 64;
   ParallelFor(pool, B * K, [&](int64_t item) {
     const int64_t b = item / K, kh = item % K;
-    float* kb = ks + item * H * S;
-    float* vb = vs + item * S * H;
+    T* kb = ks + item * H * S;
+    T* vb = vs + item * S * H;
     thread_local std::vector<float> scratch;
     scratch.resize(kHeads * stride + (G + 1) * H);
     float* scores = scratch.data();
@@ -323,16 +343,17 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
     const int64_t n_used = std::min<int64_t>(std::max<int32_t>(sl[b] + 1, 0), S);
     // Ask for this item's keys and values now: many strided rows of keys are more streams
     // than the hardware prefetcher follows.
+    constexpr int64_t kPerLine = kLine * sizeof(float) / sizeof(T);
     for (int64_t h = 0; h < H; ++h)
-      for (int64_t s0 = 0; s0 < n_used; s0 += kLine)
+      for (int64_t s0 = 0; s0 < n_used; s0 += kPerLine)
         simd::PrefetchL2(kb + h * S + s0);
-    for (int64_t i = 0; i < n_used * H; i += kLine)
+    for (int64_t i = 0; i < n_used * H; i += kPerLine)
       simd::PrefetchL2(vb + i);
     if (sl[b] >= 0 && sl[b] < S) {  // out of range: dropped, as the XLA write does
       float* rk = rq + G * H;
       Rotate(kn + item * H, cs + b * H, H, rk);
-      for (int64_t h = 0; h < H; ++h) kb[h * S + sl[b]] = rk[h];
-      std::copy_n(vn + item * H, H, vb + sl[b] * H);
+      for (int64_t h = 0; h < H; ++h) StoreKV(kb + h * S + sl[b], rk[h]);
+      for (int64_t h = 0; h < H; ++h) StoreKV(vb + sl[b] * H + h, vn[item * H + h]);
     }
     if (qp[b] < 0) {  // a padding query (a finished or free row): its output is never read
       std::fill_n(os + (b * N + kh * G) * H, G * H, 0.0f);
@@ -342,7 +363,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
       Rotate(qs + (b * N + kh * G + g) * H, cs + b * H, H, rq + g * H);
     for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
       const int64_t nq = std::min<int64_t>(kHeads, G - g0);
-      kHeadsFns[nq - 1](rq + g0 * H, kb, vb, kp + b * S, qp[b], win, n_used, S, H, scores,
+      kHeadsFns<T>[nq - 1](rq + g0 * H, kb, vb, kp + b * S, qp[b], win, n_used, S, H, scores,
                         stride, os + (b * N + kh * G + g0) * H);
     }
   });
@@ -377,19 +398,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferGluF32, Glu,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttendF32, Attend,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// The attention binding for a cache of type D (the other arguments are float32 / int32).
+template <ffi::DataType D>
+auto AttendBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<D>>()
+      .template Arg<ffi::Buffer<D>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Ret<ffi::Buffer<ffi::F32>>()
+      .template Ret<ffi::Buffer<D>>()
+      .template Ret<ffi::Buffer<D>>();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttendF32, (Attend<ffi::F32, float>),
+                              AttendBinding<ffi::F32>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttendF16, (Attend<ffi::F16, uint16_t>),
+                              AttendBinding<ffi::F16>());
