@@ -157,11 +157,11 @@ def llama_server_rows(binary: str, gguf, reqs, args) -> list[tuple[str, dict]]:
         proc.wait(30)
 
 
-def run_static(model, reqs, slots: int, max_len: int) -> dict:
+def run_static(model, reqs, slots: int, max_len: int, kv_cache: str = "float") -> dict:
     """The same requests in arrival order, `slots` at a time: each batch is prefilled whole,
     then decoded until its longest row ends (the engine and shapes of the server's)."""
     eng = Engine(model, slots=slots, cache_len=max_len, buf_len=max_len, admit_group=1,
-                 prefill_tokens=PREFILL_TOKENS)
+                 prefill_tokens=PREFILL_TOKENS, kv_cache=kv_cache)
     eng.warm_up()  # as the server's engine
     t0 = time.perf_counter()
     tokens = 0
@@ -186,6 +186,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--quant", choices=["none", "native"], default="none",
                    help="native: keep the GGUF's blocks packed (the kernels' fastest path)")
+    p.add_argument("--kv-cache", choices=["float", "float16", "int8"], default="float",
+                   help="jaxinfer's KV cache storage (llama-server's default is float16)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--max-len", type=int, default=1024)
@@ -204,7 +206,8 @@ def main() -> None:
                     out_range=args.out_range)
     server = BackgroundServer(create_app(model, model_name="m", slots=args.slots,
                                          max_len=args.max_len, max_queue=10 * args.requests,
-                                         prefill_tokens=PREFILL_TOKENS, prefix_cache_bytes=0))
+                                         prefill_tokens=PREFILL_TOKENS, prefix_cache_bytes=0,
+                                         kv_cache=args.kv_cache))
     rows = []
 
     def measured(name, result):
@@ -223,8 +226,8 @@ def main() -> None:
         engine.shortest_first = aging
     finally:
         server.stop()
-    run_static(model, reqs[: args.slots], args.slots, args.max_len)  # warm-up
-    static = run_static(model, reqs, args.slots, args.max_len)
+    run_static(model, reqs[: args.slots], args.slots, args.max_len, args.kv_cache)  # warm-up
+    static = run_static(model, reqs, args.slots, args.max_len, args.kv_cache)
     print(f"static: {static['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     burst = dict(rows)["continuous, burst"]
     if args.llama_server:
@@ -234,7 +237,8 @@ def main() -> None:
     isa = kernels.isa()
     native = f"on ({isa})" if isa else "off (JAXINFER_NATIVE=0, or no ISA the kernels have)"
     head = (f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} "
-            f"cores. {args.model}, weights {args.quant}, native kernels {native}. "
+            f"cores. {args.model}, weights {args.quant}, KV cache {args.kv_cache}, native "
+            f"kernels {native}. "
             f"{args.requests} requests, prompts {args.prompt_range[0]}-{args.prompt_range[1]} "
             f"tokens, outputs {args.out_range[0]}-{args.out_range[1]} tokens (ignore_eos, "
             f"greedy), {args.slots} slots, max_len {args.max_len}, {PREFILL_TOKENS} prompt "
