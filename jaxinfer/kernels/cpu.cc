@@ -1,7 +1,7 @@
 // Decode-step kernels for x86-64 CPUs (AVX-512, or AVX2 + FMA: the vector layer is simd.h), as
 // XLA FFI calls: float32 matmuls against packed weights (one weight, several weights of one
-// input, the fused SwiGLU gate), and single-query attention over the KV cache with RoPE and
-// the cache write folded in.
+// input, the fused SwiGLU gate), and single-query attention over the KV cache (float32 or
+// float16) with RoPE and the cache write folded in.
 //
 // Work is shared between the calling thread and XLA's intra-op thread pool through an atomic
 // counter (ParallelFor); the caller never waits for an item nobody has claimed, so a busy pool
