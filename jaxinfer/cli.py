@@ -200,6 +200,34 @@ def setup_compile_cache(args) -> None:
     programs.enable(Path(path) / "programs")  # the engine's lowered programs, beside them
 
 
+def _glibc_malloc(name: str, *args) -> None:
+    """Call glibc's malloc tuning function `name` (nothing where the C library has none)."""
+    import ctypes
+
+    try:
+        getattr(ctypes.CDLL(None), name)(*args)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def limit_malloc_arenas() -> None:
+    """At most 2 glibc malloc arenas for the process (M_ARENA_MAX; the default is 8 per core).
+    Each thread that allocates under contention (XLA's compiler and runtime threads) otherwise
+    gets its own arena, which keeps what it freed: the cold `generate --quant native` of
+    SmolLM2 peaked at 669 MB with the default and 614 MB with 2 arenas (2-core machine)."""
+    _glibc_malloc("mallopt", -8, 2)  # M_ARENA_MAX
+
+
+def trim_heap() -> None:
+    """Hand the heap memory freed so far back to the OS (glibc's malloc_trim). glibc keeps
+    freed chunks: after `prepare`, the ~80 MB of the load's own copies of SmolLM2's weights,
+    which then counted in the peak of every later step (warm generate 530 -> 497 MB)."""
+    import gc
+
+    gc.collect()
+    _glibc_malloc("malloc_trim", 0)
+
+
 def _status(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -232,6 +260,7 @@ def _load(args, placement=None, calibration: dict | None = None):
 
         with profile.phase("layout"):
             model = prepare(model)
+            trim_heap()  # the load's copies of the weights are free now
     return model, time.perf_counter() - t
 
 
@@ -485,6 +514,7 @@ COMMANDS = {"serve": cmd_serve, "prune": cmd_prune, "quantize": cmd_quantize,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    limit_malloc_arenas()
     if getattr(args, "profile", False):
         profile.enable()
     profile.mark_imports_done()
