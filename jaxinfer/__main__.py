@@ -1,7 +1,5 @@
 """`python -m jaxinfer` runs the command line."""
 
-import sys
+from jaxinfer.cli import run
 
-from jaxinfer.cli import main
-
-sys.exit(main())
+run()

@@ -78,6 +78,17 @@ def test_module_entry_point_reports_errors():
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
 
 
+def test_module_entry_point_writes_all_its_output_before_exiting():
+    """`python -m jaxinfer` ends without the interpreter's teardown (cli.run): what it printed
+    into a pipe still arrives whole, and its exit code is main's."""
+    proc = subprocess.run([sys.executable, "-m", "jaxinfer", "devices"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert " devices over 1 process(es)" in lines[0]
+    assert lines[-1].startswith("native CPU kernels") and len(lines) >= 4
+
+
 def test_eval_json(capsys, smollm2_gguf_path, tmp_path):
     from jaxinfer.bench import english_text
 

@@ -331,11 +331,15 @@ def test_isa_override_unknown_or_unsupported_warns_once(fresh_state, monkeypatch
     assert kernels.native_params(params, None) is params
 
 
-@pytest.mark.parametrize("cache", ["float32", "float16"])
-@pytest.mark.parametrize("rope", [False, True])
-@pytest.mark.parametrize("window", [1 << 30, 5])
-@pytest.mark.parametrize("n,k,h,s", [(9, 3, 64, 192), (4, 4, 16, 7), (8, 1, 128, 40),
-                                     (10, 2, 80, 70)])
+_SHAPES = [(9, 3, 64, 192), (4, 4, 16, 7), (8, 1, 128, 40), (10, 2, 80, 70)]
+# every shape, window and RoPE choice over a float32 cache; each shape once over a float16 one
+_ATTENTION_CASES = [(*shape, window, rope, "float32") for shape in _SHAPES
+                    for window in (1 << 30, 5) for rope in (False, True)]
+_ATTENTION_CASES += [(*shape, (1 << 30, 5)[i % 2], i < 2, "float16")
+                     for i, shape in enumerate(_SHAPES)]
+
+
+@pytest.mark.parametrize("n,k,h,s,window,rope,cache", _ATTENTION_CASES)
 def test_decode_attention_matches_write_and_attend(n, k, h, s, window, rope, cache, isa):
     """Same cache contents and output as RoPE, models.cache's write and models.layers.attend
     with the position mask: groups of 1, 4, 5 and 8 query heads per KV head, ragged rows, left
