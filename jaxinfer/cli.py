@@ -31,6 +31,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "(default $JAXINFER_COMPILE_CACHE or <cache>/xla)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not use the persistent compilation cache")
+    # engine.KV_CACHES's keys, written out: importing the engine here would import jax
     p.add_argument("--kv-cache", choices=["float", "float16", "int8"], default="float",
                    help="KV cache storage (engine.KV_CACHES): float (parameter dtype), float16 "
                         "(half the bytes of float32, read as float32) or int8 with per-token "
@@ -221,7 +222,9 @@ def limit_malloc_arenas() -> None:
 def trim_heap() -> None:
     """Hand the heap memory freed so far back to the OS (glibc's malloc_trim). glibc keeps
     freed chunks: after `prepare`, the ~80 MB of the load's own copies of SmolLM2's weights,
-    which then counted in the peak of every later step (warm generate 530 -> 497 MB)."""
+    which then counted in the peak of every later step (warm generate 530 -> 497 MB). The
+    collection first frees the reference cycles that still hold most of them (malloc_trim
+    alone gave back 21 MB, with it 84 MB; the collection takes about 0.1 s)."""
     import gc
 
     gc.collect()

@@ -24,6 +24,7 @@ import numpy as np
 import jaxinfer
 from jaxinfer import kernels
 from jaxinfer.bench import publish
+from jaxinfer.engine import KV_CACHES
 from jaxinfer.generate import Engine
 from jaxinfer.sampling import Sampling
 
@@ -36,11 +37,9 @@ def step_ms(model, kv_cache: str, prompt_len: int, *, slots: int, cache_len: int
         raise SystemExit(f"--prompt-lengths {prompt_len} + {buf} new tokens exceed --cache-len")
     eng = Engine(model, slots=slots, cache_len=cache_len, buf_len=buf, kv_cache=kv_cache)
     rng = np.random.default_rng(prompt_len)
-    for _ in range(slots):
-        ids = rng.integers(10, model.config.vocab_size, prompt_len).tolist()
-        eng.submit(ids, Sampling(temperature=0.0), buf)
-    while eng.waiting or any(e.slot is not None and not eng.live(h)
-                             for h, e in eng.entries.items()):
+    handles = [eng.submit(rng.integers(10, model.config.vocab_size, prompt_len).tolist(),
+                          Sampling(temperature=0.0), buf) for _ in range(slots)]
+    while not all(eng.live(h) for h in handles):
         eng.advance(0)  # prefill every prompt (chunks) before timing
     times = []
     for i in range(repeats + 1):
@@ -61,7 +60,7 @@ def main() -> None:
     p.add_argument("--cache-len", type=int, default=1024)
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[20, 500])
     p.add_argument("--kv-cache", nargs="+", default=["float", "float16"],
-                   choices=["float", "float16", "int8"])
+                   choices=list(KV_CACHES))
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=None, help="also write the report to this file")

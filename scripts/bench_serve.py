@@ -32,6 +32,7 @@ import numpy as np
 import jaxinfer
 from jaxinfer import kernels
 from jaxinfer.bench import english_text, publish
+from jaxinfer.engine import KV_CACHES
 from jaxinfer.generate import Engine
 from jaxinfer.sampling import Sampling
 from jaxinfer.serve.app import BackgroundServer, create_app
@@ -186,7 +187,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--quant", choices=["none", "native"], default="none",
                    help="native: keep the GGUF's blocks packed (the kernels' fastest path)")
-    p.add_argument("--kv-cache", choices=["float", "float16", "int8"], default="float",
+    p.add_argument("--kv-cache", choices=list(KV_CACHES), default="float",
                    help="jaxinfer's KV cache storage (llama-server's default is float16)")
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--slots", type=int, default=16)

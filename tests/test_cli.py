@@ -78,6 +78,18 @@ def test_module_entry_point_reports_errors():
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
 
 
+def test_kv_cache_choices_are_the_engines():
+    """The CLI writes engine.KV_CACHES's keys out (it parses arguments before importing jax)."""
+    from jaxinfer import engine
+    from jaxinfer.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    for command in ("generate", "chat", "bench", "eval", "serve"):
+        kv = next(a for a in sub[command]._actions if a.dest == "kv_cache")
+        assert list(kv.choices) == list(engine.KV_CACHES), command
+
+
 def test_module_entry_point_writes_all_its_output_before_exiting():
     """`python -m jaxinfer` ends without the interpreter's teardown (cli.run): what it printed
     into a pipe still arrives whole, and its exit code is main's."""
