@@ -121,27 +121,35 @@ def run_layout(params, config, *, unstack: bool | None = None, native: bool | No
     packed earlier ({path: panels}, see `kernels.native_params`).
 
     On CPU:
-    - unstack: one buffer per layer (`models.unstack_layers`): XLA:CPU copies each layer's
-      slice out of stacked weights at every step under nn.scan, and one buffer per layer avoids
-      that (measured: SmolLM2 batch-16 decode step 94 vs 150 ms, batch 1 26 vs 28 ms; see
-      docs/BENCHMARKS.md);
     - native: every matmul weight the native kernels take in their packed form
       (`jaxinfer.kernels.native_params`: float32 and quantized leaves, the tied embedding as the
-      packed head) where the kernels are available.
-    Layers are converted one at a time (a layer's slice is copied, packed and dropped), so the
-    conversion holds the input, the result and one layer. `prepare` keeps the result alone.
+      packed head) where the kernels are available;
+    - stacked when every layer weight is then a kernel stack (read at the scan's layer in
+      place): the model scans one layer body, so XLA compiles one layer instead of L
+      (measured on SmolLM2 in docs/STARTUP.md);
+    - else unstack: one buffer per layer (`models.unstack_layers`): XLA:CPU copies each
+      layer's slice out of stacked weights at every step of a scan, and one buffer per layer
+      avoids that (measured: SmolLM2 batch-16 decode step 94 vs 150 ms, batch 1 26 vs 28 ms;
+      see docs/BENCHMARKS.md).
+    Stacked leaves are packed one layer at a time into their stack; unstacked layers are
+    converted one at a time (a layer's slice is copied, packed and dropped). Either way the
+    conversion holds the input, the result and one layer; `prepare` keeps the result alone.
     Elsewhere (GPU/TPU): params as they are. Idempotent: the result's layout is its own.
     """
     cpu = jax.default_backend() == "cpu"
     stacked = not isinstance(params.get("layers"), tuple | list)
-    unstack = cpu and stacked if unstack is None else unstack and stacked
     native = cpu if native is None else native
     tied = models.tied_table(config)
 
     def convert(tree, prefix: str = ""):
         return kernels.native_params(tree, tied, prefix, cached=packed) if native else tree
 
-    if not unstack:
+    if stacked and unstack is not True and (native or not cpu):
+        run = convert(params)
+        if unstack is False or not cpu or _all_in_place(run["layers"]):
+            return run
+        del run  # a weight the kernels do not take: per-layer buffers instead
+    elif not (stacked and (cpu if unstack is None else unstack)):
         return convert(params)
     top = convert({k: v for k, v in params.items() if k != "layers"})
     host = _on_host(params)["layers"]
@@ -149,6 +157,15 @@ def run_layout(params, config, *, unstack: bool | None = None, native: bool | No
     layers = tuple(convert(jax.tree.map(lambda a, i=i: jax.device_put(a[i]), host),
                            f"layers/{i}") for i in range(n))
     return {**top, "layers": layers}
+
+
+def _all_in_place(layers) -> bool:
+    """Whether a scan over these stacked layers reads every weight in place: each leaf is a
+    kernel stack (`at_layer`) or a per-layer vector [L, D] (norms, biases), whose slice is
+    small."""
+    leaves = jax.tree.leaves(layers, is_leaf=lambda a: hasattr(a, "at_layer"))
+    return all(hasattr(a, "at_layer") or (isinstance(a, jax.Array) and a.ndim <= 2)
+               for a in leaves)
 
 
 def _on_host(params):

@@ -48,12 +48,26 @@ def run_layers(mod: nn.Module, block, config, n_layers: int, carry, per_layer, *
 
     per_layer: arrays with a leading L axis (the block gets row i; numpy arrays stay static
     in the unstacked loop, so a block may index per-layer tuples with them); shared: passed
-    to every layer unchanged. Stacked (default): one `nn.scan` over params "layers" whose leaves carry a
-    leading L axis. Unstacked: a Python loop over blocks "layers_0" .. "layers_{L-1}", one
-    buffer per layer: XLA:CPU then multiplies each layer's weights in place instead of copying
-    the layer's slice out of the stacked buffer at every step (see docs/DESIGN.md).
+    to every layer unchanged. Stacked (default): a scan over params "layers" whose leaves carry a
+    leading L axis (`nn.scan` when initialising; when applying, `jax.lax.scan` over the layer
+    index with each layer's params from `at_layer`, so leaves that read their layer in place,
+    the native kernels' stacks, are not sliced). Unstacked: a Python loop over blocks
+    "layers_0" .. "layers_{L-1}", one buffer per layer: XLA:CPU then multiplies each layer's
+    weights in place instead of copying the layer's slice out of the stacked buffer at every
+    step (see docs/DESIGN.md).
     block_attrs: extra (static) attributes of every block module.
     """
+    if not unstacked and not mod.is_initializing():
+        stack = mod.variables["params"]["layers"]
+        one = block(config, parent=None, **block_attrs)
+
+        def body(carry, xs):
+            i, row = xs
+            carry, _ = one.apply({"params": at_layer(stack, i)}, carry, row, *shared)
+            return carry, None
+
+        xs = (jnp.arange(n_layers, dtype=jnp.int32), per_layer)
+        return jax.lax.scan(body, carry, xs, unroll=unroll)[0]
     if not unstacked:
         scanned = nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -66,6 +80,16 @@ def run_layers(mod: nn.Module, block, config, n_layers: int, carry, per_layer, *
         carry, _ = block(config, name=f"layers_{i}", parent=mod, **block_attrs)(carry, row,
                                                                                *shared)
     return carry
+
+
+def at_layer(stack, i):
+    """Layer i (an int32 scalar) of a tree of stacked leaves [L, ...]: a leaf with an
+    `at_layer(i)` method (the native kernels' stacks) gives its view of layer i, read in place;
+    any other array is sliced (a[i])."""
+    def view(a):
+        return a.at_layer(i) if hasattr(a, "at_layer") else a[i]
+
+    return jax.tree.map(view, stack, is_leaf=lambda a: hasattr(a, "at_layer"))
 
 
 def linear(x: jax.Array, w, b=None) -> jax.Array:
@@ -221,13 +245,18 @@ def self_attention(q, k, v, positions, k_pos, window, layer, slots, cache_kv, ke
     None. Returns (out [B, T, N * H], updated cache_kv or None).
     Without a cache, attends over k, v alone; with one, writes k, v at `slots` [B, T] and
     attends over everything cached. kernel (optional, KVCache.attention) takes single-token
-    steps on per-layer float buffers instead, rotating, writing and attending in one call:
-    kernel(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv_freq)
+    steps on float buffers (per-layer, or stacked with the layer index) instead, rotating,
+    writing and attending in one call:
+    kernel(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv_freq, layer=...)
     -> (out, k_buf, v_buf).
     """
     if cache_kv is not None:
         ck, cv, ks, _ = cache_kv
-        if kernel is not None and q.shape[1] == 1 and isinstance(ck, tuple) and ks is None:
+        if kernel is not None and q.shape[1] == 1 and ks is None:
+            if not isinstance(ck, tuple):  # stacked [L, B, ...]: the kernel reads its layer
+                out, kb, vb = kernel(q, k, v, ck, cv, positions, k_pos, window, slots, inv_freq,
+                                     layer=layer)
+                return out, (kb, vb, None, None)
             out, kb, vb = kernel(q, k, v, ck[int(layer)], cv[int(layer)], positions, k_pos,
                                  window, slots, inv_freq)
             return out, (kvc.replace_layer(ck, layer, kb), kvc.replace_layer(cv, layer, vb),

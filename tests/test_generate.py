@@ -20,7 +20,7 @@ import transformers
 
 import jaxinfer
 import models
-from jaxinfer import engine, generate, text
+from jaxinfer import engine, generate, kernels, text
 from jaxinfer.errors import CheckpointError, InputError
 from jaxinfer.generate import Engine, Request, engine_for, generate_ids
 from jaxinfer.model import Model
@@ -316,7 +316,8 @@ def test_request_joining_a_running_batch_gets_its_own_tokens(tiny, sampling):
     assert cache_sizes() == before
 
 
-LAYOUTS = {"native kernels": {}, "xla": dict(native=False), "stacked": dict(unstack=False),
+LAYOUTS = {"native kernels": {}, "native per layer": dict(unstack=True),
+           "xla": dict(native=False), "stacked": dict(unstack=False, native=False),
            "int8 cache": {}}
 
 
@@ -327,8 +328,9 @@ def test_decode_over_the_first_rows_equals_decode_over_all(tiny, layout):
     params = generate.run_layout(tiny.params, tiny.config, **LAYOUTS[layout])
     eng = Engine(tiny, slots=8, cache_len=64, buf_len=16, params=params,
                  kv_cache="int8" if layout == "int8 cache" else "float")
-    if layout == "native kernels":  # the attention kernel on per-layer buffers
-        assert eng.state.cache.per_layer and eng.state.cache.attention is not None
+    if layout.startswith("native") and kernels.available():  # the attention kernel on
+        per_layer = layout == "native per layer"  # stacked buffers (or per-layer ones)
+        assert eng.state.cache.per_layer == per_layer and eng.state.cache.attention is not None
     if layout == "stacked":  # stacked buffers: the model's own attention
         assert not eng.state.cache.per_layer
     for i, p in enumerate(RAGGED[:3]):
@@ -1033,33 +1035,44 @@ def test_greedy_with_repetition_penalty_matches_transformers(tiny_pair, penalty)
         assert c.token_ids == ref[0, len(p):].tolist()
 
 
-def test_cpu_generation_runs_per_layer_weights_with_same_tokens(tiny):
-    """On CPU, the engine uses one buffer per layer (made once per params); stacked gives the same."""
+def test_cpu_generation_layouts_give_the_same_tokens(tiny):
+    """On CPU, the engine runs kernel stacks read in place by the scan over the layers where
+    the native kernels run (else one buffer per layer; made once per params); per-layer
+    kernel weights and XLA on stacked weights give the same tokens."""
     from jaxinfer import generate
 
     params = generate.run_params(tiny)
-    assert isinstance(params["layers"], tuple) and generate.run_params(tiny) is params
+    assert generate.run_params(tiny) is params
     eng = Engine(tiny, slots=2, cache_len=32, buf_len=16)
-    assert eng.state.cache.per_layer and len(eng.state.cache.k) == tiny.config.n_layers
-    per_layer = run_ids(tiny, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5)
-    stacked_params = generate.run_layout(tiny.params, tiny.config, unstack=False)
+    if kernels.available():
+        assert isinstance(params["layers"]["attn"]["q"], kernels.NativeWeight)
+        assert not eng.state.cache.per_layer and eng.state.cache.attention is not None
+    else:
+        assert isinstance(params["layers"], tuple)
+        assert eng.state.cache.per_layer and len(eng.state.cache.k) == tiny.config.n_layers
+    runs = run_ids(tiny, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5)
+    stacked_params = generate.run_layout(tiny.params, tiny.config, unstack=False, native=False)
     assert all(a is b for a, b in zip(jax.tree.leaves(stacked_params["layers"]),  # stacked,
                                       jax.tree.leaves(tiny.params["layers"]), strict=True))
     assert generate.run_params(tiny) is params  # the model's own layout is kept
-    stacked = run_ids(tiny, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5,
-                      params=stacked_params)
-    assert [c.token_ids for c in per_layer] == [c.token_ids for c in stacked]
-    for a, b in zip(per_layer, stacked, strict=True):
-        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
-    # prepare: the model holds the run layout alone (no reference to the stacked params), the
-    # layout is its own (run_layout idempotent: no leaf copied) and the tokens are the same.
+    per_layer_params = generate.run_layout(tiny.params, tiny.config, unstack=True)
+    assert isinstance(per_layer_params["layers"], tuple)
+    for other in (stacked_params, per_layer_params):
+        got = run_ids(tiny, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5,
+                      params=other)
+        assert [c.token_ids for c in runs] == [c.token_ids for c in got]
+        for a, b in zip(runs, got, strict=True):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    # prepare: the model holds the run layout alone (no reference to the stacked weights: the
+    # kernel stacks replace them; per-layer vectors kept as they are are shared, not copied),
+    # the layout is its own (run_layout idempotent: no leaf copied) and the tokens are the same.
     prepared = generate.prepare(tiny)
-    assert isinstance(prepared.params["layers"], tuple)
-    assert not {id(x) for x in jax.tree.leaves(tiny.params["layers"])} & {
+    assert type(prepared.params["layers"]) is type(params["layers"])
+    assert not {id(x) for x in jax.tree.leaves(tiny.params["layers"]) if x.ndim > 2} & {
         id(x) for x in jax.tree.leaves(prepared.params)}
     again = generate.run_layout(prepared.params, prepared.config)
     assert all(a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(prepared.params),
                                       strict=True))
     assert generate.run_params(prepared) is prepared.params
     ids = run_ids(prepared, RAGGED, max_new=12, logprobs=True, temperature=1.0, seed=5)
-    assert [c.token_ids for c in ids] == [c.token_ids for c in per_layer]
+    assert [c.token_ids for c in ids] == [c.token_ids for c in runs]

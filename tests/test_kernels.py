@@ -247,7 +247,8 @@ def test_generation_with_kernel_equals_without(tiny, isa, kv_cache, monkeypatch)
     req = Request(prompts=prompts, sampling=[Sampling()], max_new_tokens=10, stop_token_ids=(),
                   kv_cache=kv_cache)
     native = generate.run_layout(tiny.params, tiny.config)
-    assert native["layers"][0]["attn"]["o"].isa == isa
+    o = native["layers"]["attn"]["o"]  # stacked: the scan reads each layer's panels in place
+    assert o.isa == isa and o.panels.shape[0] == tiny.config.n_layers and o.layer is None
     attention = kernels.attention_for(native, jnp.float32)
     assert attention is kernels.attention_for(native, "float32") and attention.keywords == {"isa": isa}
     assert kernels.attention_for(native, jnp.float16) is attention
@@ -255,7 +256,7 @@ def test_generation_with_kernel_equals_without(tiny, isa, kv_cache, monkeypatch)
     with_kernel = generate_ids(tiny, req, logprobs=True, params=native)
     monkeypatch.setenv("JAXINFER_NATIVE", "0")
     plain = generate.run_layout(tiny.params, tiny.config)
-    assert not isinstance(plain["layers"][0]["attn"]["o"], kernels.NativeWeight)
+    assert not isinstance(plain["layers"][0]["attn"]["o"], kernels.NativeWeight)  # per layer
     without = generate_ids(tiny, req, logprobs=True, params=plain)
     for a, b in zip(with_kernel, without, strict=True):
         assert a.token_ids == b.token_ids

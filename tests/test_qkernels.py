@@ -194,8 +194,9 @@ def test_generation_with_quantized_kernels_equals_without(isa, monkeypatch):
                                  tokenizer=None, source="tiny", eos_token_ids=()),
                            "int4", group_size=32)
     native = generate.run_layout(model.params, model.config)
-    layer = native["layers"][0]
-    assert all(isinstance(layer[a][w], kernels.NativeQuant)
+    layers = native["layers"]  # stacked: each layer's panels read in place by the scan
+    assert all(isinstance(layers[a][w], kernels.NativeQuant)
+               and layers[a][w].q.shape[0] == config.n_layers
                for a, w in (("attn", "q"), ("attn", "o"), ("mlp", "gate"), ("mlp", "down")))
     assert isinstance(native["embed"], kernels.NativeQuantEmbedding)
     assert kernels.attention_for(native, jnp.float32).keywords == {"isa": isa}
@@ -232,7 +233,7 @@ def test_smollm2_q4_1_kernels_against_xla(smollm2_gguf_path):
     model = jaxinfer.load(smollm2_gguf_path, keep_packed=True, progress=False)
     native = generate.run_layout(model.params, model.config)
     plain = generate.run_layout(model.params, model.config, native=False)
-    assert isinstance(native["layers"][0]["mlp"]["down"], kernels.NativeQuant)
+    assert isinstance(native["layers"]["mlp"]["down"], kernels.NativeQuant)
     assert isinstance(native["embed"], kernels.NativeQuantEmbedding)
     on_plain = dataclasses.replace(model, params=plain)
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a village,"]

@@ -226,7 +226,8 @@ PACK_PANELS = 64  # panels copied per numpy step in `pack` (a working set that f
 
 
 def pack(w) -> jax.Array:
-    """w [K, N] -> panels [ceil(N / STRIP), K, STRIP] (columns zero padded to whole panels).
+    """w [K, N] -> panels [ceil(N / STRIP), K, STRIP] (columns zero padded to whole panels);
+    a stack of layers w [L, K, N] -> [L, ceil(N / STRIP), K, STRIP].
 
     Packed on the host with numpy (w may be a numpy array or a CPU jax array, read without a
     copy) a few panels at a time: no XLA program is compiled for it (eager jnp ops would
@@ -234,16 +235,27 @@ def pack(w) -> jax.Array:
     view such as `table.T` is read block by block.
     """
     w = np.asarray(w)
+    if w.ndim == 3:  # one layer at a time into the stack
+        out = np.empty((w.shape[0], *packed_shape(*w.shape[1:])), w.dtype)
+        for i in range(w.shape[0]):
+            _pack_into(w[i], out[i])
+        return jax.device_put(out)
+    out = np.empty(packed_shape(*w.shape), w.dtype)
+    _pack_into(w, out)
+    return jax.device_put(out)  # jnp.asarray would compile a copy program per shape
+
+
+def _pack_into(w: np.ndarray, out: np.ndarray) -> None:
+    """w [K, N] packed into out [ceil(N / STRIP), K, STRIP] (see `pack`)."""
     k, n = w.shape
-    p = -(-n // STRIP)
-    out = np.zeros((p, k, STRIP), w.dtype)
+    p = out.shape[0]
+    out[-1] = 0  # the last panel's padding columns
     for p0 in range(0, p, PACK_PANELS):
         cols = w[:, p0 * STRIP:(p0 + PACK_PANELS) * STRIP]  # [K, <= PACK_PANELS * STRIP]
         full = cols.shape[1] // STRIP
         out[p0:p0 + full] = cols[:, :full * STRIP].reshape(k, full, STRIP).transpose(1, 0, 2)
         if full * STRIP < cols.shape[1]:  # the last, partial panel
             out[p0 + full, :, :cols.shape[1] - full * STRIP] = cols[:, full * STRIP:]
-    return jax.device_put(out)  # jnp.asarray would compile a copy program per shape
 
 
 def unpack(panels: jax.Array, n: int) -> jax.Array:
@@ -262,24 +274,36 @@ def _require(isa: str | None) -> str:
     return chosen
 
 
-def matmul(x: jax.Array, panels: jax.Array, n: int, isa: str | None = None) -> jax.Array:
-    """x [M, K] @ W [K, n] -> [M, n] float32, W given packed (see `pack`), on `isa`'s kernel
-    (default: the process's)."""
+def _layer_arg(layer) -> jax.Array:
+    """Every kernel's first operand: the layer of stacked weights (and caches) it reads, an
+    int32 scalar (0 for unstacked ones)."""
+    return jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
+
+
+def matmul(x: jax.Array, panels: jax.Array, n: int, isa: str | None = None,
+           layer=None) -> jax.Array:
+    """x [M, K] @ W [K, n] -> [M, n] float32, W given packed (see `pack`; or a stack of layers
+    [L, P, K, STRIP] of which `layer`, an int or int32 scalar, is read in place), on `isa`'s
+    kernel (default: the process's)."""
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
-    return jax.ffi.ffi_call(target("matmul", _require(isa)), out)(x, panels)
+    return jax.ffi.ffi_call(target("matmul", _require(isa)), out)(_layer_arg(layer), x, panels)
 
 
 def matmul_many(x: jax.Array, panels: list[jax.Array], ns: list[int],
-                isa: str | None = None) -> list[jax.Array]:
-    """[x @ W_j] for several packed weights of one x [M, K], in one call -> [M, n_j] each."""
+                isa: str | None = None, layer=None) -> list[jax.Array]:
+    """[x @ W_j] for several packed weights (or stacks, see `matmul`) of one x [M, K], in one
+    call -> [M, n_j] each."""
     outs = [jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32) for n in ns]
-    return list(jax.ffi.ffi_call(target("matmul_many", _require(isa)), outs)(x, *panels))
+    call = jax.ffi.ffi_call(target("matmul_many", _require(isa)), outs)
+    return list(call(_layer_arg(layer), x, *panels))
 
 
-def glu(x: jax.Array, gate: jax.Array, up: jax.Array, n: int, isa: str | None = None) -> jax.Array:
-    """silu(x @ Wg) * (x @ Wu) for x [M, K], both packed with n columns, in one call -> [M, n]."""
+def glu(x: jax.Array, gate: jax.Array, up: jax.Array, n: int, isa: str | None = None,
+        layer=None) -> jax.Array:
+    """silu(x @ Wg) * (x @ Wu) for x [M, K], both packed with n columns (or stacks, see
+    `matmul`), in one call -> [M, n]."""
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
-    return jax.ffi.ffi_call(target("glu", _require(isa)), out)(x, gate, up)
+    return jax.ffi.ffi_call(target("glu", _require(isa)), out)(_layer_arg(layer), x, gate, up)
 
 
 # Rows up to which the matmul kernels run; more (a long prefill chunk, several prompts) go to
@@ -296,13 +320,25 @@ def _kernel_rows(x: jax.Array) -> int | None:
     return rows if x.dtype == jnp.float32 and 0 < rows <= MAX_KERNEL_ROWS else None
 
 
-def _dot(x: jax.Array, panels: jax.Array, n: int, isa: str) -> jax.Array:
+def _dot(x: jax.Array, panels: jax.Array, n: int, isa: str, layer=None) -> jax.Array:
     """x [..., K] @ W [K, n]: `isa`'s kernel for float32 rows, XLA's dot on the unpacked weights
-    otherwise."""
+    otherwise (panels: one weight's, or a stack read at `layer`)."""
     rows = _kernel_rows(x)
     if rows is None:
-        return x @ unpack(panels, n).astype(x.dtype)
-    return matmul(x.reshape(rows, x.shape[-1]), panels, n, isa).reshape(*x.shape[:-1], n)
+        return x @ unpack(_at(panels, layer, 3), n).astype(x.dtype)
+    return matmul(x.reshape(rows, x.shape[-1]), panels, n, isa, layer).reshape(*x.shape[:-1], n)
+
+
+def _at(a: jax.Array | None, layer, rank: int) -> jax.Array | None:
+    """One layer's part of a child of a native leaf: a[layer] when `a` is a stack (one axis
+    more than `rank`), else a itself."""
+    return a[layer] if a is not None and a.ndim == rank + 1 else a
+
+
+def _layer_field():
+    """The layer a stacked leaf is read at (an int32 scalar; set by `at_layer` inside a scan
+    over the layers), or None: a child, since a scan's counter is traced."""
+    return flax.struct.field(default=None)
 
 
 def _isa_field():
@@ -312,42 +348,59 @@ def _isa_field():
 
 @pytree.dataclass
 class NativeWeight:
-    """A float32 weight W [K, n] kept packed for `isa`'s kernels: panels [ceil(n / 48), K, 48]."""
+    """A float32 weight W [K, n] kept packed for `isa`'s kernels: panels [ceil(n / 48), K, 48];
+    or the weights of every layer, [L, ceil(n / 48), K, 48] (shape [L, K, n]), of which a scan
+    over the layers multiplies layer `layer` (`at_layer`) in place."""
 
     panels: jax.Array
     n: int = flax.struct.field(pytree_node=False)
     isa: str = _isa_field()
+    layer: jax.Array | None = _layer_field()
 
     @classmethod
     def from_array(cls, w: jax.Array, isa: str | None = None) -> NativeWeight:
-        """w [K, n] packed for `isa` (default: the process's ISA; RuntimeError if none runs)."""
-        return cls(panels=pack(w), n=int(w.shape[1]), isa=_require(isa))
+        """w [K, n] (or a stack [L, K, n]) packed for `isa` (default: the process's ISA;
+        RuntimeError if none runs)."""
+        return cls(panels=pack(w), n=int(w.shape[-1]), isa=_require(isa))
 
-    shape = property(lambda self: (self.panels.shape[1], self.n))
+    shape = property(lambda self: _shape(self.panels.shape[:-3], self.layer,
+                                         (self.panels.shape[-2], self.n)))
     dtype = property(lambda self: self.panels.dtype)
     nbytes = property(lambda self: self.panels.nbytes)
 
+    def at_layer(self, layer) -> NativeWeight:
+        """Layer `layer` (int32 scalar) of a stack, still reading the whole stack's buffer."""
+        return self.replace(layer=layer)
+
     def matmul(self, x: jax.Array) -> jax.Array:
         """x [..., K] -> [..., n]."""
-        return _dot(x, self.panels, self.n, self.isa)
+        return _dot(x, self.panels, self.n, self.isa, self.layer)
 
     def matmul_many(self, x: jax.Array, others: list[NativeWeight]) -> list[jax.Array]:
         """[x @ W for W in (self, *others)] in one call: x [..., K] -> [..., n] each."""
         ws = [self, *others]
         rows = _kernel_rows(x)
-        if rows is None or any(w.isa != self.isa for w in others):
+        if rows is None or any(w.isa != self.isa or w.layer is not self.layer for w in others):
             return [w.matmul(x) for w in ws]
         ys = matmul_many(x.reshape(rows, x.shape[-1]), [w.panels for w in ws], [w.n for w in ws],
-                         self.isa)
+                         self.isa, self.layer)
         return [y.reshape(*x.shape[:-1], w.n) for y, w in zip(ys, ws, strict=True)]
 
     def glu(self, x: jax.Array, up: NativeWeight) -> jax.Array:
         """silu(x @ self) * (x @ up) in one call: x [..., K] -> [..., n]."""
         rows = _kernel_rows(x)
-        if rows is None or up.n != self.n or up.isa != self.isa:
+        if (rows is None or up.n != self.n or up.isa != self.isa
+                or up.layer is not self.layer):
             return jax.nn.silu(self.matmul(x)) * up.matmul(x)
-        y = glu(x.reshape(rows, x.shape[-1]), self.panels, up.panels, self.n, self.isa)
+        y = glu(x.reshape(rows, x.shape[-1]), self.panels, up.panels, self.n, self.isa,
+                self.layer)
         return y.reshape(*x.shape[:-1], self.n)
+
+
+def _shape(stack: tuple, layer, shape: tuple) -> tuple:
+    """A native leaf's shape: one weight's, or [L, ...] for a whole stack (not once `layer` is
+    chosen)."""
+    return shape if layer is not None else (*stack, *shape)
 
 
 @pytree.dataclass
@@ -422,13 +475,16 @@ class NativeQuant:
     XLA's dot on the dequantized weight for other dtypes. 8-bit weights take the activations
     as they are; 4-bit weights (G a multiple of 32) take them quantized per block of 32
     (`q8_activations`), on the kernel and on XLA alike, so a row's result does not depend on
-    which of them runs."""
+    which of them runs.
+    A stack of every layer's weights has each child with a leading [L] axis (shape [L, K, n]);
+    a scan over the layers multiplies layer `layer` (`at_layer`) in place."""
 
     q: jax.Array
     scales: jax.Array
     mins: jax.Array | None
     n: int = flax.struct.field(pytree_node=False)
     isa: str = _isa_field()
+    layer: jax.Array | None = _layer_field()
 
     @classmethod
     def from_rows(cls, rows, isa: str | None = None) -> NativeQuant:
@@ -438,12 +494,40 @@ class NativeQuant:
         if not cls.takes(rows):
             raise ValueError(f"4-bit kernel weights need a group of a multiple of {ACT_BLOCK}, "
                              f"got {rows.group}")
+        q, scales, mins = cls.host_children(rows)
+        return cls(q=jax.device_put(q), scales=jax.device_put(scales),
+                   mins=None if mins is None else jax.device_put(mins),
+                   n=int(rows.q.shape[0]), isa=_require(isa))
+
+    @classmethod
+    def stack(cls, layers, isa: str | None = None) -> NativeQuant:
+        """One stack from a sequence of every layer's KernelRows (all of one format and shape;
+        a lazy sequence makes one layer's rows at a time), filled one layer at a time.
+        ValueError as `from_rows`."""
+        parts, n = None, None
+        for i in range(len(layers)):
+            rows = layers[i]
+            if not cls.takes(rows):
+                raise ValueError(f"4-bit kernel weights need a group of a multiple of "
+                                 f"{ACT_BLOCK}, got {rows.group}")
+            one = cls.host_children(rows)
+            if parts is None:
+                parts = [None if a is None else np.empty((len(layers), *a.shape), a.dtype)
+                         for a in one]
+            for out, a in zip(parts, one, strict=True):
+                if out is not None:
+                    out[i] = a
+            n = int(rows.q.shape[0])
+        q, scales, mins = (None if a is None else jax.device_put(a) for a in parts)
+        return cls(q=q, scales=scales, mins=mins, n=n, isa=_require(isa))
+
+    @staticmethod
+    def host_children(rows) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(q, scales, mins) panels of one weight's KernelRows, in numpy (see the class)."""
         q = _panels(np.asarray(rows.q))
         if rows.mins is not None:
             q = _nibble_panels(q)
-        mins = None if rows.mins is None else jax.device_put(_panels(rows.mins))
-        return cls(q=jax.device_put(q), scales=jax.device_put(_panels(rows.scales)), mins=mins,
-                   n=int(rows.q.shape[0]), isa=_require(isa))
+        return q, _panels(rows.scales), None if rows.mins is None else _panels(rows.mins)
 
     @staticmethod
     def takes(rows) -> bool:
@@ -451,8 +535,12 @@ class NativeQuant:
         return rows.mins is None or rows.group % ACT_BLOCK == 0
 
     bits = property(lambda self: 8 if self.q.dtype == jnp.int8 else 4)
-    shape = property(lambda self: (self.q.shape[1] * (1 if self.bits == 8 else 8), self.n))
-    group = property(lambda self: self.shape[0] // self.scales.shape[1])
+    rank = property(lambda self: 3 if self.bits == 8 else 4)  # of one layer's q
+    shape = property(lambda self: _shape(
+        self.scales.shape[:-3], self.layer,
+        (self.scales.shape[-2] * self.group, self.n)))
+    group = property(lambda self: (self.q.shape[-2] if self.bits == 8 else self.q.shape[-3] * 8)
+                     // self.scales.shape[-2])
     dtype = property(lambda self: jnp.dtype(jnp.float32))
     nbytes = property(lambda self: sum(int(a.nbytes) for a in (self.q, self.scales, self.mins)
                                        if a is not None))
@@ -472,9 +560,15 @@ class NativeQuant:
             w = w + jnp.repeat(mins.astype(jnp.float32), self.group, axis)
         return w
 
+    def at_layer(self, layer) -> NativeQuant:
+        """Layer `layer` (int32 scalar) of a stack, still reading the whole stack's buffers."""
+        return self.replace(layer=layer)
+
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """W [K, n]."""
-        return unpack(self.values_along(self.q, self.scales, self.mins, 1), self.n).astype(dtype)
+        """W [K, n] (of `layer` for a stack)."""
+        q, s, m = (_at(a, self.layer, r) for a, r in ((self.q, self.rank), (self.scales, 3),
+                                                       (self.mins, 3)))
+        return unpack(self.values_along(q, s, m, 1), self.n).astype(dtype)
 
     def matmul(self, x: jax.Array) -> jax.Array:
         """x [..., K] -> [..., n]."""
@@ -482,13 +576,14 @@ class NativeQuant:
 
     def matmul_many(self, x: jax.Array, others: list[NativeQuant]) -> list[jax.Array]:
         """[x @ W for W in (self, *others)] in one call: x [..., K] -> [..., n] each."""
-        if any(w.isa != self.isa for w in others):
+        if any(w.isa != self.isa or w.layer is not self.layer for w in others):
             return [w.matmul(x) for w in (self, *others)]
         return _qdot(x, [self, *others], False)
 
     def glu(self, x: jax.Array, up: NativeQuant) -> jax.Array:
         """silu(x @ self) * (x @ up) in one call: x [..., K] -> [..., n]."""
-        if up.n != self.n or up.isa != self.isa or up.shape != self.shape:
+        if (up.n != self.n or up.isa != self.isa or up.shape != self.shape
+                or up.layer is not self.layer):
             return jax.nn.silu(self.matmul(x)) * up.matmul(x)
         return _qdot(x, [self, up], True)[0]
 
@@ -506,7 +601,7 @@ def _qdot(x: jax.Array, ws: list[NativeQuant], glu: bool) -> list[jax.Array]:
         args += [w.q, w.scales, jnp.zeros((0,), jnp.float16) if w.mins is None else w.mins]
     outs = [jax.ShapeDtypeStruct((rows, w.n), jnp.float32) for w in ws[:1 if glu else None]]
     call = jax.ffi.ffi_call(target("qmatmul", _require(ws[0].isa)), outs)
-    ys = call(x.reshape(rows, x.shape[-1]), *args, glu=np.int64(glu))
+    ys = call(_layer_arg(ws[0].layer), x.reshape(rows, x.shape[-1]), *args, glu=np.int64(glu))
     return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
@@ -536,7 +631,7 @@ class NativeQuantEmbedding:
 
 
 def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv_freq=None,
-                     isa=None):
+                     layer=None, isa=None):
     """The KVCache.attention kernel: each row's new token is rotated by RoPE (when inv_freq
     [H/2] is given), written into this layer's cache and attends over the row's used slots,
     in one call (the buffers are updated in place). The cache is float32 or float16 (the new
@@ -544,7 +639,8 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
 
     q [B, 1, N, H]; k, v [B, 1, K, H] (new, q and k before RoPE); k_buf [R, K, H, S], v_buf
     [R, K, S, H] with R >= B (the B rows attending are the buffers' first: models.cache.
-    head_rows); positions [B, 1]; k_pos [B, S]; window (int); slots [B, 1] (where the new
+    head_rows), or stacks of every layer's [L, R, ...] of which `layer` (an int32 scalar) is
+    this one, read and written in place; positions [B, 1]; k_pos [B, S]; window (int); slots [B, 1] (where the new
     token goes) -> (out [B, 1, N * H], k_buf, v_buf), as models.layers.self_attention's XLA
     path, except that a padding row (position -1, whose output is never read) gets zeros on
     the kernel. Float32 q, k, v over a float32 or float16 cache with H a multiple of 16 (at
@@ -557,10 +653,14 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
     kind = _ATTEND.get(jnp.dtype(k_buf.dtype)) if k_buf.dtype == v_buf.dtype else None
     if not (h % 16 == 0 and h <= 256 and isa is not None and kind is not None and
             all(a.dtype == jnp.float32 for a in (q, k, v))):
-        # The model's own XLA path, on this layer's buffers as a one-layer cache.
-        out, (kb, vb, _, _) = self_attention(q, k, v, positions, k_pos, window, 0, slots,
-                                             ((k_buf,), (v_buf,), None, None), None, inv_freq)
-        return out, kb[0], vb[0]
+        # The model's own XLA path, on this layer's buffers (a stack, or one layer's as a
+        # one-layer cache).
+        stacked = k_buf.ndim == 5
+        buffers = (k_buf, v_buf) if stacked else ((k_buf,), (v_buf,))
+        out, (kb, vb, _, _) = self_attention(q, k, v, positions, k_pos, window,
+                                             layer if stacked else 0, slots,
+                                             (*buffers, None, None), None, inv_freq)
+        return (out, kb, vb) if stacked else (out, kb[0], vb[0])
     if inv_freq is None:  # no rotation: cos 1, sin 0
         rope = jnp.concatenate([jnp.ones((b, h // 2)), jnp.zeros((b, h // 2))], axis=-1)
     else:
@@ -571,8 +671,8 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
               jax.ShapeDtypeStruct(k_buf.shape, k_buf.dtype),
               jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype))
     call = jax.ffi.ffi_call(target(kind, _require(isa)), shapes,
-                            input_output_aliases={0: 1, 1: 2})
-    out, k_buf, v_buf = call(k_buf, v_buf, q[:, 0], k[:, 0], v[:, 0], rope.astype(jnp.float32),
+                            input_output_aliases={1: 1, 2: 2})
+    out, k_buf, v_buf = call(_layer_arg(layer), k_buf, v_buf, q[:, 0], k[:, 0], v[:, 0], rope.astype(jnp.float32),
                              positions[:, 0].astype(i32), k_pos.astype(i32),
                              jnp.reshape(jnp.asarray(window, i32), (1,)), slots[:, 0].astype(i32))
     return out.reshape(b, 1, n * h), k_buf, v_buf
@@ -606,12 +706,12 @@ def packed_shape(k: int, n: int) -> tuple[int, int, int]:
 
 
 def native_params(params, tied_key: str | None, prefix: str = "", cached=None):
-    """params with every float32 2-D matmul weight (top level or in per-layer trees, see
-    `models.unstack_layers`) packed as NativeWeight, every quantized one with `kernel_rows` as
-    NativeQuant, and the tied embedding `tied_key` (if any) as the packed head
-    (NativeEmbedding / NativeQuantEmbedding), for the process's ISA. Other leaves (lookup
-    tables, other schemes, stacked layers) unchanged. Returns params itself when no kernel runs
-    here. prefix: the path of `params` within the whole tree (e.g. "layers/3" for one layer's
+    """params with every float32 matmul weight (top level, stacked layers [L, K, N] or
+    per-layer trees, see `models.unstack_layers`) packed as NativeWeight, every quantized one
+    with `kernel_rows` as NativeQuant (a stack of layers as one stacked leaf), and the tied
+    embedding `tied_key` (if any) as the packed head (NativeEmbedding / NativeQuantEmbedding),
+    for the process's ISA. Other leaves (lookup tables, other schemes, norms and biases)
+    unchanged. Returns params itself when no kernel runs here. prefix: the path of `params` within the whole tree (e.g. "layers/3" for one layer's
     tree).
 
     cached: optional {path: panels} of float32 weights packed earlier (numpy, e.g. memory maps
@@ -623,19 +723,24 @@ def native_params(params, tied_key: str | None, prefix: str = "", cached=None):
         return params
     cached = cached or {}
 
-    def panels(path: str, w) -> jax.Array:  # w [K, N] -> its panels
+    def panels(path: str, w) -> jax.Array:  # w [K, N] (or [L, K, N]) -> its panels
         got = cached.get(path)
-        if got is not None and got.shape == packed_shape(*w.shape) and got.dtype == w.dtype:
+        want = (*w.shape[:-2], *packed_shape(*w.shape[-2:]))
+        if got is not None and got.shape == want and got.dtype == w.dtype:
             return jax.device_put(got)  # aligned host memory: aliased, not copied
         return pack(w)
 
     def wrap(path: str, leaf):
         if hasattr(leaf, "kernel_rows"):
             return _native_quantized(path, leaf, tied_key, chosen)
-        if not isinstance(leaf, jax.Array) or leaf.ndim != 2 or leaf.dtype != jnp.float32:
+        if not isinstance(leaf, jax.Array) or leaf.dtype != jnp.float32:
             return leaf
-        if paths.is_stacked(path):
-            return leaf  # stacked layers [L, ...]: 2-D leaves there are per-layer vectors
+        if paths.is_stacked(path):  # [L, K, N] weights; [L, D] norms and biases stay
+            if leaf.ndim != 3:
+                return leaf
+            return NativeWeight(panels=panels(path, leaf), n=int(leaf.shape[2]), isa=chosen)
+        if leaf.ndim != 2:
+            return leaf
         if path == tied_key:
             return NativeEmbedding(panels=panels(path, np.asarray(leaf).T), n=int(leaf.shape[0]),
                                    isa=chosen)
@@ -650,11 +755,17 @@ def native_params(params, tied_key: str | None, prefix: str = "", cached=None):
 
 
 def _native_quantized(path: str, leaf, tied_key: str | None, isa: str):
-    """A quantized leaf's native form: NativeQuant for a projection, NativeQuantEmbedding for
-    the tied embedding; the leaf itself where the kernels do not take it (stacked, a lookup
-    table, a scheme without `kernel_rows`)."""
+    """A quantized leaf's native form: NativeQuant for a projection (stacked for stacked
+    layers), NativeQuantEmbedding for the tied embedding; the leaf itself where the kernels do
+    not take it (a lookup table, a scheme without `kernel_rows`, experts)."""
     if paths.is_stacked(path):
-        return leaf
+        if leaf.layout != "in_out" or len(leaf.shape) != 3:
+            return leaf
+        layers = _LayerRows(leaf)
+        first = layers[0]
+        if first is None or not NativeQuant.takes(first):
+            return leaf
+        return NativeQuant.stack(layers, isa)
     tied = path == tied_key and leaf.layout == "out_in"
     if not tied and (paths.is_lookup_table(path) or leaf.layout != "in_out"):
         return leaf
@@ -663,6 +774,21 @@ def _native_quantized(path: str, leaf, tied_key: str | None, isa: str):
         return leaf
     head = NativeQuant.from_rows(rows, isa)
     return NativeQuantEmbedding(head=head, dtype=leaf.dtype) if tied else head
+
+
+class _LayerRows:
+    """The KernelRows of each layer of a stacked quantized leaf, made when asked for (from
+    host views of its children: no XLA program per slice)."""
+
+    def __init__(self, leaf):
+        self.leaf = jax.tree.map(np.asarray, leaf)
+        self.count = leaf.shape[0]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int):
+        return jax.tree.map(lambda c: c[i], self.leaf).kernel_rows()
 
 
 def packed_leaves(params) -> dict[str, jax.Array]:

@@ -31,6 +31,37 @@ constexpr int64_t kStrip = 48;              // S: columns per panel (Python's ke
 constexpr int64_t kCols = kStrip / kWidth;  // vectors per panel row: 3 (AVX-512) or 6 (AVX2)
 constexpr int64_t kLine = 16;               // floats per cache line
 static_assert(kStrip % kWidth == 0 && kStrip % kLine == 0, "panel rows: whole vectors and lines");
+// A weight operand: one layer's weight of `rank` dimensions, or a stack of them [L, ...] of
+// which the call's `layer` (an int32 scalar operand) is used, read in place (a scan over the
+// layers passes the whole stack: slicing it would copy the layer at every step).
+struct LayerView {
+  std::vector<int64_t> dims;  // the layer's dimensions (`rank` of them)
+  int64_t offset = 0;         // elements from the buffer's start to the layer's data
+};
+
+// The view of buffer dimensions d as one layer's `rank`-dimensional weight; false when d is
+// neither that nor a stack of them holding `layer` (an unstacked weight needs layer 0).
+template <typename Dims>
+bool ViewLayer(const Dims& d, size_t rank, int32_t layer, LayerView& v) {
+  const size_t n = d.size();
+  if (n != rank && n != rank + 1) return false;
+  const size_t first = n - rank;
+  if (first == 1 ? (layer < 0 || layer >= d[0]) : layer != 0) return false;
+  v.dims.clear();
+  int64_t per = 1;
+  for (size_t i = first; i < n; ++i) {
+    v.dims.push_back(d[i]);
+    per *= d[i];
+  }
+  v.offset = first ? layer * per : 0;
+  return true;
+}
+
+// The layer index a call was given (an int32 buffer of one element), or -1 if it is not one.
+inline int32_t LayerIndex(const ffi::Buffer<ffi::S32>& layer) {
+  return layer.element_count() == 1 ? layer.typed_data()[0] : -1;
+}
+
 constexpr int64_t kRows = simd::kRegs >= 32 ? 8 : 4;  // rows of x per register block
 constexpr int64_t kAhead = simd::kAheadL1;  // panel rows prefetched ahead into L1
 constexpr int64_t kFar = simd::kAheadL2;    // and into L2

@@ -8,7 +8,9 @@
 // cannot deadlock it.
 //
 // Matmul: y [M, N] = x [M, K] @ W [K, N], where W is given packed as w [P, K, S] (panel p holds
-// columns p*S .. p*S+S-1 of W, zero padded past N; S = kStrip = 48 on every ISA). Each panel
+// columns p*S .. p*S+S-1 of W, zero padded past N; S = kStrip = 48 on every ISA). Every
+// kernel's first operand is a layer index: weights and caches may be stacks of layers [L, ...]
+// (a scan over the layers passes the whole stack), read and written at that layer in place. Each panel
 // is one contiguous stream, read once from memory while up to kRows rows of x (packed k-major)
 // are multiplied against it in registers (in one pass over the panel with AVX-512, 3 vectors of
 // 16; with AVX2's 16 registers, in two passes of 3 vectors of 8 columns when more than one row
@@ -74,28 +76,38 @@ void RunProjections(ffi::ThreadPool& pool, const float* xs, int64_t m, int64_t k
   });
 }
 
-// True when w is packed panels [P, K, kStrip] for y [M, n] with x [M, K].
-bool PackedFits(const ffi::Buffer<ffi::F32>& w, int64_t k, int64_t m, int64_t ym, int64_t n) {
-  const auto wd = w.dimensions();
-  return wd.size() == 3 && wd[2] == kStrip && wd[1] == k && ym == m && n <= wd[0] * kStrip &&
-         n > (wd[0] - 1) * kStrip;
+// Layer `layer` of w as packed panels [P, K, kStrip] for y [M, n] with x [M, K] (w is such
+// panels, or a stack of them [L, P, K, kStrip]): the Proj, or false when it does not fit.
+bool PackedProj(const ffi::Buffer<ffi::F32>& w, int32_t layer, int64_t k, int64_t m, int64_t ym,
+                float* y, int64_t n, Proj& out) {
+  LayerView v;
+  if (!ViewLayer(w.dimensions(), 3, layer, v) || v.dims[2] != kStrip || v.dims[1] != k ||
+      ym != m || n > v.dims[0] * kStrip || n <= (v.dims[0] - 1) * kStrip) {
+    return false;
+  }
+  out = Proj{w.typed_data() + v.offset, y, n, v.dims[0]};
+  return true;
 }
 
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                  ffi::ResultBuffer<ffi::F32> y) {
+// y [M, N] = x [M, K] @ W, W = w [P, K, 48] or layer `layer` of w [L, P, K, 48].
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> x,
+                  ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || yd.size() != 2 || !PackedFits(w, xd[1], xd[0], yd[0], yd[1])) {
+  Proj pr;
+  if (xd.size() != 2 || yd.size() != 2 ||
+      !PackedProj(w, LayerIndex(layer), xd[1], xd[0], yd[0], y->typed_data(), yd[1], pr)) {
     return ffi::Error::InvalidArgument(
-        "jaxinfer_matmul_f32: expected x [M, K], w [ceil(N / 48), K, 48], y [M, N]");
+        "jaxinfer_matmul_f32: expected x [M, K], w [ceil(N / 48), K, 48] (or [L, ...] holding "
+        "the layer), y [M, N]");
   }
-  RunProjections(pool, x.typed_data(), xd[0], xd[1],
-                 {Proj{w.typed_data(), y->typed_data(), yd[1], w.dimensions()[0]}}, false);
+  RunProjections(pool, x.typed_data(), xd[0], xd[1], {pr}, false);
   return ffi::Error::Success();
 }
 
-// Several projections of one x in one call: x [M, K], w_1 .. w_J (packed) -> y_1 .. y_J.
-ffi::Error MatmulMany(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws,
-                      ffi::RemainingRets ys) {
+// Several projections of one x in one call: x [M, K], w_1 .. w_J (packed, or stacks of which
+// layer `layer` is used) -> y_1 .. y_J.
+ffi::Error MatmulMany(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> x,
+                      ffi::RemainingArgs ws, ffi::RemainingRets ys) {
   const auto xd = x.dimensions();
   if (xd.size() != 2 || ws.size() != ys.size() || ws.size() == 0) {
     return ffi::Error::InvalidArgument(
@@ -109,29 +121,32 @@ ffi::Error MatmulMany(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remain
       return ffi::Error::InvalidArgument("jaxinfer_matmul_many_f32: float32 buffers expected");
     }
     const auto yd = (*y)->dimensions();
-    if (yd.size() != 2 || !PackedFits(*w, xd[1], xd[0], yd[0], yd[1])) {
+    Proj pr;
+    if (yd.size() != 2 ||
+        !PackedProj(*w, LayerIndex(layer), xd[1], xd[0], yd[0], (*y)->typed_data(), yd[1], pr)) {
       return ffi::Error::InvalidArgument(
-          "jaxinfer_matmul_many_f32: expected w [ceil(N / 48), K, 48], y [M, N] for x [M, K]");
+          "jaxinfer_matmul_many_f32: expected w [ceil(N / 48), K, 48] (or [L, ...] holding the "
+          "layer), y [M, N] for x [M, K]");
     }
-    projs.push_back(Proj{w->typed_data(), (*y)->typed_data(), yd[1], w->dimensions()[0]});
+    projs.push_back(pr);
   }
   RunProjections(pool, x.typed_data(), xd[0], xd[1], projs, false);
   return ffi::Error::Success();
 }
 
-// The SwiGLU gate in one call: y [M, N] = silu(x @ Wg) * (x @ Wu), both packed.
-ffi::Error Glu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> wg,
-               ffi::Buffer<ffi::F32> wu, ffi::ResultBuffer<ffi::F32> y) {
+// The SwiGLU gate in one call: y [M, N] = silu(x @ Wg) * (x @ Wu), both packed (or stacks).
+ffi::Error Glu(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> x,
+               ffi::Buffer<ffi::F32> wg, ffi::Buffer<ffi::F32> wu, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || yd.size() != 2 || !PackedFits(wg, xd[1], xd[0], yd[0], yd[1]) ||
-      !PackedFits(wu, xd[1], xd[0], yd[0], yd[1])) {
+  Proj g, u;
+  if (xd.size() != 2 || yd.size() != 2 ||
+      !PackedProj(wg, LayerIndex(layer), xd[1], xd[0], yd[0], y->typed_data(), yd[1], g) ||
+      !PackedProj(wu, LayerIndex(layer), xd[1], xd[0], yd[0], y->typed_data(), yd[1], u)) {
     return ffi::Error::InvalidArgument(
-        "jaxinfer_glu_f32: expected x [M, K], wg and wu [ceil(N / 48), K, 48], y [M, N]");
+        "jaxinfer_glu_f32: expected x [M, K], wg and wu [ceil(N / 48), K, 48] (or [L, ...] "
+        "holding the layer), y [M, N]");
   }
-  const int64_t panels = wg.dimensions()[0];
-  RunProjections(pool, x.typed_data(), xd[0], xd[1],
-                 {Proj{wg.typed_data(), y->typed_data(), yd[1], panels},
-                  Proj{wu.typed_data(), y->typed_data(), yd[1], panels}}, true);
+  RunProjections(pool, x.typed_data(), xd[0], xd[1], {g, u}, true);
   return ffi::Error::Success();
 }
 
@@ -293,22 +308,34 @@ template <ffi::DataType D>
 int64_t Count(const ffi::Buffer<D>& b) { return static_cast<int64_t>(b.element_count()); }
 
 // Rotates each row's new token by RoPE, writes it into this layer's cache, then attends:
-// k [R, K, H, S], v [R, K, S, H] (aliased with the results k_out, v_out: updated in place;
-// R >= B: the B rows attending are the first B of the buffers), q [B, N, H], k_new, v_new [B, K, H] (before RoPE), rope [B, H] (cos [H/2], then sin [H/2], of
-// the row's position: cos 1 and sin 0 for none), qpos [B], kpos [B, S], window [1], slot [B]
-// (where the new token goes; slots up to it are the used ones) -> out [B, N, H], k_out, v_out.
+// k [R, K, H, S], v [R, K, S, H], or stacks of them [L, R, ...] of which layer `layer` is this
+// one (aliased with the results k_out, v_out: updated in place; R >= B: the B rows attending
+// are the first B of the buffers), q [B, N, H], k_new, v_new [B, K, H] (before RoPE), rope
+// [B, H] (cos [H/2], then sin [H/2], of the row's position: cos 1 and sin 0 for none), qpos
+// [B], kpos [B, S], window [1], slot [B] (where the new token goes; slots up to it are the
+// used ones) -> out [B, N, H], k_out, v_out.
 // A row whose query position is negative (padding) is written but attends to nothing: out 0.
 // H must be a multiple of 16, at most 256. D: the cache's type, F32 or F16 (T its elements).
 template <ffi::DataType D, typename T>
-ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<D> k, ffi::Buffer<D> v,
-                  ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<D> k,
+                  ffi::Buffer<D> v, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
                   ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> rope,
                   ffi::Buffer<ffi::S32> qpos, ffi::Buffer<ffi::S32> kpos,
                   ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> slot,
                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<D> k_out,
                   ffi::ResultBuffer<D> v_out) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || kd[0] < qd[0] ||
+  const auto qd = q.dimensions();
+  LayerView kl, vl;
+  const int32_t li = LayerIndex(layer);
+  if (!ViewLayer(k.dimensions(), 4, li, kl) || !ViewLayer(v.dimensions(), 4, li, vl) ||
+      k.dimensions().size() != v.dimensions().size()) {
+    return ffi::Error::InvalidArgument(
+        "jaxinfer_attend: expected k, v [R, K, H, S], [R, K, S, H] or [L, R, ...] holding the "
+        "layer");
+  }
+  const auto& kd = kl.dims;
+  const auto& vd = vl.dims;
+  if (qd.size() != 3 || kd[0] < qd[0] ||
       qd[1] % kd[1] != 0 || kd[2] != qd[2] || qd[2] % 16 != 0 || qd[2] > 256 ||
       vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[3] || vd[3] != kd[2] ||
       kpos.dimensions()[0] != qd[0] || kpos.dimensions()[1] != kd[3] ||
@@ -322,6 +349,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<D> k, ffi::Buffer<D> v,
   T* vs = v_out->typed_data();
   if (ks != k.typed_data()) std::copy_n(k.typed_data(), k.element_count(), ks);
   if (vs != v.typed_data()) std::copy_n(v.typed_data(), v.element_count(), vs);
+  ks += kl.offset;
+  vs += vl.offset;
   const float* qs = q.typed_data();
   const float* kn = k_new.typed_data();
   const float* vn = v_new.typed_data();
@@ -379,6 +408,7 @@ extern "C" __attribute__((visibility("default"))) int64_t JaxinferStrip() { retu
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferMatmulF32, Matmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
@@ -386,6 +416,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferMatmulF32, Matmul,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferMatmulManyF32, MatmulMany,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingArgs()
                                   .RemainingRets());
@@ -393,6 +424,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferMatmulManyF32, MatmulMany,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferGluF32, Glu,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -403,7 +435,8 @@ template <ffi::DataType D>
 auto AttendBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<D>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<D>>()
       .template Arg<ffi::Buffer<D>>()
       .template Arg<ffi::Buffer<ffi::F32>>()
       .template Arg<ffi::Buffer<ffi::F32>>()

@@ -9,7 +9,8 @@
 //          nibbles) and 8j + 4 .. 8j + 7 (high nibbles), values 0..15, G a multiple of 32;
 //                                               W[k, c] = q[k, c] * scale[k / G, c] + min[k / G, c]
 // scales [P, K / G, S] float32 or float16, mins [P, K / G, S] float16 (4-bit only; a
-// symmetric format has min = -8 * scale).
+// symmetric format has min = -8 * scale). Each may also be a stack of layers [L, ...], read at
+// the call's layer in place.
 //
 // 8-bit weights take float32 activations. One row of x (a decode step at batch 1, memory
 // bound): each group's dot with the integers is summed in registers and scaled once per group;
@@ -295,41 +296,51 @@ void RunQuantized(ffi::ThreadPool& pool, const float* xs, int64_t m, int64_t k,
   });
 }
 
-// A QProj for x [M, K] from buffers q, s, mins and result y [M, N] (see the file comment), or
-// an error saying what does not fit.
+// A QProj for x [M, K] from buffers q, s, mins (each one layer's, or a stack of them [L, ...]
+// of which layer `layer` is used) and result y [M, N] (see the file comment), or an error
+// saying what does not fit.
 ffi::ErrorOr<QProj> Describe(const ffi::AnyBuffer& q, const ffi::AnyBuffer& s,
-                             const ffi::AnyBuffer& mins, float* y, int64_t m, int64_t k,
-                             int64_t ym, int64_t n) {
-  const auto qd = q.dimensions(), sd = s.dimensions();
+                             const ffi::AnyBuffer& mins, int32_t layer, float* y, int64_t m,
+                             int64_t k, int64_t ym, int64_t n) {
   const bool eight = q.element_type() == ffi::DataType::S8;
   const bool four = q.element_type() == ffi::DataType::U8;
   const bool half = s.element_type() == ffi::DataType::F16;
-  const bool q_ok = eight ? qd.size() == 3 && qd[1] == k && qd[2] == kStrip
-                          : qd.size() == 4 && k % 8 == 0 && qd[1] == k / 8 && qd[2] == kStrip &&
-                                qd[3] == 4;
-  if (!(eight || four) || !q_ok || sd.size() != 3 || sd[2] != kStrip || sd[0] != qd[0] ||
+  LayerView ql, sl, ml;
+  const bool views = ViewLayer(q.dimensions(), eight ? 3 : 4, layer, ql) &&
+                     ViewLayer(s.dimensions(), 3, layer, sl) &&
+                     (!four || ViewLayer(mins.dimensions(), 3, layer, ml));
+  const auto& qd = ql.dims;
+  const auto& sd = sl.dims;
+  const bool q_ok = views && (eight ? qd[1] == k && qd[2] == kStrip
+                                    : k % 8 == 0 && qd[1] == k / 8 && qd[2] == kStrip &&
+                                          qd[3] == 4);
+  if (!(eight || four) || !q_ok || sd[2] != kStrip || sd[0] != qd[0] ||
       sd[1] < 1 || k % sd[1] || !(half || s.element_type() == ffi::DataType::F32) || ym != m ||
       n > qd[0] * kStrip || n <= (qd[0] - 1) * kStrip) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
         "jaxinfer_qmatmul: expected q int8 [P, K, 48] or uint8 [P, K/8, 48, 4], scales float32 "
-        "or float16 [P, K/G, 48], y [M, N] with P = ceil(N / 48) for x [M, K]"));
+        "or float16 [P, K/G, 48] (or stacks [L, ...] holding the layer), y [M, N] with "
+        "P = ceil(N / 48) for x [M, K]"));
   }
   const int64_t group = k / sd[1];
   if (four && (group % kBlock || !half || mins.element_type() != ffi::DataType::F16 ||
-               mins.element_count() != s.element_count())) {
+               ml.dims != sl.dims)) {
     return ffi::Unexpected<ffi::Error>(ffi::Error::InvalidArgument(
         "jaxinfer_qmatmul: 4-bit weights need a group of a multiple of 32, float16 scales and "
         "float16 mins of the scales' shape"));
   }
-  return QProj{q.untyped_data(), s.untyped_data(),
-               four ? static_cast<const uint16_t*>(mins.untyped_data()) : nullptr, y, n, qd[0],
-               group, eight ? 8 : 4, half};
+  const size_t s_bytes = half ? 2 : 4;
+  return QProj{static_cast<const char*>(q.untyped_data()) + ql.offset,
+               static_cast<const char*>(s.untyped_data()) + sl.offset * s_bytes,
+               four ? static_cast<const uint16_t*>(mins.untyped_data()) + ml.offset : nullptr, y,
+               n, qd[0], group, eight ? 8 : 4, half};
 }
 
 // x [M, K] against J quantized weights, each three buffers (q, scales, mins: an empty buffer
-// for 8-bit) -> J results [M, N_j]; glu != 0: J = 2 (gate, up) and one result.
-ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs ws,
-                   ffi::RemainingRets ys, int64_t glu) {
+// for 8-bit), each one layer's or a stack [L, ...] of which layer `layer` is used -> J results
+// [M, N_j]; glu != 0: J = 2 (gate, up) and one result.
+ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::F32> x,
+                   ffi::RemainingArgs ws, ffi::RemainingRets ys, int64_t glu) {
   const auto xd = x.dimensions();
   const size_t j_count = ws.size() / 3;
   if (xd.size() != 2 || ws.size() % 3 || j_count == 0 ||
@@ -349,7 +360,8 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remaining
     }
     const auto yd = (*y)->dimensions();
     if (yd.size() != 2) return ffi::Error::InvalidArgument("jaxinfer_qmatmul: y must be [M, N]");
-    auto pr = Describe(*q, *s, *mins, (*y)->typed_data(), xd[0], xd[1], yd[0], yd[1]);
+    auto pr = Describe(*q, *s, *mins, LayerIndex(layer), (*y)->typed_data(), xd[0], xd[1],
+                       yd[0], yd[1]);
     if (pr.has_error()) return pr.error();
     projs.push_back(*pr);
   }
@@ -365,6 +377,7 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remaining
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferQMatmul, QMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingArgs()
                                   .RemainingRets()
