@@ -203,15 +203,18 @@ def _cached_layout(model, weights_entry):
     in the background when the entry is missing, damaged or incomplete."""
     from jaxinfer.loading import convert_cache
 
-    entry = convert_cache.layout_path(weights_entry, f"run-{kernels.isa()}")
+    entry = convert_cache.layout_path(weights_entry, f"scan-{kernels.isa()}")  # layer stacks
     with profile.phase("run layout: open + verify cached packed weights"):
         sf = convert_cache.pending(entry).result()
         packed = {name: sf.get(name) for name in sf.names()} if sf is not None else {}
-    with profile.phase("run layout (unstack, pack)"):
+    with profile.phase("run layout (pack)"):
         run = run_layout(model.params, model.config, packed=packed)
     made = kernels.packed_leaves(run)
     if {p: x.shape for p, x in made.items()} != {p: x.shape for p, x in packed.items()}:
-        convert_cache.write_params(entry, made, model.source, stale=glob.escape(entry.name))
+        # stale: this ISA's entries of any earlier layout name (e.g. per-layer "run-avx2")
+        stem = entry.name.removesuffix(f".scan-{kernels.isa()}.safetensors")
+        convert_cache.write_params(entry, made, model.source,
+                                   stale=f"{glob.escape(stem)}.*-{kernels.isa()}.safetensors")
     return run
 
 

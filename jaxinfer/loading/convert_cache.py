@@ -192,7 +192,7 @@ _writes: dict[Path, threading.Thread] = {}  # entries being written in the backg
 
 def layout_path(weights: Path, layout: str) -> Path:
     """Where the weights of the entry `weights` (a `weights_path`) are kept in the run layout
-    named `layout` (e.g. "run-avx2", see `jaxinfer.generate.run_params`). A new weights entry
+    named `layout` (e.g. "scan-avx2", see `jaxinfer.generate.run_params`). A new weights entry
     for the same source file and dtype removes it as stale."""
     return weights.with_name(f"{weights.name.removesuffix('.safetensors')}.{layout}.safetensors")
 
