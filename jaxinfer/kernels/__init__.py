@@ -640,11 +640,12 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
     q [B, 1, N, H]; k, v [B, 1, K, H] (new, q and k before RoPE); k_buf [R, K, H, S], v_buf
     [R, K, S, H] with R >= B (the B rows attending are the buffers' first: models.cache.
     head_rows), or stacks of every layer's [L, R, ...] of which `layer` (an int32 scalar) is
-    this one, read and written in place; positions [B, 1]; k_pos [B, S]; window (int); slots [B, 1] (where the new
-    token goes) -> (out [B, 1, N * H], k_buf, v_buf), as models.layers.self_attention's XLA
-    path, except that a padding row (position -1, whose output is never read) gets zeros on
-    the kernel. Float32 q, k, v over a float32 or float16 cache with H a multiple of 16 (at
-    most 256) runs `isa`'s kernel (default: the process's, when one runs); anything else XLA.
+    this one, read and written in place; positions [B, 1]; k_pos [B, S]; window (int); slots
+    [B, 1] (where the new token goes) -> (out [B, 1, N * H], k_buf, v_buf), as
+    models.layers.self_attention's XLA path, except that a padding row (position -1, whose
+    output is never read) gets zeros on the kernel. Float32 q, k, v over a float32 or float16
+    cache with H a multiple of 16 (at most 256) runs `isa`'s kernel (default: the process's,
+    when one runs); anything else XLA.
     """
     from models.layers import rope_tables, self_attention
 
@@ -672,8 +673,9 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
               jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype))
     call = jax.ffi.ffi_call(target(kind, _require(isa)), shapes,
                             input_output_aliases={1: 1, 2: 2})
-    out, k_buf, v_buf = call(_layer_arg(layer), k_buf, v_buf, q[:, 0], k[:, 0], v[:, 0], rope.astype(jnp.float32),
-                             positions[:, 0].astype(i32), k_pos.astype(i32),
+    out, k_buf, v_buf = call(_layer_arg(layer), k_buf, v_buf, q[:, 0], k[:, 0], v[:, 0],
+                             rope.astype(jnp.float32), positions[:, 0].astype(i32),
+                             k_pos.astype(i32),
                              jnp.reshape(jnp.asarray(window, i32), (1,)), slots[:, 0].astype(i32))
     return out.reshape(b, 1, n * h), k_buf, v_buf
 
@@ -711,8 +713,8 @@ def native_params(params, tied_key: str | None, prefix: str = "", cached=None):
     with `kernel_rows` as NativeQuant (a stack of layers as one stacked leaf), and the tied
     embedding `tied_key` (if any) as the packed head (NativeEmbedding / NativeQuantEmbedding),
     for the process's ISA. Other leaves (lookup tables, other schemes, norms and biases)
-    unchanged. Returns params itself when no kernel runs here. prefix: the path of `params` within the whole tree (e.g. "layers/3" for one layer's
-    tree).
+    unchanged. Returns params itself when no kernel runs here. prefix: the path of `params`
+    within the whole tree (e.g. "layers/3" for one layer's tree).
 
     cached: optional {path: panels} of float32 weights packed earlier (numpy, e.g. memory maps
     of the converted cache, see `packed_leaves`); a leaf's panels are taken from it when their
