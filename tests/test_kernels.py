@@ -413,3 +413,103 @@ def test_decode_attention_on_the_first_rows_and_padding_rows(isa):
     np.testing.assert_array_equal(got_v[b:], vc[b:])
     np.testing.assert_array_equal(got[0::2], want[0::2])
     np.testing.assert_array_equal(got[1], np.zeros_like(got[1]))
+
+
+def test_stacked_weights_are_read_at_the_layer_index(isa):
+    """A stack of every layer's packed weights [L, P, K, 48] read at a traced layer index
+    (`models.layers.at_layer`, as the scan over the layers reads it) gives each layer's own
+    result bit for bit: one projection, several in one call, the SwiGLU gate, and XLA's dot
+    for rows the kernel does not take (bfloat16); a layer outside the stack is an error."""
+    from models.layers import at_layer, linear, linear_many, swiglu
+
+    rng = np.random.default_rng(0)
+    layers, k, m = 3, 64, 5
+    ws = {name: rng.standard_normal((layers, k, n)).astype(np.float32)
+          for name, n in (("q", 96), ("k", 40), ("g", 130), ("u", 130))}
+    stack = {name: kernels.NativeWeight.from_array(w, isa) for name, w in ws.items()}
+    assert stack["q"].shape == (layers, k, 96) and stack["q"].panels.shape == (layers, 2, k, 48)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+
+    def run(tree, x):
+        return (linear(x, tree["q"]), *linear_many(x, [tree["q"], tree["k"]], [None, None]),
+                swiglu(x, tree["g"], tree["u"]))
+
+    fn = jax.jit(lambda i, x: run(at_layer(stack, i), x))
+    text = fn.lower(jnp.int32(0), x).as_text()
+    assert all(kernels.target(kind, isa) in text for kind in ("matmul", "matmul_many", "glu"))
+    xb = x.astype(jnp.bfloat16)
+    for i in range(layers):
+        one = {name: kernels.NativeWeight.from_array(w[i], isa) for name, w in ws.items()}
+        for got, want in zip(fn(jnp.int32(i), x), jax.jit(run)(one, x), strict=True):
+            np.testing.assert_array_equal(got, want)
+        got = jax.jit(lambda i, x: linear(x, at_layer(stack, i)["q"]))(jnp.int32(i), xb)
+        np.testing.assert_array_equal(got, jax.jit(lambda x: linear(x, one["q"]))(xb))
+    with pytest.raises(Exception, match="holding the layer"):
+        jax.block_until_ready(fn(jnp.int32(layers), x))
+
+
+@pytest.mark.parametrize("cache", ["float32", "float16"])
+def test_decode_attention_on_a_stacked_cache_writes_its_layer(cache, isa):
+    """The attention kernel on stacked buffers [L, R, K, H, S] at layer i equals the kernel on
+    layer i's own buffers (output and that layer's cache bit for bit) and leaves the other
+    layers as they were."""
+    layers, b, n, k, h, s = 3, 2, 4, 2, 32, 24
+    keys = jax.random.split(jax.random.key(2), 5)
+    q = jax.random.normal(keys[0], (b, 1, n, h))
+    k_new = jax.random.normal(keys[1], (b, 1, k, h))
+    v_new = jax.random.normal(keys[2], (b, 1, k, h))
+    kc = jax.random.normal(keys[3], (layers, b, k, h, s)).astype(cache)
+    vc = jax.random.normal(keys[4], (layers, b, k, s, h)).astype(cache)
+    used = np.array([10, 20])
+    k_pos = jnp.asarray(np.where(np.arange(s)[None] < used[:, None], np.arange(s)[None], -1),
+                        jnp.int32)
+    q_pos = jnp.asarray((used - 1)[:, None], jnp.int32)
+    inv_freq = models.layers.rope_inv_freq(h, 10000.0, None)
+
+    def attend(kc, vc, layer=None):
+        return kernels.decode_attention(q, k_new, v_new, kc, vc, q_pos, k_pos, 1 << 30, q_pos,
+                                        inv_freq, layer=layer, isa=isa)
+
+    stacked = jax.jit(attend)
+    text = stacked.lower(kc, vc, jnp.int32(0)).as_text()
+    assert kernels.target("attend" if cache == "float32" else "attend_half", isa) in text
+    for i in range(layers):
+        got, got_k, got_v = stacked(kc, vc, jnp.int32(i))
+        want, want_k, want_v = jax.jit(attend)(kc[i], vc[i])
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got_k[i], want_k)
+        np.testing.assert_array_equal(got_v[i], want_v)
+        others = [j for j in range(layers) if j != i]
+        np.testing.assert_array_equal(np.asarray(got_k)[others], np.asarray(kc)[others])
+        np.testing.assert_array_equal(np.asarray(got_v)[others], np.asarray(vc)[others])
+
+
+def test_scan_over_kernel_stacks_compiles_one_layer_body(isa):
+    """run_layout on CPU keeps the layers stacked as kernel stacks: a decode step's program
+    calls each kernel as often for 4 layers as for 2 (one scanned layer body, not L unrolled
+    ones), and its logits and cache equal those of the same weights in per-layer buffers."""
+    counts = {}
+    for n_layers in (2, 4):
+        config = models.LlamaConfig.tiny(n_layers=n_layers, head_dim=16)
+        params = models.init_params(config, jax.random.key(n_layers))
+        stacked = generate.run_layout(params, config)
+        per_layer = generate.run_layout(params, config, unstack=True)
+        assert isinstance(stacked["layers"]["mlp"]["down"], kernels.NativeWeight)
+        prompt = jnp.asarray([[1, 2, 3, 4], [5, 6, 7, 8]])
+        prompt_pos = jnp.asarray([[0, 1, 2, 3], [-1, -1, 0, 1]])  # row 1 left padded
+        tokens, positions = jnp.asarray([[3], [7]]), jnp.asarray([[4], [2]])
+        fn = jax.jit(lambda p, t, pos, c: models.forward(config, p, t, pos, c))
+        outs = []
+        for run in (stacked, per_layer):
+            cache = models.init_cache(config, 2, 8, per_layer=run is per_layer,
+                                      attention=kernels.attention_for(run, jnp.float32))
+            _, cache = fn(run, prompt, prompt_pos, cache)  # prefill: XLA's attention
+            if run is stacked:
+                text = fn.lower(run, tokens, positions, cache).as_text()
+                counts[n_layers] = [text.count(f"@{kernels.target(kind, isa)}(")
+                                    for kind in ("matmul_many", "glu", "matmul", "attend")]
+            outs.append(fn(run, tokens, positions, cache))
+        (la, ca), (lb, cb) = outs
+        np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ca.k, jnp.stack(cb.k), rtol=1e-6, atol=1e-6)
+    assert counts[2] == counts[4] and all(c >= 1 for c in counts[4]), counts

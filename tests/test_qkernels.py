@@ -140,6 +140,37 @@ def test_quantized_many_and_glu(m, isa):
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4_asym_g64", "Q4_1"])
+def test_stacked_quantized_weights_are_read_at_the_layer_index(fmt, isa):
+    """A stacked quantized leaf [L, K, N] becomes one NativeQuant stack (`native_params`),
+    which read at a traced layer index (as the scan over the layers reads it) gives each
+    layer's own kernel leaf's results bit for bit: one projection, several in one call, the
+    SwiGLU gate, and the dequantized weight."""
+    from jaxinfer.quant.base import stack_leaves
+    from models.layers import at_layer, linear, linear_many, swiglu
+
+    rng = np.random.default_rng(3)
+    layers, k, m = 3, 128, 4
+    names = {"q": 96, "v": 40, "gate": 130, "up": 130}
+    per = {name: [FORMATS[fmt](rng.standard_normal((k, n)).astype(np.float32))
+                  for _ in range(layers)] for name, n in names.items()}
+    stacked = kernels.native_params({"layers": {name: stack_leaves(ls) for name, ls in
+                                                per.items()}}, None)["layers"]
+    assert all(isinstance(w, kernels.NativeQuant) and w.shape == (layers, k, names[name])
+               for name, w in stacked.items())
+    x = rng.standard_normal((m, k)).astype(np.float32)
+
+    def run(tree, x):
+        return (linear(x, tree["q"]), *linear_many(x, [tree["q"], tree["v"]], [None, None]),
+                swiglu(x, tree["gate"], tree["up"]), tree["q"].dequantize())
+
+    fn = jax.jit(lambda i, x: run(at_layer(stacked, i), x))
+    for i in range(layers):
+        one = {name: _native(ls[i], isa) for name, ls in per.items()}
+        for got, want in zip(fn(jnp.int32(i), x), jax.jit(run)(one, x), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_dispatch_by_dtype(isa):
     """bfloat16 inputs, zero rows or more than MAX_KERNEL_ROWS rows (a prefill) run XLA's dot on
     the dequantized weight (4-bit: with the same quantized activations), other float32 rows
