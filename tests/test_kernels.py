@@ -443,7 +443,7 @@ def test_stacked_weights_are_read_at_the_layer_index(isa):
         for got, want in zip(fn(jnp.int32(i), x), jax.jit(run)(one, x), strict=True):
             np.testing.assert_array_equal(got, want)
         got = jax.jit(lambda i, x: linear(x, at_layer(stack, i)["q"]))(jnp.int32(i), xb)
-        np.testing.assert_array_equal(got, jax.jit(lambda x: linear(x, one["q"]))(xb))
+        np.testing.assert_array_equal(got, jax.jit(lambda x, w=one["q"]: linear(x, w))(xb))
     with pytest.raises(Exception, match="holding the layer"):
         jax.block_until_ready(fn(jnp.int32(layers), x))
 
@@ -498,7 +498,7 @@ def test_scan_over_kernel_stacks_compiles_one_layer_body(isa):
         prompt = jnp.asarray([[1, 2, 3, 4], [5, 6, 7, 8]])
         prompt_pos = jnp.asarray([[0, 1, 2, 3], [-1, -1, 0, 1]])  # row 1 left padded
         tokens, positions = jnp.asarray([[3], [7]]), jnp.asarray([[4], [2]])
-        fn = jax.jit(lambda p, t, pos, c: models.forward(config, p, t, pos, c))
+        fn = jax.jit(functools.partial(models.forward, config))
         outs = []
         for run in (stacked, per_layer):
             cache = models.init_cache(config, 2, 8, per_layer=run is per_layer,
