@@ -265,7 +265,9 @@ def test_profile_off_records_nothing(capsys):
 
 
 def layout_entries(cache):
-    return entries(cache, "*.run-*.safetensors")
+    """The packed-layout entries: layer stacks (scan-<isa>), and per-layer ones (run-<isa>)
+    that earlier versions wrote."""
+    return entries(cache, "*.scan-*.safetensors") + entries(cache, "*.run-*.safetensors")
 
 
 def run_leaves(run) -> dict:
@@ -285,6 +287,8 @@ def test_packed_layout_cached_beside_the_weights(tmp_path, cache, monkeypatch, c
     data = bytearray(entry.read_bytes())
     data[-1] ^= 0x40
     entry.write_bytes(bytes(data))
+    older = entry.with_name(entry.name.replace(".scan-", ".run-"))  # an earlier version's
+    older.write_bytes(b"per-layer layout")  # entry: removed when the new one is written
     capsys.readouterr()
     again = run_leaves(generate.run_params(jaxinfer.load(path, progress=False)))
     assert "fails its checksum; rebuilding it" in capsys.readouterr().err
