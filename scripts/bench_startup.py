@@ -4,10 +4,12 @@ cold: a new, empty cache directory per run (the model file linked in, so nothing
 no converted weights, no compiled programs, no kernel library). cold compile: the same, but
 with the converted weights and the kernel library of a primed cache linked in (the issue's
 "cold": model fetched, empty compilation cache). warm: one cache directory primed by a first
-run, then timed runs. Also times `jaxinfer.load(model)` alone in a fresh
-process with the warm cache. `--checkout DIR` (repeatable) measures those checkouts instead of
-the inherited PYTHONPATH, their runs interleaved (A, B, A, B, ...) so that a machine whose load
-drifts treats them alike. Extra generate flags go after `--`.
+run, then timed runs. Also times `jaxinfer.load(model)` alone in a fresh process with the
+warm cache, and, where llama-cpp-python imports, the same job in a fresh process of it: load the
+same GGUF file and answer the same chat prompt (jaxinfer's fallback sampling knobs, or greedy
+with `-- --temperature 0`; seed 0; 128 tokens at most). `--checkout DIR` (repeatable) measures
+those checkouts instead of the inherited PYTHONPATH, their runs interleaved (A, B, A, B, ...)
+so that a machine whose load drifts treats them alike. Extra generate flags go after `--`.
 
     python scripts/bench_startup.py --runs 5 --out startup.md
     python scripts/bench_startup.py --checkout /tmp/old --checkout . -- --temperature 0
@@ -16,6 +18,7 @@ drifts treats them alike. Extra generate flags go after `--`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -27,12 +30,22 @@ from pathlib import Path
 
 from jaxinfer.bench import publish
 from jaxinfer.loading import resolve_source
+from jaxinfer.sampling import FALLBACK
 
 PROMPT = "What is the capital of France?"
 ROWS = ("cold generate (empty caches)", "cold compile (weights + kernels cached, no programs)",
         "warm generate",
         "warm `import jaxinfer; jaxinfer.load(...)` process",
         "warm jaxinfer.load call alone (in that process)")
+LLAMA_ROW = "llama-cpp-python: load + chat answer, fresh process"
+LLAMA = """import json, sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_threads=2, n_threads_batch=2, n_ctx=2048, seed=0,
+            verbose=False)
+out = llm.create_chat_completion([{"role": "user", "content": sys.argv[2]}], max_tokens=128,
+                                 seed=0, **json.loads(sys.argv[3]))
+print(out["usage"]["completion_tokens"], "tokens", file=sys.stderr)
+"""
 
 
 def timed(cmd: list[str], env: dict, inner: list | None = None) -> float:
@@ -76,11 +89,31 @@ def measure(checkouts: list, generate: list[str], load: list[str], runs: int, mo
             for kept in ("converted", "kernels"):
                 (Path(env["JAXINFER_CACHE"]) / kept).symlink_to(Path(warm[c]["JAXINFER_CACHE"]) / kept)
             rows[c][ROWS[1]].append(timed(generate, env))
+    llama = _llama_command(model_file, generate)
+    base = {**os.environ, "JAXINFER_CACHE": str(tmp)}  # the inherited PYTHONPATH finds llama_cpp
+    if llama is not None:
+        rows["llama.cpp"] = {LLAMA_ROW: []}
     for _ in range(runs):
         for c in checkouts:
             rows[c][ROWS[2]].append(timed(generate, warm[c]))
             rows[c][ROWS[3]].append(timed(load, warm[c], rows[c][ROWS[4]]))
+        if llama is not None:
+            rows["llama.cpp"][LLAMA_ROW].append(timed(llama, base))
     return {c: {k: v for k, v in r.items() if v} for c, r in rows.items()}
+
+
+def _llama_command(model_file: Path, generate: list[str]) -> list[str] | None:
+    """The llama-cpp-python process's command line (sampling as `generate`'s: the fallback
+    knobs, or greedy where it says --temperature 0), or None (printed) where it does not import."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp row", file=sys.stderr)
+        return None
+    knobs = {k: v for k, v in FALLBACK.items() if k != "repetition_penalty"}
+    if "--temperature" in generate:
+        knobs["temperature"] = float(generate[generate.index("--temperature") + 1])
+    return [sys.executable, "-c", LLAMA, str(model_file), PROMPT, json.dumps(knobs)]
 
 
 def main() -> None:
