@@ -38,13 +38,13 @@ ROWS = ("cold generate (empty caches)", "cold compile (weights + kernels cached,
         "warm `import jaxinfer; jaxinfer.load(...)` process",
         "warm jaxinfer.load call alone (in that process)")
 LLAMA_ROW = "llama-cpp-python: load + chat answer, fresh process"
-LLAMA = """import json, sys
+LLAMA = """import json, os, sys
 from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_threads=2, n_threads_batch=2, n_ctx=2048, seed=0,
-            verbose=False)
-out = llm.create_chat_completion([{"role": "user", "content": sys.argv[2]}], max_tokens=128,
-                                 seed=0, **json.loads(sys.argv[3]))
-print(out["usage"]["completion_tokens"], "tokens", file=sys.stderr)
+threads = os.cpu_count()  # as many as jaxinfer's XLA and kernels use
+llm = Llama(model_path=sys.argv[1], n_threads=threads, n_threads_batch=threads, n_ctx=2048,
+            seed=0, verbose=False)
+llm.create_chat_completion([{"role": "user", "content": sys.argv[2]}], max_tokens=128, seed=0,
+                           **json.loads(sys.argv[3]))
 """
 
 
