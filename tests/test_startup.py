@@ -211,6 +211,23 @@ def test_changed_source_gets_a_new_entry(tmp_path, cache):
     assert len(entries(cache, "*.safetensors")) == 1  # the stale entry was removed
 
 
+def test_weights_entry_keeps_its_own_layout_and_removes_older_ones(tmp_path, cache):
+    """The weights entry and its packed layout are written by two background threads; the
+    weights' removal of stale entries must not take the layout of its own key when the layout
+    thread finishes first (the CI failure of test_packed_layout_cached_beside_the_weights),
+    and must take an older key's weights and layouts."""
+    data = {"w": np.arange(6, dtype=np.float32)}
+    old = convert_cache.weights_path(tmp_path / "tiny.gguf", "oldkey", np.float32)
+    new = convert_cache.weights_path(tmp_path / "tiny.gguf", "newkey", np.float32)
+    for entry in (old, convert_cache.layout_path(old, "scan-avx2")):
+        convert_cache.write_params(entry, data, "tiny.gguf", background=False)
+    layout = convert_cache.layout_path(new, "scan-avx2")
+    convert_cache.write_params(layout, data, "tiny.gguf", background=False,
+                               stale="tiny.float32.newkey.*-avx2.safetensors")
+    convert_cache.write_params(new, data, "tiny.gguf", background=False)  # finishes last
+    assert entries(cache, "*.safetensors") == sorted([new, layout])
+
+
 def test_cache_off(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("JAXINFER_CONVERTED_CACHE", "0")
     jaxinfer.load(tiny_model_file(tmp_path), progress=False)

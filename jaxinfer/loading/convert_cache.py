@@ -93,8 +93,10 @@ def atomic_write(final: Path, write, stale: str | None = None, *,
                  what: str = "the converted-weights cache",
                  then: str = "loading will convert again next time") -> None:
     """write(tmp_path) into a temporary file beside `final`, then rename it into place and
-    remove older entries matching the glob `stale`. Warns ("cannot write `what` ...; `then`")
-    instead of raising when the directory cannot be written."""
+    remove older entries matching the glob `stale`, except those derived from `final` (named
+    `final`'s stem + ".": its run layouts, see `layout_path`, which another thread may have
+    written first). Warns ("cannot write `what` ...; `then`") instead of raising when the
+    directory cannot be written."""
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial")
@@ -105,8 +107,9 @@ def atomic_write(final: Path, write, stale: str | None = None, *,
             os.replace(tmp, final)
         finally:
             Path(tmp).unlink(missing_ok=True)
+        derived = final.name.removesuffix(".safetensors") + "."
         for old in final.parent.glob(stale) if stale else ():
-            if old != final:
+            if old != final and not old.name.startswith(derived):
                 old.unlink(missing_ok=True)
         for old in final.parent.glob(".*.partial"):  # left by a killed process, an hour ago
             if time.time() - old.stat().st_mtime > 3600:
