@@ -1,5 +1,5 @@
 """Every notebook runs top to bottom in a fresh Jupyter kernel (nbclient), with the small
-settings (JAXINFER_NOTEBOOK_SMALL=1: fewer tokens, shorter texts, the same code), and the
+settings (JAXINFER_NOTEBOOK_SMALL=1: fewer tokens, shorter texts, fewer compression schemes), and the
 committed ones carry the outputs of a full run, a Colab badge and the install cell.
 
 The kernels keep compiled programs in JAX's persistent compilation cache, where the CLI keeps
