@@ -182,17 +182,18 @@ class Hessian:
 
 
 def report_unrouted(hessians: dict, layer: int, fallback: str, stats: dict | None = None):
-    """Warn about the experts of layer `layer` that no calibration token reached (their
-    weights get `fallback`, e.g. "round-to-nearest"), and list them in
+    """Warn once about the experts of layer `layer` that no calibration token reached (their
+    weights get `fallback`, e.g. "round-to-nearest int4"), and list them per site in
     stats["unrouted"]["<layer>/<site>"] when stats is a dict."""
-    for site, h in hessians.items():
-        experts = h.unrouted()
-        if not experts:
-            continue
-        warnings.warn(f"layer {layer}: experts {experts} received no calibration token at "
-                      f"{site}; {fallback} for them", stacklevel=3)
-        if stats is not None:
-            stats.setdefault("unrouted", {})[f"{layer}/{site}"] = experts
+    unrouted = {site: h.unrouted() for site, h in hessians.items() if h.unrouted()}
+    if not unrouted:
+        return
+    experts = sorted(set().union(*unrouted.values()))
+    warnings.warn(f"layer {layer}: experts {experts} received no calibration token; {fallback} "
+                  "for them", stacklevel=2)
+    if stats is not None:
+        for site, ex in unrouted.items():
+            stats.setdefault("unrouted", {})[f"{layer}/{site}"] = ex
 
 
 # ----------------------------------------------------------------------------- layers
