@@ -2,6 +2,8 @@
 random Qwen3, Gemma 3 and Phi-3 configs (read from transformers' configs), and the
 mixture-of-experts Mixtral and Qwen3-MoE, whose experts are calibrated on their routed tokens."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import transformers
 import models
 from jaxinfer.loading.hf_config import config_from_hf
 from jaxinfer.model import Model, pad_batch
-from jaxinfer.paths import get, map_leaves, nest
+from jaxinfer.paths import get, map_leaves
 from jaxinfer.quant import Int4Weight
 from jaxinfer.quant.calibration import collect_hessians, embed_tokens, layer_params
 from jaxinfer.quant.gptq import gptq_quantize
@@ -150,10 +152,10 @@ def _calib(vocab: int) -> list[list[int]]:
     return calib
 
 
-def _moe_input(config, params, calib) -> np.ndarray:
-    """Layer 0's MoE input on the real tokens [n, D] (captured from the model's own MoE call)."""
-    tokens, positions = pad_batch(calib, config)
-    x = embed_tokens(config, params, tokens, positions)
+@functools.partial(jax.jit, static_argnums=0)
+def _captured_moe_input(config, lp, x, positions):
+    """The input [B, T, D] the layer (params lp) hands its MoE, captured from the model's own
+    MoE call (flax method interception)."""
     seen = []
 
     def grab(next_fun, args, kwargs, context):
@@ -162,8 +164,16 @@ def _moe_input(config, params, calib) -> np.ndarray:
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(grab):
-        models.apply_layer(config, layer_params(params, 0), x, jnp.asarray(positions), 0)
-    return np.asarray(seen[0], np.float64)[positions >= 0]
+        models.apply_layer(config, lp, x, positions, 0)
+    return seen[0]
+
+
+def _moe_input(config, params, calib) -> np.ndarray:
+    """Layer 0's MoE input on the real tokens [n, D]."""
+    tokens, positions = pad_batch(calib, config)
+    x = embed_tokens(config, params, tokens, positions)
+    seen = _captured_moe_input(config, layer_params(params, 0), x, jnp.asarray(positions))
+    return np.asarray(seen, np.float64)[positions >= 0]
 
 
 def _reference_hessians(config, params, calib):
@@ -195,17 +205,20 @@ def moe(request):
     return model, calib, collect_hessians(model, calib)[0], routed.sum(0)
 
 
-def _site_errors(config, w0, q0, h0, tokens):
-    """{(path, expert or None): (error of w0 - q0[path] on its site's layer-0 Hessian)} over
-    every projection; experts that no token reached are left out."""
+EXPERT_PATHS = {"layers/moe/gate": "mlp_in", "layers/moe/up": "mlp_in",
+                "layers/moe/down": "down_in"}
+_dequantize = jax.jit(lambda leaf: leaf.dequantize(jnp.float32))
+
+
+def _expert_errors(w0, q0, h0, tokens):
+    """{(path, expert): error of w0[path][e] - q0[path][e] (layer-0 experts [E, in, out]) on
+    the expert's layer-0 Hessian} for every expert projection and every expert that a token
+    reached (the attention projections are the dense tests')."""
     out = {}
-    for path, site in _projections(config).items():
-        w, q = np.asarray(get(w0, path), np.float64), np.asarray(get(q0, path), np.float64)
-        if w.ndim == 2:
-            out[path, None] = _error(w, q, h0[site])
-        for e in range(w.shape[0] if w.ndim == 3 else 0):
-            if tokens[e]:
-                out[path, e] = _error(w[e], q[e], h0[site][e])
+    for path, site in EXPERT_PATHS.items():
+        w, q = np.asarray(w0[path], np.float64), np.asarray(q0[path], np.float64)
+        for e in np.flatnonzero(tokens):
+            out[path, e] = _error(w[e], q[e], h0[site][e])
     return out
 
 
@@ -220,17 +233,15 @@ def test_moe_hessians_are_per_expert_over_routed_tokens(moe):
 
 def test_moe_gptq_beats_rtn_per_expert_and_generates(moe):
     """Layer 0 (float inputs either way): GPTQ's output error over each expert's routed tokens
-    is below round-to-nearest's, for every expert and every attention projection."""
+    is below round-to-nearest's, for every expert of gate, up and down."""
     model, calib, h0, tokens = moe
     q = gptq_quantize(model, calib, group_size=GS, sequential=False, progress=False)
-    lp = layer_params(model.params, 0)
-    deq = {path: get(q, path).layer(0).dequantize() for path in _projections(model.config)}
-    rtn = {path: Int4Weight.from_float(get(lp, path.removeprefix("layers/")), GS).dequantize()
-           for path in deq}
-    float0 = {"layers": lp}
-    gptq_err = _site_errors(model.config, float0, nest(deq.items()), h0, tokens)
-    rtn_err = _site_errors(model.config, float0, nest(rtn.items()), h0, tokens)
-    for key, err in gptq_err.items():
+    w0 = {path: get(model.params, path)[0] for path in EXPERT_PATHS}
+    gptq = {path: _dequantize(get(q, path))[0] for path in EXPERT_PATHS}
+    rtn = {path: _dequantize(Int4Weight.from_float(jnp.asarray(w), GS))
+           for path, w in w0.items()}
+    rtn_err = _expert_errors(w0, rtn, h0, tokens)
+    for key, err in _expert_errors(w0, gptq, h0, tokens).items():
         assert err < rtn_err[key], key
     quantized = Model(config=model.config, params=q, tokenizer=None)
     assert np.all(np.isfinite(quantized.logits(np.asarray(calib[:2]))))
@@ -242,19 +253,20 @@ def test_moe_wanda_beats_magnitude_per_expert_and_generates(moe):
     magnitude = sparsify(model.params, method="magnitude", sparsity=0.5)
     w = np.asarray(get(out, "layers/moe/down"))
     assert ((w == 0).sum(-2) == w.shape[-2] // 2).all()
-    first = lambda p: {"layers": layer_params(p, 0)}  # noqa: E731
-    wanda_err = _site_errors(model.config, first(model.params), first(out), h0, tokens)
-    mag_err = _site_errors(model.config, first(model.params), first(magnitude), h0, tokens)
-    for key, err in wanda_err.items():
+    first = lambda p: {path: get(p, path)[0] for path in EXPERT_PATHS}  # noqa: E731
+    mag_err = _expert_errors(first(model.params), first(magnitude), h0, tokens)
+    for key, err in _expert_errors(first(model.params), first(out), h0, tokens).items():
         assert err < mag_err[key], key
     pruned = Model(config=model.config, params=out, tokenizer=None)
     assert np.all(np.isfinite(pruned.logits(np.asarray(calib[:2]))))
 
 
-def test_moe_structured_pruning_per_expert(moe):
+def test_moe_structured_pruning_per_expert():
     """Zero a quarter of each expert's channels (its own down rows): structured pruning removes
-    exactly those, and the logits do not change; the calibrated score runs too."""
-    model, calib, _, _ = moe
+    exactly those, and the logits do not change; the calibrated score runs too. (Mixtral only:
+    the code is the same for Qwen3-MoE, and each config's compile costs seconds.)"""
+    model = _moe_model("mixtral")
+    calib = _calib(model.config.vocab_size)
     c = model.config
     p = jax.tree.map(np.array, model.params)
     rng = np.random.default_rng(4)
