@@ -16,7 +16,7 @@ Per-layer API (calibration, GPTQ, pruning run the model one layer at a time):
   apply_layer(config, layer_params, x, positions, layer) -> x [B, T, D]   (no cache)
   head(config, params, x) -> float32 logits [B, T, V]
 compose to `forward` without a cache; `input_sites(config)` names the inputs of each layer's
-projections.
+projections (`router(config)`: the MoE router, which picks the tokens each expert sees).
 
 This package imports only jax, flax and numpy: never the runtime (`jaxinfer`).
 """
@@ -39,7 +39,7 @@ from models.llama import Llama
 __all__ = [
     "GPT2Config", "KVCache", "LlamaConfig", "ModelConfig", "RopeScaling", "abstract_params",
     "apply_layer", "embed", "forward", "head", "init_cache", "init_params", "input_sites",
-    "logical_axes", "module_for", "tied_table", "unstack_layers", "weight_axes",
+    "logical_axes", "module_for", "router", "tied_table", "unstack_layers", "weight_axes",
 ]
 
 _FAMILIES = {LlamaConfig: llama, GPT2Config: gpt2}
@@ -112,13 +112,19 @@ def input_sites(config: ModelConfig) -> dict[str, tuple[str, ...]]:
       o_in     attention output [N*H]    -> attn/o
       mlp_in   normed x [D]              -> the MLP's input projection(s)
       down_in  MLP hidden activation [F] -> the MLP's output projection
-    TypeError for a family without them, and for mixture-of-experts layers: each expert sees
-    the tokens routed to it, which one shared input per site does not describe.
+    A mixture-of-experts layer's mlp_in and down_in name expert stacks [E, in, out] (logical
+    axes `experts, ...`): expert e multiplies only the tokens routed to it (`router`).
+    TypeError for a family without them.
     """
-    if getattr(config, "n_experts", 0):
-        raise TypeError("mixture-of-experts layers (n_experts > 0) declare no input sites: "
-                        "each expert multiplies only the tokens routed to it")
-    return _family(config).SITES
+    family = _family(config)
+    return family.MOE_SITES if getattr(config, "n_experts", 0) else family.SITES
+
+
+def router(config: ModelConfig) -> str | None:
+    """The path (under a layer's params) of a MoE layer's router [D, E], which multiplies the
+    mlp_in site's input; its logits through `models.moe.routing` give each token's experts.
+    None for dense layers."""
+    return _family(config).ROUTER if getattr(config, "n_experts", 0) else None
 
 
 def tied_table(config: ModelConfig) -> str | None:

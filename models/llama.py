@@ -51,13 +51,20 @@ ONES = nn.initializers.ones
 
 # Calibration sites of one layer (`models.input_sites`): each input some projections multiply ->
 # those projections (paths under the layer's params), in the order the layer applies them.
-# Dense MLPs only: a MoE layer's experts each see their own tokens (see `models.input_sites`).
 SITES = {
     "attn_in": ("attn/q", "attn/k", "attn/v"),  # rms_norm(x) [D]
     "o_in": ("attn/o",),  # attention output [N*H]
     "mlp_in": ("mlp/gate", "mlp/up"),  # rms_norm(x) [D]
     "down_in": ("mlp/down",),  # act(gate(x)) * up(x) [F]
 }
+# With n_experts: the MLP sites name expert stacks [E, in, out]; expert e multiplies only the
+# tokens that ROUTER (moe/router [D, E], read by `models.moe.routing`) routes to it.
+MOE_SITES = {
+    **SITES,
+    "mlp_in": ("moe/gate", "moe/up"),  # rms_norm(x) [D], the routed tokens of each expert
+    "down_in": ("moe/down",),  # each expert's act(gate(x)) * up(x) [F] on its routed tokens
+}
+ROUTER = "moe/router"
 
 
 def _norm_weight(mod: nn.Module, name: str, size: int, axis: str, config: LlamaConfig):

@@ -46,6 +46,13 @@ def route(logits: jax.Array, k: int, renormalise: bool) -> jax.Array:
     return jnp.sum(onehot * top[..., None], axis=-2)
 
 
+def routing(config: LlamaConfig, logits: jax.Array) -> jax.Array:
+    """The routing a MoE layer of `config` applies: router logits [..., E] -> float32 weights
+    [..., E] (`route` with the config's k and renormalisation). A token is routed to expert e
+    where its weight is > 0 (calibration records each expert's inputs on those tokens)."""
+    return route(logits, config.n_experts_per_token, config.norm_topk_prob)
+
+
 class MoE(nn.Module):
     """Router + n_experts gated MLPs (SwiGLU or GeGLU, as `config.activation`), dense."""
 
@@ -62,7 +69,7 @@ class MoE(nn.Module):
         down = weight(self, "down", (e, f, d), ("experts", "expert_mlp", "embed"))
         b, t, _ = x.shape
         xs = x.reshape(1, b * t, d)  # one token axis N = B*T; the 1 broadcasts over E
-        w = route(linear(xs[0], router), c.n_experts_per_token, c.norm_topk_prob)  # [N, E]
+        w = routing(c, linear(xs[0], router))  # [N, E]
         h = gated_mlp_hidden(xs, gate, up, c.activation)  # [E, N, F]
         y = linear(h, down)  # [E, N, D]
         out = jnp.einsum("end,ne->nd", y.astype(jnp.float32), w)

@@ -17,13 +17,23 @@ Hessian, computed once. `run_layerwise` drives this layer by layer and hands eac
 Hessians to a callback (GPTQ quantizes the layer, Wanda prunes it, structured pruning only
 reads them).
 
+Mixture-of-experts layers (`models.moe`, every expert run on every token): their mlp_in and
+down_in sites are expert stacks [E, in, out], and expert e's Hessian sums x x^T over the tokens
+routed to it only: the router's weight is replaced by a `RouterRecorder`, which routes its
+logits with the model's own `models.moe.routing` (token n goes to expert e where its weight is
+> 0: the tokens whose output expert e changes), and the experts' recorders keep those tokens.
+For down_in, x is expert e's own hidden activation. An expert no calibration token reaches has
+an empty Hessian (tokens 0): `report_unrouted` warns, and the caller falls back (GPTQ:
+round-to-nearest; Wanda: magnitude).
+
 Hessians per site: [in, in] of the site's input width (attn_in, mlp_in: D; o_in: N*H;
-down_in: F).
+down_in: F), [E, in, in] for an expert site.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -34,21 +44,23 @@ import models
 from jaxinfer import paths
 from jaxinfer.errors import InputError
 from jaxinfer.model import pad_batch
+from models.moe import routing
 
 
 def sites(config) -> dict[str, tuple[str, ...]]:
     """`models.input_sites(config)`: site -> the projection paths (under one layer's params)
     reading it, the first one recording. InputError for a family that declares none."""
-    if getattr(config, "n_experts", 0):
-        raise InputError("calibration (GPTQ, Wanda, structured pruning) does not run on "
-                         "mixture-of-experts layers (each expert sees only the tokens routed "
-                         "to it); quantize with round-to-nearest (--method rtn) or prune by "
-                         "magnitude instead")
     try:
         return models.input_sites(config)
     except TypeError:
         raise InputError(f"calibration needs a model family that declares its layers' input "
                          f"sites; {type(config).__name__} declares none") from None
+
+
+def is_expert_site(site_paths: tuple[str, ...]) -> bool:
+    """Whether a site's projections are expert stacks [E, in, out] (an `experts` axis before
+    their matrix, `paths.matrix_lead`), each expert seeing only its routed tokens."""
+    return paths.matrix_lead("layers/" + site_paths[0]) > 1
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -87,43 +99,101 @@ def calibration_ids(model, text: str, n_samples: int, seq_len: int) -> list[list
 # ----------------------------------------------------------------------------- recording
 
 
+_ROUTED = "routed"  # grams key of the routing mask [N, E], between the recorders of one layer
+
+
 def _gram(x, mask):
     """x [..., d] (rows where mask is 0 left out) -> x^T x [d, d] float32."""
     x = x.reshape(-1, x.shape[-1]).astype(jnp.float32) * mask.reshape(-1, 1)
     return jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
 
 
+def _expert_gram(x, routed):
+    """Per expert, x^T x over its routed tokens: x [1 or E, N, d] (one input for all experts,
+    or each expert's own), routed [N, E] (1 = routed, padding 0) -> [E, d, d] float32."""
+    x = jnp.broadcast_to(x.astype(jnp.float32), (routed.shape[1], *x.shape[-2:]))
+    return jnp.einsum("enc,end->ecd", x * routed.T[:, :, None], x,
+                      precision=jax.lax.Precision.HIGHEST)
+
+
 class HessianRecorder:
     """A weight leaf for `models.layers.linear`: returns x @ w, and when it has a `site`, puts
-    x^T x (over the tokens where `mask` is 1) into `grams[site]`.
+    (x^T x, tokens) over the tokens where `mask` [B, T] is 1 into `grams[site]`.
 
+    experts: w is an expert stack [E, in, out] and x [1 or E, N, in] (`models.moe`); x^T x is
+    then per expert over its routed tokens ([E, in, in], tokens [E]), from the routing mask a
+    `RouterRecorder` put in `grams` (the router runs before the experts).
     It is made inside a traced (jitted) function, so `grams` collects traced values that the
     function returns: recording is a side effect at trace time only.
     """
 
-    def __init__(self, w, grams: dict, site: str | None, mask):
-        self.w, self.grams, self.site, self.mask = w, grams, site, mask
+    def __init__(self, w, grams: dict, site: str | None, mask, experts: bool = False):
+        self.w, self.grams, self.site, self.mask, self.experts = w, grams, site, mask, experts
 
     def matmul(self, x: jax.Array) -> jax.Array:
-        if self.site is not None:
-            self.grams[self.site] = _gram(x, self.mask)
+        if self.site is not None and self.experts:
+            if _ROUTED not in self.grams:
+                raise RuntimeError(f"{self.site}: the experts ran before their router")
+            routed = self.grams[_ROUTED]
+            self.grams[self.site] = (_expert_gram(x, routed), routed.sum(0))
+        elif self.site is not None:
+            self.grams[self.site] = (_gram(x, self.mask), self.mask.sum())
         return x @ self.w.astype(x.dtype)
 
 
+class RouterRecorder:
+    """The router's weight leaf [D, E]: returns its logits x @ w (x [N, D], the MoE layer's
+    tokens in the order of `mask` [B, T]) and puts the routing mask [N, E] (1 where
+    `models.moe.routing` gives the token a weight > 0 and it is not padding) in `grams`."""
+
+    def __init__(self, w, grams: dict, config, mask):
+        self.w, self.grams, self.config, self.mask = w, grams, config, mask
+
+    def matmul(self, x: jax.Array) -> jax.Array:
+        logits = x @ self.w.astype(x.dtype)
+        chosen = (routing(self.config, logits) > 0).astype(jnp.float32)
+        self.grams[_ROUTED] = chosen * self.mask.reshape(-1, 1)
+        return logits
+
+
 class Hessian:
-    """H = sum over tokens of x^T x (float64) for one input site."""
+    """H = sum over tokens of x^T x (float64) for one input site: h [in, in] and tokens (an
+    int), or for an expert site (experts = E) h [E, in, in] and tokens [E], each expert's sum
+    over the tokens routed to it."""
 
-    def __init__(self, dim: int):
-        self.h = np.zeros((dim, dim), np.float64)
-        self.tokens = 0
+    def __init__(self, dim: int, experts: int = 0):
+        self.h = np.zeros((experts, dim, dim) if experts else (dim, dim), np.float64)
+        self.tokens = np.zeros(experts, np.int64) if experts else 0
 
-    def add(self, gram, tokens: int) -> None:
+    def add(self, gram, tokens) -> None:
         self.h += np.asarray(gram, np.float64)
-        self.tokens += int(tokens)
+        tokens = np.asarray(tokens).round().astype(np.int64)
+        self.tokens = self.tokens + (tokens if tokens.ndim else int(tokens))
 
     def mean(self) -> np.ndarray:
-        """H / number of tokens (GPTQ's damping is relative to diag(H) anyway)."""
-        return self.h / max(self.tokens, 1)
+        """H / number of tokens, per expert for an expert site (GPTQ's damping is relative to
+        diag(H) anyway): [in, in] or [E, in, in]."""
+        n = np.maximum(self.tokens, 1)
+        return self.h / (n[:, None, None] if self.h.ndim == 3 else n)
+
+    def unrouted(self) -> list[int]:
+        """The experts no calibration token reached (empty for a dense site)."""
+        return [int(e) for e in np.flatnonzero(self.tokens == 0)] if self.h.ndim == 3 else []
+
+
+def report_unrouted(hessians: dict, layer: int, fallback: str, stats: dict | None = None):
+    """Warn once about the experts of layer `layer` that no calibration token reached (their
+    weights get `fallback`, e.g. "round-to-nearest int4"), and list them per site in
+    stats["unrouted"]["<layer>/<site>"] when stats is a dict."""
+    unrouted = {site: h.unrouted() for site, h in hessians.items() if h.unrouted()}
+    if not unrouted:
+        return
+    experts = sorted(set().union(*unrouted.values()))
+    warnings.warn(f"layer {layer}: experts {experts} received no calibration token; {fallback} "
+                  "for them", stacklevel=2)
+    if stats is not None:
+        for site, ex in unrouted.items():
+            stats.setdefault("unrouted", {})[f"{layer}/{site}"] = ex
 
 
 # ----------------------------------------------------------------------------- layers
@@ -160,30 +230,39 @@ def run_layer(config, lp, x, positions, layer: int, batch_size: int = 8) -> jax.
 
 @functools.partial(jax.jit, static_argnums=0)
 def _recorded_layer(config, lp, x, positions, layer):
-    """Layer output [B, T, D] and {site: x^T x} of one batch (padding, position -1, left out)."""
+    """Layer output [B, T, D] and {site: (x^T x, tokens)} of one batch (padding, position -1,
+    left out; see `HessianRecorder`)."""
     grams: dict = {}
     mask = (positions >= 0).astype(jnp.float32)
     rec = lp
+    router = models.router(config)
+    if router is not None:
+        rec = paths.replace(rec, router, RouterRecorder(paths.get(lp, router), grams, config,
+                                                        mask))
     for site, site_paths in sites(config).items():
+        experts = is_expert_site(site_paths)
         for j, path in enumerate(site_paths):
-            recorder = HessianRecorder(paths.get(lp, path), grams, site if j == 0 else None, mask)
+            recorder = HessianRecorder(paths.get(lp, path), grams, site if j == 0 else None,
+                                       mask, experts)
             rec = paths.replace(rec, path, recorder)
-    return models.apply_layer(config, rec, x, positions, layer), grams
+    y = models.apply_layer(config, rec, x, positions, layer)
+    grams.pop(_ROUTED, None)
+    return y, grams
 
 
 def layer_hessians(config, lp, x, positions, layer: int, batch_size: int = 8):
     """Run layer `layer` (float params lp) over x [n, T, D] with every projection recording
     its input. Returns ({site: Hessian}, the layer's output [n, T, D])."""
-    positions = np.asarray(positions)
-    hessians = {site: Hessian(paths.get(lp, site_paths[0]).shape[0])
-                for site, site_paths in sites(config).items()}
+    hessians = {}
+    for site, site_paths in sites(config).items():
+        shape = paths.get(lp, site_paths[0]).shape  # [in, out] or experts [E, in, out]
+        hessians[site] = Hessian(shape[-2], shape[0] if is_expert_site(site_paths) else 0)
     outs = []
     for i in range(0, x.shape[0], batch_size):
-        pos = positions[i:i + batch_size]
-        y, grams = _recorded_layer(config, lp, x[i:i + batch_size], jnp.asarray(pos),
-                                   jnp.int32(layer))
+        y, grams = _recorded_layer(config, lp, x[i:i + batch_size],
+                                   jnp.asarray(positions[i:i + batch_size]), jnp.int32(layer))
         for site, h in hessians.items():
-            h.add(grams[site], (pos >= 0).sum())
+            h.add(*grams[site])
         outs.append(y)
     return hessians, jnp.concatenate(outs, axis=0)
 
@@ -193,11 +272,12 @@ def run_layerwise(model, calib_ids, visit, *, sequential: bool = True, batch_siz
     """Run a model's layers one at a time over calibration windows (any family with input
     sites, see `sites`; calib_ids: token windows as `jaxinfer.model.pad_batch` takes them).
 
-    For each layer: record the Hessians of its input sites on the current inputs x [n, T, D],
-    then call `visit(layer, lp, hessians) -> lp2`, where lp is the layer's params (float32) and
-    lp2 the params the layer continues with (quantized, pruned, or lp itself). sequential: the
-    next layer's inputs are lp2's outputs (one more pass over the layer); otherwise lp's
-    outputs, recorded in the same pass as the Hessians.
+    For each layer: record the Hessians of its input sites on the current inputs x [n, T, D]
+    (per expert on a MoE layer's expert sites, see `Hessian`), then call
+    `visit(layer, lp, hessians) -> lp2`, where lp is the layer's params (float32) and lp2 the
+    params the layer continues with (quantized, pruned, or lp itself). sequential: the next
+    layer's inputs are lp2's outputs (one more pass over the layer); otherwise lp's outputs,
+    recorded in the same pass as the Hessians.
     """
     config, params = model.config, model.params
     sites(config)  # InputError for a family without sites, before any work
@@ -214,7 +294,9 @@ def run_layerwise(model, calib_ids, visit, *, sequential: bool = True, batch_siz
 
 def collect_hessians(model, calib_ids, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
     """Per layer, {site: mean x^T x} of the float model on the calibration windows (no
-    quantization: every layer's inputs come from the float layers before it)."""
+    quantization: every layer's inputs come from the float layers before it): [in, in], or
+    [E, in, in] for an expert site (each expert's mean over its routed tokens; zeros for an
+    expert no token reached)."""
     out = []
 
     def visit(layer, lp, hessians):

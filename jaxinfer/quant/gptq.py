@@ -27,6 +27,11 @@ share H, and GPTQ treats output columns independently, so they are quantized tog
 outputs of the already quantized layers 0..l-1 (sequential=False: of the float layers).
 Within a layer, every projection sees the float layer's inputs (e.g. attn/o sees the
 attention output of float q/k/v), as in the reference implementation.
+
+Mixture-of-experts layers: each expert of an expert site (`calibration.is_expert_site`) is
+quantized on its own Hessian, over the tokens routed to it (its gate and up merged as above).
+An expert that no calibration token reached is quantized by round-to-nearest
+(`Int4Weight.from_float`, the same grid) with a warning (`calibration.report_unrouted`).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import numpy as np
 from jaxinfer import paths
 from jaxinfer.errors import InputError
 from jaxinfer.quant.base import IN_OUT, QuantizedWeight, float_dtype_name, stack_leaves
-from jaxinfer.quant.calibration import run_layerwise, sites
+from jaxinfer.quant.calibration import is_expert_site, report_unrouted, run_layerwise, sites
 from jaxinfer.quant.int4 import Int4Weight
 from jaxinfer.quant.packing import pack_nibbles
 from jaxinfer.quant.schemes import Int4
@@ -228,6 +233,26 @@ def _check_args(group_size, symmetric, damp, block_size, clip_search, batch_size
             raise InputError(f"{name} must be an integer of at least {least}, got {v!r}")
 
 
+def _gptq_site(ws: list[np.ndarray], h: np.ndarray, tokens: int, kwargs: dict
+               ) -> tuple[list[Int4Weight], float]:
+    """The projections ws ([in, out_i] each) of one site (or of one expert of it) with input
+    Hessian h [in, in] over `tokens` tokens -> (an `Int4Weight` per projection, GPTQ's loss).
+    GPTQ quantizes them as one [in, sum(out_i)] matrix; with no token, round-to-nearest."""
+    group_size, symmetric = kwargs["group_size"], kwargs["symmetric"]
+    if not tokens:
+        return [Int4Weight.from_float(jnp.asarray(w, jnp.float32), group_size, symmetric)
+                for w in ws], 0.0
+    res = gptq_matrix(np.concatenate(ws, axis=1), h, **kwargs)
+    leaves, start = [], 0
+    for w in ws:
+        cols = slice(start, start + w.shape[1])
+        start += w.shape[1]
+        part = GPTQResult(q=res.q[:, cols], scales=res.scales[:, cols],
+                          mins=None if res.mins is None else res.mins[:, cols], loss=0.0)
+        leaves.append(part.leaf(group_size))
+    return leaves, res.loss
+
+
 def gptq_quantize(model, calib_ids, *, group_size: int = 128, symmetric: bool = True,
                   damp: float = 0.01, block_size: int = 128, act_order: bool = False,
                   clip_search: int = 0, sequential: bool = True, batch_size: int = 8,
@@ -245,7 +270,9 @@ def gptq_quantize(model, calib_ids, *, group_size: int = 128, symmetric: bool = 
     (On SmolLM2, act_order=True with clip_search=10 gave the best perplexity.)
     sequential: record layer l's inputs on the quantized layers before it (else float ones).
     batch_size: calibration windows per forward pass. stats: if a dict, gets "loss" per
-      "layer/path" (GPTQ's loss of the site's merged matrix, under its first path).
+      "layer/path" (GPTQ's loss of the site's merged matrix, under its first path; summed over
+      the experts of an expert site) and "unrouted" (see `calibration.report_unrouted`).
+    On MoE layers each expert is quantized over its routed tokens (see the module docstring).
     Everything else in params (embedding, norms, biases, LM head) is returned unchanged.
     InputError for a family without input sites, bad arguments or an already quantized
     projection.
@@ -264,24 +291,30 @@ def gptq_quantize(model, calib_ids, *, group_size: int = 128, symmetric: bool = 
                 raise InputError(f"layers/{path}: int4 group size {group_size} does not divide "
                                  f"the input dimension {leaf.shape[-2]}")
     per_path: dict[str, list[Int4Weight]] = {p: [] for ps in site_paths.values() for p in ps}
+    dtypes = {p: float_dtype_name(paths.get(layers, p).dtype) for p in per_path}
+    kwargs = dict(group_size=group_size, symmetric=symmetric, damp=damp, block_size=block_size,
+                  act_order=act_order, clip_search=clip_search)
 
     def quantize_layer(layer, lp, hessians):
+        if stats is not None:
+            stats.setdefault("loss", {})
+        report_unrouted(hessians, layer, "round-to-nearest int4", stats)
         qlp = lp
         for site, projections in site_paths.items():
             ws = [np.asarray(paths.get(lp, p), np.float64) for p in projections]
-            res = gptq_matrix(np.concatenate(ws, axis=1), hessians[site].mean(),
-                              group_size=group_size, symmetric=symmetric, damp=damp,
-                              block_size=block_size, act_order=act_order,
-                              clip_search=clip_search)
+            h = hessians[site]
+            if is_expert_site(projections):
+                per_expert = [_gptq_site([w[e] for w in ws], h.mean()[e], h.tokens[e], kwargs)
+                              for e in range(len(h.tokens))]
+                leaves = [stack_leaves(parts) for parts in zip(*(p for p, _ in per_expert),
+                                                               strict=True)]
+                loss = sum(loss for _, loss in per_expert)
+            else:
+                leaves, loss = _gptq_site(ws, h.mean(), h.tokens, kwargs)
             if stats is not None:
-                stats.setdefault("loss", {})[f"{layer}/{projections[0]}"] = res.loss
-            start = 0
-            for path, wp in zip(projections, ws, strict=True):
-                cols = slice(start, start + wp.shape[1])
-                start += wp.shape[1]
-                part = GPTQResult(q=res.q[:, cols], scales=res.scales[:, cols],
-                                  mins=None if res.mins is None else res.mins[:, cols], loss=0.0)
-                leaf = part.leaf(group_size, float_dtype_name(paths.get(layers, path).dtype))
+                stats["loss"][f"{layer}/{projections[0]}"] = loss
+            for path, leaf in zip(projections, leaves, strict=True):
+                leaf = leaf.replace(dtype=dtypes[path])
                 per_path[path].append(leaf)
                 qlp = paths.replace(qlp, path, leaf)
         return qlp

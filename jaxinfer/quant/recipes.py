@@ -19,11 +19,12 @@ METHODS = ("rtn", "gptq")
 
 
 def default_group_size(params) -> int:
-    """The largest of 128, 64, 32 dividing the input dim of every projection (32 if none)."""
+    """The largest of 128, 64, 32 dividing the input dim of every projection, MoE expert
+    stacks included (32 if none)."""
     dims = set()
     for path, leaf in paths.iter_leaves(params):
-        if paths.is_stacked(path) and getattr(leaf, "ndim", 0) == 3:
-            dims.add(leaf.shape[1])
+        if paths.is_stacked(path) and getattr(leaf, "ndim", 0) - paths.matrix_lead(path) == 2:
+            dims.add(leaf.shape[-2])
     for g in (128, 64, 32):
         if all(d % g == 0 for d in dims):
             return g

@@ -114,8 +114,12 @@ def prune_model(model, settings: PruneSettings, text: str | None = None, progres
     else:
         nm = dict(n=s.n, m=s.m) if s.method == "nm" else {}
         if score == "wanda":
+            stats: dict = {}
             params, masks = wanda_sparsify(model, calib, sparsity=None if nm else s.sparsity,
-                                           progress=progress, return_masks=True, **nm)
+                                           progress=progress, return_masks=True, stats=stats,
+                                           **nm)
+            if stats.get("unrouted"):  # MoE experts no calibration token reached
+                report["unrouted_experts"] = stats["unrouted"]
         else:
             params, masks = sparsify(model.params, method="nm" if nm else "magnitude",
                                      sparsity=None if nm else s.sparsity, return_masks=True, **nm)

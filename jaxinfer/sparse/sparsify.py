@@ -15,7 +15,9 @@ matmul runs through `NMSparseWeight`.
 layer l's inputs are recorded on the outputs of the already pruned layers 0..l-1 (as the Wanda
 reference does), reusing the calibration machinery of GPTQ (any family with input sites,
 `models.input_sites`: Llama and GPT-2; Wanda's per-column comparison needs nothing more, so
-GPT-2's fused qkv is pruned like any other projection).
+GPT-2's fused qkv is pruned like any other projection). On a mixture-of-experts layer each
+expert's norms are taken over the tokens routed to it; an expert no calibration token reached
+is pruned by magnitude (norms of 1), with a warning.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from jaxinfer import paths
 from jaxinfer.errors import InputError
 from jaxinfer.paths import is_stacked, iter_leaves
 from jaxinfer.quant.base import IN_OUT, QuantizedWeight, stack_leaves
-from jaxinfer.quant.calibration import run_layerwise, sites
+from jaxinfer.quant.calibration import report_unrouted, run_layerwise, sites
 from jaxinfer.quant.nm import NMSparseWeight, check_nm
 from jaxinfer.quant.transform import DEFAULT_PATTERNS, glob_regex, is_matrix, matrix_layout
 from jaxinfer.sparse.masks import (
@@ -174,17 +176,26 @@ def sparsity_report(params) -> dict[str, float]:
 
 def site_norms(hessians) -> dict[str, np.ndarray]:
     """{site: Hessian} of one layer -> {site: input-feature L2 norms [in]} (root mean square
-    over the calibration tokens; Wanda's comparison is per column, so the scale is irrelevant)."""
-    return {site: np.sqrt(np.maximum(np.diag(h.mean()), 0.0)) for site, h in hessians.items()}
+    over the calibration tokens; Wanda's comparison is per column, so the scale is irrelevant).
+    An expert site gives [E, in], each expert's over its routed tokens; an expert that no token
+    reached gets norms of 1, so Wanda's score for it is the magnitude |W|."""
+    out = {}
+    for site, h in hessians.items():
+        norms = np.sqrt(np.maximum(np.diagonal(h.mean(), axis1=-2, axis2=-1), 0.0))
+        norms[h.unrouted()] = 1.0
+        out[site] = norms
+    return out
 
 
 def wanda_sparsify(model, calib_ids, *, sparsity: float | None = None, n: int | None = None,
                    m: int | None = None, batch_size: int = 8, progress: bool = True,
-                   return_masks: bool = False):
+                   return_masks: bool = False, stats: dict | None = None):
     """Params of `model` with every projection of `models.input_sites` pruned by Wanda's score,
     computed layer by layer on `calib_ids` (token windows). Unstructured with `sparsity`, or N:M
     when n and m are given. The result keeps the original dtypes; with return_masks also
-    {"layers/<projection>": bool [L, in, out]} (True = kept)."""
+    {"layers/<projection>": bool [L, (E,) in, out]} (True = kept). MoE experts are pruned on
+    their routed tokens' norms (see `site_norms`); stats: if a dict, gets "unrouted" (the
+    experts pruned by magnitude, see `calibration.report_unrouted`)."""
     method = "nm" if n is not None or m is not None else "wanda"
     sparsity = _check_args(method, sparsity, n, m, {})
     params = model.params
@@ -196,6 +207,7 @@ def wanda_sparsify(model, calib_ids, *, sparsity: float | None = None, n: int | 
     per_layer_masks: dict[str, list] = {p: [] for p in projections}
 
     def prune_layer(layer, lp, hessians):
+        report_unrouted(hessians, layer, "magnitude pruning", stats)
         norms = site_norms(hessians)
         for p in projections:
             w = paths.get(lp, p)

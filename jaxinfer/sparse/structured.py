@@ -19,6 +19,10 @@ k/v are untouched. GPT-2's heads cannot be removed this way: its q, k and v are 
 projection, and its head dim is d_model / n_heads, so fewer heads would change the head dim
 (InputError). rms(.) comes from calibration text (`structured_norms`); without it the
 magnitude score is used.
+Mixture-of-experts layers: every expert keeps the same number of channels (d_ff is one config
+field), chosen per expert by the same scores over its own weights and, calibrated, over its
+routed tokens (an expert no calibration token reached: rms taken as 1, so the score is
+||out[j, :]|| alone).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 from jaxinfer import paths
 from jaxinfer.errors import InputError
 from jaxinfer.quant.base import QuantizedWeight
-from jaxinfer.quant.calibration import run_layerwise, sites
+from jaxinfer.quant.calibration import report_unrouted, run_layerwise, sites
 from jaxinfer.sparse.sparsify import check_sparsity, site_norms
 
 Q, O = "attn/q", "attn/o"  # the projections head pruning cuts (a separate q: Llama family)
@@ -41,7 +45,7 @@ Q, O = "attn/q", "attn/o"  # the projections head pruning cuts (a separate q: Ll
 class StructuredPlan:
     """What `prune_structured` keeps: sorted indices per layer."""
 
-    channels: np.ndarray | None  # int [L, F'] kept FFN channels, or None (all kept)
+    channels: np.ndarray | None  # int [L, F'] (MoE: [L, E, F']) kept FFN channels, or None
     heads: np.ndarray | None  # int [L, N'] kept query heads, or None (all kept)
 
 
@@ -56,7 +60,8 @@ def _ffn_paths(config) -> tuple[tuple[str, ...], str]:
 
 
 def channel_scores(config, layers, norms=None) -> np.ndarray:
-    """Importance of each FFN channel: [L, F] (see the module docstring)."""
+    """Importance of each FFN channel: [L, F], or [L, E, F] for a MoE layer's experts (see
+    the module docstring)."""
     ins, out = _ffn_paths(config)
     score = _norm(paths.get(layers, out), -1)  # [L, F]
     if norms is not None:
@@ -119,7 +124,7 @@ def plan_structured(config, params, ffn_sparsity: float = 0.0, head_sparsity: fl
     if n_ffn:
         scores = channel_scores(config, layers, norms)
         order = np.argsort(scores, axis=-1, kind="stable")
-        channels = np.sort(order[:, n_ffn:], axis=-1)
+        channels = np.sort(order[..., n_ffn:], axis=-1)
     if n_heads:
         g = config.n_heads // config.n_kv_heads
         scores = head_scores(layers, config.n_heads, norms)
@@ -130,15 +135,16 @@ def plan_structured(config, params, ffn_sparsity: float = 0.0, head_sparsity: fl
 
 
 def _take(a, idx: np.ndarray, axis: int, unit: int = 1):
-    """a [L, ...] with `axis` restricted, per layer, to units idx [L, k] of `unit` entries."""
+    """a [L, ...] with `axis` restricted, per layer, to units idx [L, k] of `unit` entries (an
+    expert stack a [L, E, ...] per layer and expert: idx [L, E, k])."""
     a = jnp.asarray(a)
     axis = axis % a.ndim
-    shape = a.shape
+    shape, lead = a.shape, idx.ndim - 1
     split = (*shape[:axis], shape[axis] // unit, unit, *shape[axis + 1:])
-    ix = jnp.asarray(idx).reshape(idx.shape[0], *([1] * (axis - 1)), idx.shape[1],
+    ix = jnp.asarray(idx).reshape(*idx.shape[:-1], *([1] * (axis - lead)), idx.shape[-1],
                                   *([1] * (len(split) - axis - 1)))
     out = jnp.take_along_axis(a.reshape(split), ix, axis=axis)
-    return out.reshape(*shape[:axis], idx.shape[1] * unit, *shape[axis + 1:])
+    return out.reshape(*shape[:axis], idx.shape[-1] * unit, *shape[axis + 1:])
 
 
 def _take_bias(layers, path: str, idx: np.ndarray, unit: int = 1):
@@ -160,8 +166,8 @@ def apply_structured(config, params, plan: StructuredPlan):
         for p in ins:
             layers = paths.replace(layers, p, _take(paths.get(layers, p), c, -1))
             layers = _take_bias(layers, p, c)
-        layers = paths.replace(layers, out, _take(paths.get(layers, out), c, 1))
-        new["d_ff"] = c.shape[1]
+        layers = paths.replace(layers, out, _take(paths.get(layers, out), c, -2))
+        new["d_ff"] = c.shape[-1]
     if plan.heads is not None:
         h, hd = plan.heads, config.head_dim
         layers = paths.replace(layers, Q, _take(paths.get(layers, Q), h, -1, hd))
@@ -173,10 +179,11 @@ def apply_structured(config, params, plan: StructuredPlan):
 
 def structured_norms(model, calib_ids, batch_size: int = 8, progress: bool = True):
     """Per layer {site: rms of each input feature [in]} of the dense model on calibration
-    windows (any family with input sites)."""
+    windows (any family with input sites; expert sites [E, in], see `site_norms`)."""
     norms = []
 
     def record(layer, lp, hessians):
+        report_unrouted(hessians, layer, "the output projection's row norms score their channels")
         norms.append(site_norms(hessians))
         return lp
 
