@@ -16,8 +16,9 @@ no compiler, `JAXINFER_NATIVE=0`, an unknown or unsupported `JAXINFER_CPU_ISA`) 
 `available()` False and every caller keeps XLA's own dot: the kernel is a speed-up, never a
 requirement.
 
-`native_params(params, tied)` replaces float32 2-D weights by packed `NativeWeight` leaves
-(and a tied embedding by `NativeEmbedding`, the packed LM head), which carry their ISA; their
+`native_params(params, tied)` replaces float32 matrices (and stacks of them: the layers, a
+MoE layer's experts) by packed `NativeWeight` leaves, quantized ones by `NativeQuant` (and a
+tied embedding by `NativeEmbedding`, the packed LM head), which carry their ISA; their
 matmul runs the kernel for float32 inputs (decode steps and prefill alike) and XLA's dot on the
 unpacked weights for other dtypes. Why packed: XLA:CPU's dot streams weights and computes in
 turn, while the kernel reads each contiguous panel once with prefetching (measured in
