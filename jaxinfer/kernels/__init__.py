@@ -436,11 +436,11 @@ class NativeWeight:
     def glu(self, x: jax.Array, up: NativeWeight) -> jax.Array:
         """silu(x @ self) * (x @ up) in one call: x [..., K] -> [..., n] (one call per entry
         of a free stack axis)."""
-        rows = _kernel_rows(x)
         if up.n != self.n or not _one_stack([self, up]):
             return jax.nn.silu(self.matmul(x)) * up.matmul(x)
         if self.free:
             return _per_entry(x, [self, up], lambda xe, v: [v[0].glu(xe, v[1])])[0]
+        rows = _kernel_rows(x)
         if rows is None:
             return jax.nn.silu(self.matmul(x)) * up.matmul(x)
         y = glu(x.reshape(rows, x.shape[-1]), self.panels, up.panels, self.n, self.isa,
