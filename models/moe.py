@@ -14,7 +14,8 @@ Dense formulation: every expert runs on every token and the expert outputs are s
 those weights. Why this one:
   * the experts are one [E, ...] stack multiplied through the dispatching matmul
     (`layers.linear`, x [1, N, D] @ w [E, D, F] -> [E, N, F] by broadcasting), so float,
-    quantized and sparse leaves run them with no code of their own;
+    quantized and sparse leaves, and the native CPU kernels' stacks (one kernel call per
+    expert), run them with no code of their own;
   * shapes are static (no gather whose size depends on the routing, nothing recompiles);
   * with `experts` sharded over a mesh axis (expert parallelism) each device runs its own
     experts on all tokens, and the weighted sum over experts (one all-reduce) is the only

@@ -1,11 +1,13 @@
 """Tokens/s of a random mixture-of-experts model on one device and with expert parallelism.
 
     python scripts/bench_moe.py --devices 8 --mesh data=1,model=8 --out /tmp/moe.md
+    python scripts/bench_moe.py --devices 1 --experts-quant int8
 
 The model is a random Llama-family MoE (`models.LlamaConfig` with n_experts; sizes from the
-flags), so only speed means anything. One device runs the CPU layout (per-layer weights, the
-native kernels where they build; the expert stacks through XLA); a mesh shards the experts
-over its model axis. On CPU, --devices N makes N *virtual* devices sharing this machine's
+flags; the expert stacks float32, or quantized with --experts-quant), so only speed means
+anything. One device runs the CPU layout (the native kernels where they build, the expert
+stacks too, with stacked layers; JAXINFER_NATIVE=0: XLA, per-layer weights); a mesh shards the
+experts over its model axis. On CPU, --devices N makes N *virtual* devices sharing this machine's
 cores: a mesh row measures partitioning overhead, not a speed-up. Greedy, stop tokens off, one
 warm-up run per row (jaxinfer.bench.run_bench).
 """
@@ -13,6 +15,7 @@ warm-up run per row (jaxinfer.bench.run_bench).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -31,6 +34,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, action="append", default=[])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--experts-quant", choices=("float32", "int8", "int4"), default="float32",
+                   help="the expert stacks' format (int4: groups of 32)")
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     args = p.parse_args()
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -40,14 +45,19 @@ def main() -> int:
     from jaxinfer.bench import publish, run_bench
     from jaxinfer.parallel import Placement
     from jaxinfer.parallel.cli_support import parse_mesh, tiny_model
+    from jaxinfer.quant import Int4, Int8, quantize
 
     model = tiny_model(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers,
                        n_heads=args.heads, n_kv_heads=args.heads,
                        head_dim=args.d_model // args.heads, d_ff=args.d_ff, max_seq_len=512,
                        n_experts=args.experts, n_experts_per_token=args.top_k)
+    if args.experts_quant != "float32":
+        scheme = Int8() if args.experts_quant == "int8" else Int4(32)
+        experts = quantize(model.params, [("layers/moe/{gate,up,down}", scheme)])
+        model = dataclasses.replace(model, params=experts)
     header = (f"random MoE: {args.layers} layers, D={args.d_model}, {args.experts} experts of "
-              f"F={args.d_ff}, top {args.top_k}, vocab {args.vocab} ({model.weight_bytes / 1e6:.0f} "
-              f"MB float32); prompt {args.prompt_len}, {args.new_tokens} new tokens; "
+              f"F={args.d_ff} ({args.experts_quant}), top {args.top_k}, vocab {args.vocab} "
+              f"({model.weight_bytes / 1e6:.0f} MB); prompt {args.prompt_len}, {args.new_tokens} new tokens; "
               f"{jax.device_count()} {jax.devices()[0].platform} devices, {os.cpu_count()} cores")
     lines = ["| placement | batch | decode tokens/s | prefill tokens/s | compile (s) |",
              "|---|---|---|---|---|"]

@@ -8,6 +8,7 @@ configs have 8 experts (2 per token) so a model=8 mesh puts one expert on each d
 
 import dataclasses
 import json
+import os
 import shutil
 import struct
 
@@ -22,7 +23,7 @@ from jax.sharding import PartitionSpec
 import jaxinfer
 from jaxinfer import kernels
 from jaxinfer.errors import CheckpointError, ConfigError
-from jaxinfer.generate import Request, generate_ids, run_params
+from jaxinfer.generate import Request, generate_ids, run_layout, run_params
 from jaxinfer.loading.hf_config import config_from_hf
 from jaxinfer.loading.saved import load_quantized, save_quantized
 from jaxinfer.parallel import Placement
@@ -82,10 +83,10 @@ def hf_logits(hf, tokens) -> np.ndarray:
         return hf(torch.tensor(np.asarray(tokens)).long()).logits.float().numpy()
 
 
-def greedy(model, prompts, n=8):
+def greedy(model, prompts, n=8, params=None):
     req = Request(prompts=prompts, sampling=[Sampling()] * len(prompts), max_new_tokens=n,
                   stop_token_ids=())
-    return [c.token_ids for c in generate_ids(model, req)]
+    return [c.token_ids for c in generate_ids(model, req, params=params)]
 
 
 def hf_greedy(hf, prompt, n=8):
@@ -140,8 +141,9 @@ def test_cached_decode_equals_full_forward(case):
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"], indirect=True)
 def test_greedy_generation_matches_transformers(case):
-    """The engine (per-layer weights and cache; the native CPU kernels where they build, the
-    expert stacks through XLA) decodes what transformers' greedy generate does. (Phi-3 loads
+    """The engine (the native CPU kernels where they build, the float32 expert stacks too, with
+    stacked layers and cache; else XLA with per-layer ones) decodes what transformers' greedy
+    generate does. (Phi-3 loads
     into the Llama layout, which the Llama tests generate with already.)"""
     _, _, model, hf = case
     for prompt, out in zip(PROMPTS, greedy(model, PROMPTS), strict=True):
@@ -181,8 +183,8 @@ def test_expert_parallel_tokens_identical_to_one_device(mixtral):
 def test_quantized_experts(mixtral, tmp_path):
     """The default rules select each expert stack (not the router); int8 and int4 experts
     multiply as their dequantized weights do, and the engine's cached greedy decode (per-layer
-    weights; the native kernels for the float attention and router) equals greedy argmax of
-    the uncached forward."""
+    weights; the native kernels for the float attention, the router and the int8 experts)
+    equals greedy argmax of the uncached forward."""
     _, model, _ = mixtral
     chosen = plan(model.params, scheme=Int8())
     assert {"layers/moe/gate", "layers/moe/up", "layers/moe/down"} <= set(chosen)
@@ -205,10 +207,65 @@ def test_quantized_experts(mixtral, tmp_path):
     (out,) = greedy(qmodel, [prompt])
     logits = qmodel.logits([prompt + out])[0]
     assert out == np.argmax(logits[len(prompt) - 1:-1], axis=-1).tolist()
-    run = run_params(qmodel)["layers"][0]["moe"]  # what the engine ran
-    assert isinstance(run["gate"], Int4Weight) and isinstance(run["down"], Int8Weight)
-    if kernels.isa() is not None:  # AVX2 / AVX-512 here: the router is a packed native weight
-        assert isinstance(run["router"], kernels.NativeWeight)
+    run = run_params(qmodel)["layers"][0]["moe"]  # what the engine ran (per layer: int4 in
+    assert isinstance(run["gate"], Int4Weight)  # groups of 16 is no kernel format)
+    if kernels.isa() is not None:  # AVX2 / AVX-512 here: the router and int8 experts are
+        assert isinstance(run["router"], kernels.NativeWeight)  # native kernel leaves
+        assert isinstance(run["down"], kernels.NativeQuant) and run["down"].free == (8,)
+    else:
+        assert isinstance(run["down"], Int8Weight)
+
+
+def _expert_rules(scheme: str, config) -> list:
+    """Quantization rules of the expert stacks for `scheme` (float32: none); int4 in groups of
+    32 (the 4-bit kernels take groups of whole 32-input blocks); a down projection whose F
+    inputs have no such group (the tiny Mixtral's 48) is int8."""
+    if scheme == "int8":
+        return [("layers/moe/{gate,up,down}", Int8())]
+    if scheme == "int4":
+        return [("layers/moe/{gate,up}", Int4(32)),
+                ("layers/moe/down", Int4(32) if config.d_ff % 32 == 0 else Int8())]
+    return []
+
+
+# One ISA per family keeps the engine compiles few: the most capable this CPU runs for Mixtral,
+# AVX2 for Qwen3-MoE (both AVX2 on an AVX2-only machine); test_qkernels runs every expert
+# format on every ISA.
+_ISAS = kernels.supported_isas()
+_HAVE_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
+MOE_ISA = [pytest.param(case, isa, id=f"{isa}-{case}",
+                        marks=pytest.mark.skipif(not _HAVE_CXX, reason="no C++ compiler"))
+           for case, isa in ((("mixtral", _ISAS[0]), ("qwen3_moe", _ISAS[-1])) if _ISAS else ())]
+
+
+@pytest.mark.parametrize("case,isa", MOE_ISA, indirect=True)
+def test_expert_stacks_on_the_kernels_equal_xla(case, isa):
+    """With the kernels on, the run layout keeps the layers stacked with every expert stack a
+    kernel stack [L, E, ...] (float32: NativeWeight; int8, int4: NativeQuant). Prompt logits
+    equal the XLA path's (`run_layout(native=False)`, as JAXINFER_NATIVE=0 runs) within 1e-4
+    of their largest magnitude; int4 within 2e-2 (the 4-bit kernels take the activations
+    quantized per block of 32, the XLA path float ones; test_qkernels checks the expert stacks
+    against each expert's kernel leaf bit for bit). The engine's 8 greedy tokens (int8 experts for
+    Mixtral, int4 for Qwen3-MoE; float32 in test_greedy_generation_matches_transformers) are
+    the XLA path's argmax at every step."""
+    name, _, model, _ = case
+    prompt = PROMPTS[0]
+    for scheme in ("float32", "int8", "int4"):
+        rules = _expert_rules(scheme, model.config)
+        params = quantize(model.params, rules) if rules else model.params
+        native = run_layout(params, model.config)
+        kind = kernels.NativeWeight if scheme == "float32" else kernels.NativeQuant
+        for path, w in native["layers"]["moe"].items():
+            want = kernels.NativeWeight if path == "router" else kind
+            assert isinstance(w, want) and w.isa == isa, (scheme, path)
+        greedy_too = scheme == {"mixtral": "int8"}.get(name, "int4")
+        tokens = [prompt + (greedy(model, [prompt], params=native)[0] if greedy_too else [])]
+        plain = run_layout(params, model.config, native=False)
+        ref, got = (dataclasses.replace(model, params=p).logits(tokens)[0] for p in (plain, native))
+        scale = np.abs(ref).max()
+        assert np.abs(got - ref).max() <= (2e-2 if scheme == "int4" else 1e-4) * scale, scheme
+        if greedy_too:
+            assert tokens[0][len(prompt):] == np.argmax(ref[len(prompt) - 1:-1], -1).tolist()
 
 
 def test_magnitude_pruning_of_experts(mixtral):

@@ -171,6 +171,64 @@ def test_stacked_quantized_weights_are_read_at_the_layer_index(fmt, isa):
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("fmt", ["float32", "int4_asym_g64", "Q4_1"])
+def test_expert_stacks_run_each_expert_on_its_kernel_leaf(fmt, isa):
+    """A MoE layer's expert stacks become kernel stacks (`native_params`): [E, K, N] in a
+    layer's tree, [L, E, K, N] stacked. Multiplied as models/moe.py does (x [1, M, D] through
+    `swiglu` with gate, up [E, D, F]; h [E, M, F] through `linear` with down [E, F, D]) they
+    give [E, M, F] and [E, M, D] equal, bit for bit, to each expert's own 2-D kernel leaf (the
+    stack read at a traced layer index, as the scan reads it), on the kernels only."""
+    from jaxinfer.quant.base import stack_leaves
+    from models.layers import at_layer, linear, swiglu
+
+    rng = np.random.default_rng(5)
+    layers, experts, d, f, m = 2, 3, 64, 128, 5
+    shapes = {"gate": (d, f), "up": (d, f), "down": (f, d)}
+    per = {name: [[FORMATS.get(fmt, jnp.asarray)(rng.standard_normal(shape).astype(np.float32))
+                   for _ in range(experts)] for _ in range(layers)]
+           for name, shape in shapes.items()}
+
+    def stack(leaves):
+        return jnp.stack(leaves) if fmt == "float32" else stack_leaves(leaves)
+
+    def one(leaf):  # one expert's matrix as its own kernel leaf
+        if fmt == "float32":
+            return kernels.NativeWeight.from_array(leaf, isa)
+        return _native(leaf, isa)
+
+    kind = kernels.NativeWeight if fmt == "float32" else kernels.NativeQuant
+    stacked = kernels.native_params(
+        {"layers": {"moe": {n: stack([stack(r) for r in ls]) for n, ls in per.items()}}},
+        None)["layers"]["moe"]
+    assert all(isinstance(w, kind) and w.shape == (layers, experts, *shapes[n])
+               for n, w in stacked.items())
+    x = rng.standard_normal((1, m, d)).astype(np.float32)
+
+    def run(tree, x):
+        h = swiglu(x, tree["gate"], tree["up"])  # [E, M, F]
+        return h, linear(h, tree["down"])  # [E, M, D]
+
+    def each(tree, x):  # every expert alone
+        h = jnp.stack([swiglu(x[0], g, u) for g, u in zip(tree["gate"], tree["up"],
+                                                           strict=True)])
+        return h, jnp.stack([linear(he, w) for he, w in zip(h, tree["down"], strict=True)])
+
+    fn = jax.jit(lambda i, x: run(at_layer(stacked, i), x))
+    text = fn.lower(jnp.int32(0), x).as_text()
+    assert "dot_general" not in text and kernels.target(
+        "glu" if fmt == "float32" else "qmatmul", isa) in text
+    for i in range(layers):
+        layer = kernels.native_params({"moe": {n: stack(ls[i]) for n, ls in per.items()}}, None,
+                                      prefix=f"layers/{i}")["moe"]
+        assert all(isinstance(w, kind) and w.shape == (experts, *shapes[n])
+                   for n, w in layer.items())
+        want = jax.jit(each)({n: [one(w) for w in ls[i]] for n, ls in per.items()}, x)
+        for got in (fn(jnp.int32(i), x), jax.jit(run)(layer, x)):
+            for g, w in zip(got, want, strict=True):
+                assert g.shape == w.shape
+                np.testing.assert_array_equal(g, w)
+
+
 def test_dispatch_by_dtype(isa):
     """bfloat16 inputs, zero rows or more than MAX_KERNEL_ROWS rows (a prefill) run XLA's dot on
     the dequantized weight (4-bit: with the same quantized activations), other float32 rows

@@ -16,8 +16,9 @@ no compiler, `JAXINFER_NATIVE=0`, an unknown or unsupported `JAXINFER_CPU_ISA`) 
 `available()` False and every caller keeps XLA's own dot: the kernel is a speed-up, never a
 requirement.
 
-`native_params(params, tied)` replaces float32 2-D weights by packed `NativeWeight` leaves
-(and a tied embedding by `NativeEmbedding`, the packed LM head), which carry their ISA; their
+`native_params(params, tied)` replaces float32 matrices (and stacks of them: the layers, a
+MoE layer's experts) by packed `NativeWeight` leaves, quantized ones by `NativeQuant` (and a
+tied embedding by `NativeEmbedding`, the packed LM head), which carry their ISA; their
 matmul runs the kernel for float32 inputs (decode steps and prefill alike) and XLA's dot on the
 unpacked weights for other dtypes. Why packed: XLA:CPU's dot streams weights and computes in
 turn, while the kernel reads each contiguous panel once with prefetching (measured in
@@ -227,7 +228,8 @@ PACK_PANELS = 64  # panels copied per numpy step in `pack` (a working set that f
 
 def pack(w) -> jax.Array:
     """w [K, N] -> panels [ceil(N / STRIP), K, STRIP] (columns zero padded to whole panels);
-    a stack of layers w [L, K, N] -> [L, ceil(N / STRIP), K, STRIP].
+    a stack w [*S, K, N] (layers [L], a layer's experts [E], or both [L, E]) -> [*S,
+    ceil(N / STRIP), K, STRIP].
 
     Packed on the host with numpy (w may be a numpy array or a CPU jax array, read without a
     copy) a few panels at a time: no XLA program is compiled for it (eager jnp ops would
@@ -235,13 +237,9 @@ def pack(w) -> jax.Array:
     view such as `table.T` is read block by block.
     """
     w = np.asarray(w)
-    if w.ndim == 3:  # one layer at a time into the stack
-        out = np.empty((w.shape[0], *packed_shape(*w.shape[1:])), w.dtype)
-        for i in range(w.shape[0]):
-            _pack_into(w[i], out[i])
-        return jax.device_put(out)
-    out = np.empty(packed_shape(*w.shape), w.dtype)
-    _pack_into(w, out)
+    out = np.empty((*w.shape[:-2], *packed_shape(*w.shape[-2:])), w.dtype)
+    for i in np.ndindex(*w.shape[:-2]):  # one matrix at a time into the stack (() for one)
+        _pack_into(w[i], out[i])
     return jax.device_put(out)  # jnp.asarray would compile a copy program per shape
 
 
@@ -335,6 +333,40 @@ def _at(a: jax.Array | None, layer, rank: int) -> jax.Array | None:
     return a[layer] if a is not None and a.ndim == rank + 1 else a
 
 
+def _free(stack: tuple, layer) -> tuple:
+    """The stack axes of a native leaf not chosen yet: all of them ([L], [E] or [L, E]), or
+    all but the first once `layer` is (by a scan over the layers, `at_layer`)."""
+    return stack[layer is not None:]
+
+
+def _flat(a: jax.Array | None, layer) -> jax.Array | None:
+    """A child of a native leaf as the flat stack `_per_entry` indexes: [L, E, ...] with a
+    layer chosen -> [L * E, ...] (a view of the same buffer); [E, ...] itself."""
+    return a if a is None or layer is None else a.reshape(-1, *a.shape[2:])
+
+
+def _per_entry(x: jax.Array, ws: list, op) -> list[jax.Array]:
+    """Native leaves of one stack whose first free axis has E entries (a layer's experts,
+    shape [E, K, n]; all of ws with the same `layer` and free axes) applied to x [..., M, K]
+    as x @ W [E, K, n] broadcasts: op(x_e [..., M, K], [each w's entry e]) -> a list of
+    [..., M, n_j], run for each e in a static loop, each entry a view that the kernels read
+    in place (layer operand e, or layer * E + e of the flattened stack) -> the list of
+    results stacked on axis -3: [..., E, M, n_j] each."""
+    count = ws[0].free[0]
+    xb = jnp.broadcast_to(x, (*jnp.broadcast_shapes(x.shape[:-2], (count,)), *x.shape[-2:]))
+    outs = []
+    for e in range(count):
+        index = e if ws[0].layer is None else ws[0].layer * count + e  # one object for all ws
+        outs.append(op(xb[..., e, :, :], [w.entry(index) for w in ws]))
+    return [jnp.stack(ys, axis=-3) for ys in zip(*outs, strict=True)]
+
+
+def _one_stack(ws: list) -> bool:
+    """Whether native leaves run together: one ISA, the same chosen layer and free axes."""
+    return all(w.isa == ws[0].isa and w.layer is ws[0].layer and w.free == ws[0].free
+               for w in ws)
+
+
 def _layer_field():
     """The layer a stacked leaf is read at (an int32 scalar; set by `at_layer` inside a scan
     over the layers), or None: a child, since a scan's counter is traced."""
@@ -349,8 +381,10 @@ def _isa_field():
 @pytree.dataclass
 class NativeWeight:
     """A float32 weight W [K, n] kept packed for `isa`'s kernels: panels [ceil(n / 48), K, 48];
-    or the weights of every layer, [L, ceil(n / 48), K, 48] (shape [L, K, n]), of which a scan
-    over the layers multiplies layer `layer` (`at_layer`) in place."""
+    or a stack of them [*S, ceil(n / 48), K, 48] (shape [*S, K, n]): the weights of every layer
+    (S = [L]), of which a scan over the layers multiplies layer `layer` (`at_layer`) in place;
+    a layer's experts (S = [E]), or every layer's ([L, E]). A stack whose first free axis is
+    not chosen (the experts) multiplies each entry by its own part of x (`_per_entry`)."""
 
     panels: jax.Array
     n: int = flax.struct.field(pytree_node=False)
@@ -359,12 +393,13 @@ class NativeWeight:
 
     @classmethod
     def from_array(cls, w: jax.Array, isa: str | None = None) -> NativeWeight:
-        """w [K, n] (or a stack [L, K, n]) packed for `isa` (default: the process's ISA;
+        """w [K, n] (or a stack [*S, K, n]) packed for `isa` (default: the process's ISA;
         RuntimeError if none runs)."""
         return cls(panels=pack(w), n=int(w.shape[-1]), isa=_require(isa))
 
     shape = property(lambda self: _shape(self.panels.shape[:-3], self.layer,
                                          (self.panels.shape[-2], self.n)))
+    free = property(lambda self: _free(self.panels.shape[:-3], self.layer))
     dtype = property(lambda self: self.panels.dtype)
     nbytes = property(lambda self: self.panels.nbytes)
 
@@ -372,25 +407,41 @@ class NativeWeight:
         """Layer `layer` (int32 scalar) of a stack, still reading the whole stack's buffer."""
         return self.replace(layer=layer)
 
+    def entry(self, index) -> NativeWeight:
+        """Entry `index` of the flat stack (see `_per_entry`), read in place."""
+        return self.replace(panels=_flat(self.panels, self.layer), layer=index)
+
     def matmul(self, x: jax.Array) -> jax.Array:
-        """x [..., K] -> [..., n]."""
+        """x [..., K] -> [..., n]; with a free stack axis [E, K, n], x [..., M, K] ->
+        [..., E, M, n] (broadcast as x @ W)."""
+        if self.free:
+            return _per_entry(x, [self], lambda xe, v: [v[0].matmul(xe)])[0]
         return _dot(x, self.panels, self.n, self.isa, self.layer)
 
     def matmul_many(self, x: jax.Array, others: list[NativeWeight]) -> list[jax.Array]:
-        """[x @ W for W in (self, *others)] in one call: x [..., K] -> [..., n] each."""
+        """[x @ W for W in (self, *others)] in one call: x [..., K] -> [..., n] each (one call
+        per entry of a free stack axis)."""
         ws = [self, *others]
+        if not _one_stack(ws):
+            return [w.matmul(x) for w in ws]
+        if self.free:
+            return _per_entry(x, ws, lambda xe, v: v[0].matmul_many(xe, v[1:]))
         rows = _kernel_rows(x)
-        if rows is None or any(w.isa != self.isa or w.layer is not self.layer for w in others):
+        if rows is None:
             return [w.matmul(x) for w in ws]
         ys = matmul_many(x.reshape(rows, x.shape[-1]), [w.panels for w in ws], [w.n for w in ws],
                          self.isa, self.layer)
         return [y.reshape(*x.shape[:-1], w.n) for y, w in zip(ys, ws, strict=True)]
 
     def glu(self, x: jax.Array, up: NativeWeight) -> jax.Array:
-        """silu(x @ self) * (x @ up) in one call: x [..., K] -> [..., n]."""
+        """silu(x @ self) * (x @ up) in one call: x [..., K] -> [..., n] (one call per entry
+        of a free stack axis)."""
+        if up.n != self.n or not _one_stack([self, up]):
+            return jax.nn.silu(self.matmul(x)) * up.matmul(x)
+        if self.free:
+            return _per_entry(x, [self, up], lambda xe, v: [v[0].glu(xe, v[1])])[0]
         rows = _kernel_rows(x)
-        if (rows is None or up.n != self.n or up.isa != self.isa
-                or up.layer is not self.layer):
+        if rows is None:
             return jax.nn.silu(self.matmul(x)) * up.matmul(x)
         y = glu(x.reshape(rows, x.shape[-1]), self.panels, up.panels, self.n, self.isa,
                 self.layer)
@@ -398,9 +449,8 @@ class NativeWeight:
 
 
 def _shape(stack: tuple, layer, shape: tuple) -> tuple:
-    """A native leaf's shape: one weight's, or [L, ...] for a whole stack (not once `layer` is
-    chosen)."""
-    return shape if layer is not None else (*stack, *shape)
+    """A native leaf's shape: one weight's after its free stack axes (`_free`)."""
+    return (*_free(stack, layer), *shape)
 
 
 @pytree.dataclass
@@ -476,8 +526,9 @@ class NativeQuant:
     as they are; 4-bit weights (G a multiple of 32) take them quantized per block of 32
     (`q8_activations`), on the kernel and on XLA alike, so a row's result does not depend on
     which of them runs.
-    A stack of every layer's weights has each child with a leading [L] axis (shape [L, K, n]);
-    a scan over the layers multiplies layer `layer` (`at_layer`) in place."""
+    A stack has each child with the leading stack axes S (shape [*S, K, n]), as NativeWeight:
+    every layer's weights ([L]: a scan over the layers multiplies layer `layer`, `at_layer`,
+    in place), a layer's experts ([E]) or every layer's ([L, E])."""
 
     q: jax.Array
     scales: jax.Array
@@ -500,10 +551,12 @@ class NativeQuant:
                    n=int(rows.q.shape[0]), isa=_require(isa))
 
     @classmethod
-    def stack(cls, layers, isa: str | None = None) -> NativeQuant:
+    def stack(cls, layers, isa: str | None = None, axes: tuple[int, ...] | None = None
+              ) -> NativeQuant:
         """One stack from a sequence of every layer's KernelRows (all of one format and shape;
-        a lazy sequence makes one layer's rows at a time), filled one layer at a time.
-        ValueError as `from_rows`."""
+        a lazy sequence makes one layer's rows at a time), filled one layer at a time. axes:
+        the stack axes S (default [len(layers)]; e.g. [L, E], the rows then given flat in
+        row-major order). ValueError as `from_rows`."""
         parts, n = None, None
         for i in range(len(layers)):
             rows = layers[i]
@@ -518,7 +571,9 @@ class NativeQuant:
                 if out is not None:
                     out[i] = a
             n = int(rows.q.shape[0])
-        q, scales, mins = (None if a is None else jax.device_put(a) for a in parts)
+        axes = (len(layers),) if axes is None else tuple(axes)
+        q, scales, mins = (None if a is None else jax.device_put(a.reshape(*axes, *a.shape[1:]))
+                           for a in parts)
         return cls(q=q, scales=scales, mins=mins, n=n, isa=_require(isa))
 
     @staticmethod
@@ -541,6 +596,7 @@ class NativeQuant:
         (self.scales.shape[-2] * self.group, self.n)))
     group = property(lambda self: (self.q.shape[-2] if self.bits == 8 else self.q.shape[-3] * 8)
                      // self.scales.shape[-2])
+    free = property(lambda self: _free(self.scales.shape[:-3], self.layer))
     dtype = property(lambda self: jnp.dtype(jnp.float32))
     nbytes = property(lambda self: sum(int(a.nbytes) for a in (self.q, self.scales, self.mins)
                                        if a is not None))
@@ -564,27 +620,45 @@ class NativeQuant:
         """Layer `layer` (int32 scalar) of a stack, still reading the whole stack's buffers."""
         return self.replace(layer=layer)
 
+    def entry(self, index) -> NativeQuant:
+        """Entry `index` of the flat stack (see `_per_entry`), read in place."""
+        return self.replace(q=_flat(self.q, self.layer), scales=_flat(self.scales, self.layer),
+                            mins=_flat(self.mins, self.layer), layer=index)
+
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """W [K, n] (of `layer` for a stack)."""
+        """W [K, n] (of `layer` for a stack; [*free, K, n] with free stack axes)."""
+        if self.free:
+            count = self.free[0]
+            return jnp.stack([self.entry(e if self.layer is None else self.layer * count + e)
+                              .dequantize(dtype) for e in range(count)])
         q, s, m = (_at(a, self.layer, r) for a, r in ((self.q, self.rank), (self.scales, 3),
                                                        (self.mins, 3)))
         return unpack(self.values_along(q, s, m, 1), self.n).astype(dtype)
 
     def matmul(self, x: jax.Array) -> jax.Array:
-        """x [..., K] -> [..., n]."""
+        """x [..., K] -> [..., n]; with a free stack axis [E, K, n], x [..., M, K] ->
+        [..., E, M, n] (broadcast as x @ W)."""
+        if self.free:
+            return _per_entry(x, [self], lambda xe, v: [v[0].matmul(xe)])[0]
         return _qdot(x, [self], False)[0]
 
     def matmul_many(self, x: jax.Array, others: list[NativeQuant]) -> list[jax.Array]:
-        """[x @ W for W in (self, *others)] in one call: x [..., K] -> [..., n] each."""
-        if any(w.isa != self.isa or w.layer is not self.layer for w in others):
-            return [w.matmul(x) for w in (self, *others)]
-        return _qdot(x, [self, *others], False)
+        """[x @ W for W in (self, *others)] in one call: x [..., K] -> [..., n] each (one call
+        per entry of a free stack axis)."""
+        ws = [self, *others]
+        if not _one_stack(ws):
+            return [w.matmul(x) for w in ws]
+        if self.free:
+            return _per_entry(x, ws, lambda xe, v: v[0].matmul_many(xe, v[1:]))
+        return _qdot(x, ws, False)
 
     def glu(self, x: jax.Array, up: NativeQuant) -> jax.Array:
-        """silu(x @ self) * (x @ up) in one call: x [..., K] -> [..., n]."""
-        if (up.n != self.n or up.isa != self.isa or up.shape != self.shape
-                or up.layer is not self.layer):
+        """silu(x @ self) * (x @ up) in one call: x [..., K] -> [..., n] (one call per entry
+        of a free stack axis)."""
+        if up.n != self.n or up.shape != self.shape or not _one_stack([self, up]):
             return jax.nn.silu(self.matmul(x)) * up.matmul(x)
+        if self.free:
+            return _per_entry(x, [self, up], lambda xe, v: [v[0].glu(xe, v[1])])[0]
         return _qdot(x, [self, up], True)[0]
 
 
@@ -709,8 +783,9 @@ def packed_shape(k: int, n: int) -> tuple[int, int, int]:
 
 def native_params(params, tied_key: str | None, prefix: str = "", cached=None):
     """params with every float32 matmul weight (top level, stacked layers [L, K, N] or
-    per-layer trees, see `models.unstack_layers`) packed as NativeWeight, every quantized one
-    with `kernel_rows` as NativeQuant (a stack of layers as one stacked leaf), and the tied
+    per-layer trees, see `models.unstack_layers`; a MoE layer's experts [(L,) E, K, N] too)
+    packed as NativeWeight, every quantized one with `kernel_rows` as NativeQuant (a stack of
+    layers or experts as one stacked leaf), and the tied
     embedding `tied_key` (if any) as the packed head (NativeEmbedding / NativeQuantEmbedding),
     for the process's ISA. Other leaves (lookup tables, other schemes, norms and biases)
     unchanged. Returns params itself when no kernel runs here. prefix: the path of `params`
@@ -725,7 +800,7 @@ def native_params(params, tied_key: str | None, prefix: str = "", cached=None):
         return params
     cached = cached or {}
 
-    def panels(path: str, w) -> jax.Array:  # w [K, N] (or [L, K, N]) -> its panels
+    def panels(path: str, w) -> jax.Array:  # w [K, N] (or a stack [*S, K, N]) -> its panels
         got = cached.get(path)
         want = (*w.shape[:-2], *packed_shape(*w.shape[-2:]))
         if got is not None and got.shape == want and got.dtype == w.dtype:
@@ -737,37 +812,46 @@ def native_params(params, tied_key: str | None, prefix: str = "", cached=None):
             return _native_quantized(path, leaf, tied_key, chosen)
         if not isinstance(leaf, jax.Array) or leaf.dtype != jnp.float32:
             return leaf
-        if paths.is_stacked(path):  # [L, K, N] weights; [L, D] norms and biases stay
-            if leaf.ndim != 3:
-                return leaf
-            return NativeWeight(panels=panels(path, leaf), n=int(leaf.shape[2]), isa=chosen)
-        if leaf.ndim != 2:
+        lead = _stack_axes(path, leaf.ndim)
+        if lead is None:  # norms and biases
             return leaf
         if path == tied_key:
             return NativeEmbedding(panels=panels(path, np.asarray(leaf).T), n=int(leaf.shape[0]),
                                    isa=chosen)
-        # A layer's 2-D leaves are all multiplied (the lookup tables are the model's, never a
+        # A layer's matrices are all multiplied (the lookup tables are the model's, never a
         # layer's), so only top-level ones ask the declared axes (tracing the models' init
         # for them costs ~0.4 s at start-up).
-        if paths.split_layer(path)[0] is None and paths.is_lookup_table(path):
+        if not lead and paths.split_layer(path)[0] is None and paths.is_lookup_table(path):
             return leaf  # looked up, never multiplied
-        return NativeWeight(panels=panels(path, leaf), n=int(leaf.shape[1]), isa=chosen)
+        return NativeWeight(panels=panels(path, leaf), n=int(leaf.shape[-1]), isa=chosen)
 
     return paths.map_leaves(wrap, params, prefix)
 
 
+def _stack_axes(path: str, ndim: int) -> int | None:
+    """How many stack axes lead the matrix of the `ndim`-dimensional leaf at `path`: 0 for a
+    matrix, 1 for stacked layers [L, K, N] or a layer's experts [E, K, N], 2 for stacked
+    experts [L, E, K, N]; None for a leaf that is no matrix (norms, biases). Only a leaf of
+    more axes than a (stacked) projection asks the declared axes (`paths.matrix_lead`)."""
+    plain = int(paths.is_stacked(path))
+    if ndim == 2 + plain:
+        return plain
+    return ndim - 2 if ndim > 2 + plain and paths.matrix_lead(path) == ndim - 2 else None
+
+
 def _native_quantized(path: str, leaf, tied_key: str | None, isa: str):
-    """A quantized leaf's native form: NativeQuant for a projection (stacked for stacked
-    layers), NativeQuantEmbedding for the tied embedding; the leaf itself where the kernels do
-    not take it (a lookup table, a scheme without `kernel_rows`, experts)."""
-    if paths.is_stacked(path):
-        if leaf.layout != "in_out" or len(leaf.shape) != 3:
+    """A quantized leaf's native form: NativeQuant for a projection (a stack for stacked
+    layers or experts), NativeQuantEmbedding for the tied embedding; the leaf itself where the
+    kernels do not take it (a lookup table, a scheme without `kernel_rows`)."""
+    lead = _stack_axes(path, len(leaf.shape))
+    if lead:
+        if leaf.layout != "in_out":
             return leaf
-        layers = _LayerRows(leaf)
-        first = layers[0]
+        entries = _StackRows(leaf, lead)
+        first = entries[0]
         if first is None or not NativeQuant.takes(first):
             return leaf
-        return NativeQuant.stack(layers, isa)
+        return NativeQuant.stack(entries, isa, leaf.shape[:lead])
     tied = path == tied_key and leaf.layout == "out_in"
     if not tied and (paths.is_lookup_table(path) or leaf.layout != "in_out"):
         return leaf
@@ -778,19 +862,21 @@ def _native_quantized(path: str, leaf, tied_key: str | None, isa: str):
     return NativeQuantEmbedding(head=head, dtype=leaf.dtype) if tied else head
 
 
-class _LayerRows:
-    """The KernelRows of each layer of a stacked quantized leaf, made when asked for (from
-    host views of its children: no XLA program per slice)."""
+class _StackRows:
+    """The KernelRows of each matrix of a stacked quantized leaf (`lead` stack axes: layers,
+    experts or both, flat in row-major order), made when asked for (from host views of its
+    children: no XLA program per slice)."""
 
-    def __init__(self, leaf):
+    def __init__(self, leaf, lead: int):
         self.leaf = jax.tree.map(np.asarray, leaf)
-        self.count = leaf.shape[0]
+        self.axes = tuple(leaf.shape[:lead])
 
     def __len__(self) -> int:
-        return self.count
+        return int(np.prod(self.axes))
 
     def __getitem__(self, i: int):
-        return jax.tree.map(lambda c: c[i], self.leaf).kernel_rows()
+        at = np.unravel_index(i, self.axes)
+        return jax.tree.map(lambda c: c[at], self.leaf).kernel_rows()
 
 
 def packed_leaves(params) -> dict[str, jax.Array]:
