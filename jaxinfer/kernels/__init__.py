@@ -367,6 +367,17 @@ def _one_stack(ws: list) -> bool:
                for w in ws)
 
 
+def _many_apart(x: jax.Array, ws: list) -> list[jax.Array] | None:
+    """`matmul_many` of native leaves ws over x [..., K] where they cannot run as one kernel
+    call: each alone (not `_one_stack`), or one call per entry of a free stack axis
+    (`_per_entry`); None when they can (the caller's kernel call)."""
+    if not _one_stack(ws):
+        return [w.matmul(x) for w in ws]
+    if ws[0].free:
+        return _per_entry(x, ws, lambda xe, v: v[0].matmul_many(xe, v[1:]))
+    return None
+
+
 def _layer_field():
     """The layer a stacked leaf is read at (an int32 scalar; set by `at_layer` inside a scan
     over the layers), or None: a child, since a scan's counter is traced."""
@@ -422,10 +433,9 @@ class NativeWeight:
         """[x @ W for W in (self, *others)] in one call: x [..., K] -> [..., n] each (one call
         per entry of a free stack axis)."""
         ws = [self, *others]
-        if not _one_stack(ws):
-            return [w.matmul(x) for w in ws]
-        if self.free:
-            return _per_entry(x, ws, lambda xe, v: v[0].matmul_many(xe, v[1:]))
+        apart = _many_apart(x, ws)
+        if apart is not None:
+            return apart
         rows = _kernel_rows(x)
         if rows is None:
             return [w.matmul(x) for w in ws]
@@ -646,11 +656,8 @@ class NativeQuant:
         """[x @ W for W in (self, *others)] in one call: x [..., K] -> [..., n] each (one call
         per entry of a free stack axis)."""
         ws = [self, *others]
-        if not _one_stack(ws):
-            return [w.matmul(x) for w in ws]
-        if self.free:
-            return _per_entry(x, ws, lambda xe, v: v[0].matmul_many(xe, v[1:]))
-        return _qdot(x, ws, False)
+        apart = _many_apart(x, ws)
+        return apart if apart is not None else _qdot(x, ws, False)
 
     def glu(self, x: jax.Array, up: NativeQuant) -> jax.Array:
         """silu(x @ self) * (x @ up) in one call: x [..., K] -> [..., n] (one call per entry
