@@ -303,14 +303,15 @@ def gptq_quantize(model, calib_ids, *, group_size: int = 128, symmetric: bool = 
         for site, projections in site_paths.items():
             ws = [np.asarray(paths.get(lp, p), np.float64) for p in projections]
             h = hessians[site]
+            mean = h.mean()  # [in, in], or [E, in, in] for an expert site
             if is_expert_site(projections):
-                per_expert = [_gptq_site([w[e] for w in ws], h.mean()[e], h.tokens[e], kwargs)
+                per_expert = [_gptq_site([w[e] for w in ws], mean[e], h.tokens[e], kwargs)
                               for e in range(len(h.tokens))]
                 leaves = [stack_leaves(parts) for parts in zip(*(p for p, _ in per_expert),
                                                                strict=True)]
                 loss = sum(loss for _, loss in per_expert)
             else:
-                leaves, loss = _gptq_site(ws, h.mean(), h.tokens, kwargs)
+                leaves, loss = _gptq_site(ws, mean, h.tokens, kwargs)
             if stats is not None:
                 stats["loss"][f"{layer}/{projections[0]}"] = loss
             for path, leaf in zip(projections, leaves, strict=True):
