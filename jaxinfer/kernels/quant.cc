@@ -30,6 +30,9 @@
 namespace {
 
 constexpr int64_t kChunk = 128;  // rows of k dequantized at a time for several rows of x
+// Bytes of a panel prefetched ahead into L1 while it streams: the hardware prefetchers alone
+// left 8-bit rows at half the float32 kernel's bandwidth (48-byte rows, docs/BENCHMARKS.md).
+constexpr int64_t kAheadBytes = 6144;
 
 // One quantized projection y [M, n] = x @ W (see the file comment).
 struct QProj {
@@ -65,6 +68,7 @@ void RowCols(const float* x, const void* q, const ST* s, int64_t K, int64_t G, f
     for (int c = 0; c < C; ++c) part[c] = simd::Zero();
     const int8_t* qk = static_cast<const int8_t*>(q) + g0 * kStrip + C0 * kWidth;
     for (int64_t k = g0; k < g0 + G; ++k, qk += kStrip) {
+      if constexpr (C0 == 0) simd::PrefetchL1(qk + kAheadBytes);
       const Vec xb = simd::Set1(x[k]);
       for (int c = 0; c < C; ++c) part[c] = simd::Fma(xb, simd::LoadI8(qk + c * kWidth), part[c]);
     }
