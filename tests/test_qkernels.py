@@ -74,6 +74,29 @@ def test_q8_activations_definition():
                                   _q8(x).astype(np.float32))
 
 
+@pytest.mark.parametrize("m", [1, 6])
+def test_kernel_quantizes_activations_as_defined(m, isa):
+    """The 4-bit kernel's own quantization of x (vectorized in quant.cc) is the numpy
+    definition, bit for bit: against the identity as a 4-bit weight (q 1 on the diagonal,
+    scale 1, min 0), the kernel returns d * xq itself. Rows include an all-zero block, exact
+    ties (x * 127 / max |x| = j + 0.5, rounded to even) and a block whose largest entry is
+    negative."""
+    from jaxinfer.quant.base import KernelRows
+
+    k = 96
+    eye = np.eye(k, dtype=np.uint8)
+    rows = KernelRows(q=eye, scales=np.ones((k, k // 32), np.float16),
+                      mins=np.zeros((k, k // 32), np.float16), group=32)
+    native = kernels.NativeQuant.from_rows(rows, isa)
+    rng = np.random.default_rng(m)
+    x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
+    x[0, 32:64] = 0
+    x[-1, 64:96] = np.arange(32, dtype=np.float32) - 15.5  # ties j + 0.5 ...
+    x[-1, 64] = -127.0  # ... as max |x| = 127 (a negative entry) makes x * 127 / max |x| = x
+    got = np.asarray(jax.jit(native.matmul)(x))
+    np.testing.assert_array_equal(got, _q8(x).astype(np.float32))
+
+
 def _close(got, ref, k):
     """Float32 accumulation against float64 on the same weights."""
     np.testing.assert_allclose(got, ref, rtol=0, atol=3e-6 * np.sqrt(k) * np.abs(ref).max() + 1e-6)

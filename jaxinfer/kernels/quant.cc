@@ -96,19 +96,27 @@ struct QuantRows {
 QuantRows QuantizeRows(const float* x, int64_t m, int64_t k) {
   QuantRows out{std::vector<int8_t>(m * k), std::vector<float>(m * k / kBlock),
                 std::vector<float>(m * k / kBlock)};
+  static_assert(kBlock % kWidth == 0, "whole vectors per block");
+  constexpr int kVecs = kBlock / kWidth;
+  const Vec lo = simd::Set1(-127.0f), hi = simd::Set1(127.0f);
   for (int64_t b = 0; b < m * k / kBlock; ++b) {
     const float* xb = x + b * kBlock;
-    float amax = 0.0f;
-    for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    int32_t total = 0;
-    for (int64_t i = 0; i < kBlock; ++i) {
-      const int32_t v = static_cast<int32_t>(std::nearbyint(xb[i] * inv));
-      out.xq[b * kBlock + i] = static_cast<int8_t>(std::clamp(v, -127, 127));
-      total += out.xq[b * kBlock + i];
+    Vec v[kVecs], amax = simd::Zero();
+    for (int i = 0; i < kVecs; ++i) {
+      v[i] = simd::Load(xb + i * kWidth);
+      amax = simd::Max(amax, simd::Max(v[i], simd::Sub(simd::Zero(), v[i])));  // |x|
     }
-    out.d[b] = amax / 127.0f;
-    out.sum[b] = out.d[b] * static_cast<float>(total);
+    const float a = simd::ReduceMax(amax);
+    const Vec inv = simd::Set1(a > 0.0f ? 127.0f / a : 0.0f);
+    Vec total = simd::Zero();  // small integers: exact in float32
+    for (int i = 0; i < kVecs; ++i) {
+      // round(x * 127 / amax) to nearest even, clamped to [-127, 127]
+      const Vec r = simd::Min(simd::Max(simd::RoundNearest(simd::Mul(v[i], inv)), lo), hi);
+      simd::StoreI8(out.xq.data() + b * kBlock + i * kWidth, r);
+      total = simd::Add(total, r);
+    }
+    out.d[b] = a / 127.0f;
+    out.sum[b] = out.d[b] * simd::ReduceAdd(total);
   }
   return out;
 }

@@ -33,6 +33,7 @@
 //                                  calls add up without overflow
 //   SumPairs(p)                    per 32-bit lane the sum of its two int16 lanes of p
 //   ToFloat(i)                     int32 lanes as floats
+//   StoreI8(p, v)                  v's lanes (integers in [-127, 127], as floats) as kWidth int8 at p
 //   PrefetchL1 PrefetchL2 Pause    hints
 #ifndef JAXINFER_KERNELS_SIMD_H_
 #define JAXINFER_KERNELS_SIMD_H_
@@ -113,6 +114,9 @@ inline IVec DotPairs(IVec acc, IVec u0, IVec s0, IVec u1, IVec s1) {  // AVX512B
 }
 inline IVec SumPairs(IVec p) { return _mm512_madd_epi16(p, _mm512_set1_epi16(1)); }
 inline Vec ToFloat(IVec i) { return _mm512_cvtepi32_ps(i); }
+inline void StoreI8(int8_t* p, Vec v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+}
 
 #elif defined(__AVX2__) && defined(__FMA__)
 
@@ -205,6 +209,11 @@ inline IVec DotPairs(IVec acc, IVec u0, IVec s0, IVec u1, IVec s1) {
 }
 inline IVec SumPairs(IVec p) { return _mm256_madd_epi16(p, _mm256_set1_epi16(1)); }
 inline Vec ToFloat(IVec i) { return _mm256_cvtepi32_ps(i); }
+inline void StoreI8(int8_t* p, Vec v) {
+  const __m256i i = _mm256_cvtps_epi32(v);
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w, w));
+}
 
 #else
 #error "jaxinfer's kernels need AVX-512F, or AVX2 and FMA (-mavx512f, or -mavx2 -mfma)"
