@@ -176,13 +176,14 @@ def save_prefix(state: DecodeState, slot: jax.Array, *, length: int) -> models.K
     return kvc.read_prefix(state.cache, slot, length)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=("shard",), donate_argnums=(0,))
 def load_prefix(state: DecodeState, slot: jax.Array, prefix: models.KVCache, used: jax.Array,
-                seen: jax.Array) -> DecodeState:
+                seen: jax.Array, *, shard=None) -> DecodeState:
     """Slot `slot` starts from a saved prefix (its first `used` tokens; seen [V] the tokens
-    among them): the rest of its prompt is then admitted with first=False."""
-    return state.replace(cache=kvc.write_prefix(state.cache, slot, prefix, used),
-                         seen=state.seen.at[slot].set(seen))
+    among them): the rest of its prompt is then admitted with first=False. shard: as in
+    `init_state`."""
+    return _shard(shard, state.replace(cache=kvc.write_prefix(state.cache, slot, prefix, used),
+                                       seen=state.seen.at[slot].set(seen)))
 
 
 def _record(state: DecodeState, tok: jax.Array, logp: jax.Array) -> DecodeState:

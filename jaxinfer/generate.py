@@ -298,6 +298,7 @@ class _LocalOps:
     """The engine's device functions on one device (a Placement supplies its own)."""
 
     batch_multiple = 1
+    prefix_cache = True
     init_state = staticmethod(engine.init_state)
 
     @staticmethod
@@ -314,6 +315,14 @@ class _LocalOps:
     def release(state, slots):
         return programs.call(engine.release, (state, jnp.asarray(slots, jnp.int32)), {},
                              donate=0, out_like=0)
+
+    @staticmethod
+    def save_prefix(state, slot, length):
+        return engine.save_prefix(state, jnp.int32(slot), length=length)
+
+    @staticmethod
+    def load_prefix(state, slot, kv, used, seen):
+        return engine.load_prefix(state, jnp.int32(slot), kv, jnp.int32(used), jnp.asarray(seen))
 
     @staticmethod
     def swap(state, a, b):
@@ -340,7 +349,7 @@ class Engine:
     admits one at a time: every admit then has one of a few shapes (one per prompt-chunk
     bucket), compiled up front by `warm_up`. prefix_cache_bytes: keep the KV of prompt
     prefixes (whole PREFIX_BLOCKs) up to this many bytes, and start requests that share one
-    from it instead of prefilling it again (one device, no placement; 0: off).
+    from it instead of prefilling it again (one device or a mesh, not under pmap; 0: off).
     shortest_first: None admits waiting requests first come, first served. A rate r (prompt
     tokens per second) admits the shortest prompt first, less r tokens for each second it has
     waited: a burst goes in shortest first, and a long prompt waits at most (its length - the
@@ -373,8 +382,8 @@ class Engine:
         # The attention kernel reads each row's used slots itself: no decode windows then.
         self.kernel_attention = getattr(self.state, "stacked", self.state).cache.attention \
             is not None  # (a PmapState holds the per-device states stacked)
-        local = isinstance(self.ops, _LocalOps)
-        self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes and local else None
+        self.prefixes = (PrefixCache(prefix_cache_bytes)
+                         if prefix_cache_bytes and self.ops.prefix_cache else None)
         self.entries: dict[int, _Entry] = {}
         self.waiting: list[int] = []
         self.free = list(range(self.slots))
@@ -586,8 +595,7 @@ class Engine:
             return
         seen = np.zeros((self.model.config.vocab_size,), bool)
         seen[np.asarray(e.ids[:n])] = True
-        self.state = engine.load_prefix(self.state, jnp.int32(e.slot), kv, jnp.int32(n),
-                                        jnp.asarray(seen))
+        self.state = self.ops.load_prefix(self.state, e.slot, kv, n, seen)
         e.prefilled = n
 
     def _save_prefix(self, e: _Entry) -> None:
@@ -595,8 +603,7 @@ class Engine:
         n = len(e.ids) // PREFIX_BLOCK * PREFIX_BLOCK
         if n == 0 or tuple(e.ids[:n]) in self.prefixes.entries:
             return
-        kv = engine.save_prefix(self.state, jnp.int32(e.slot), length=min(bucket(n),
-                                                                          self.cache_len))
+        kv = self.ops.save_prefix(self.state, e.slot, min(bucket(n), self.cache_len))
         self.prefixes.add(e.ids[:n], kv)
 
     def warm_up(self) -> None:

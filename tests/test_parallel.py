@@ -326,6 +326,35 @@ def test_requests_join_a_running_batch_on_any_placement(tiny, mesh, pmap):
         assert eng.result(h)[0] == alone.token_ids
 
 
+def test_prefix_cache_on_a_mesh(tiny):
+    """On a (2, 2) mesh the engine keeps prompt prefixes too: requests sharing whole blocks of
+    an earlier prompt start from its cached (sharded) KV, one while another request runs, and
+    get the tokens they get alone on one device; under pmap the cache stays off."""
+    model, _ = tiny
+    rng = np.random.default_rng(4)
+    system = [int(t) for t in rng.integers(3, 120, 37)]
+    prompts = [system + [5, 6, 7], system[:35] + [9, 8, 7, 6], system + [5, 6, 7]]
+    sampling = Sampling(temperature=1.0, seed=5, repetition_penalty=1.2)
+    placed = Placement((2, 2)).apply(model)
+    eng = Engine(placed, slots=4, cache_len=96, buf_len=16, prefix_cache_bytes=1 << 24)
+    handles = [eng.submit(prompts[0], sampling, 8)]
+    while not eng.finished(handles[0]):
+        eng.advance(4)
+    handles += [eng.submit(prompts[1], sampling, 10)]
+    eng.advance(2)
+    handles += [eng.submit(prompts[2], sampling, 8)]
+    while not all(eng.finished(h) for h in handles):
+        eng.advance(3)
+    assert (eng.prefixes.hits, eng.prefixes.misses) == (2, 1)
+    for h, prompt, n in zip(handles, prompts, (8, 10, 8), strict=True):
+        alone = generate_ids(model, Request(prompts=[prompt], sampling=[sampling],
+                                            max_new_tokens=n, stop_token_ids=()))[0]
+        assert eng.result(h)[0] == alone.token_ids
+    pmapped = Placement((2, 1), pmap=True).apply(model)
+    assert Engine(pmapped, slots=2, cache_len=64, buf_len=8,
+                  prefix_cache_bytes=1 << 24).prefixes is None
+
+
 def test_slots_padded_to_the_data_axis(tiny):
     model, _ = tiny
     placement = Placement((3, 1))

@@ -194,6 +194,23 @@ class Placement:
         return engine.decode(params, state, place(limit, NamedSharding(self.mesh, PartitionSpec())),
                              shard=self.hook, **static)
 
+    @property
+    def prefix_cache(self) -> bool:
+        """Whether the engine may keep prompt prefixes (a mesh; not pmap's per-device states)."""
+        return not self.pmap
+
+    def save_prefix(self, state, slot: int, length: int):
+        """engine.save_prefix on the placed state (the KV stays sharded as the state is)."""
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        return engine.save_prefix(state, place(np.int32(slot), rep), length=length)
+
+    def load_prefix(self, state, slot: int, kv, used: int, seen: np.ndarray):
+        """engine.load_prefix with the small host inputs replicated."""
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        slot, used, seen = (place(np.asarray(a), rep) for a in (np.int32(slot), np.int32(used),
+                                                                 seen))
+        return engine.load_prefix(state, slot, kv, used, seen, shard=self.hook)
+
     def release(self, state, slots):
         """engine.release (under pmap: the done flags set from the host)."""
         if self.pmap:
