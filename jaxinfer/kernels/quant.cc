@@ -31,7 +31,8 @@ namespace {
 
 constexpr int64_t kChunk = 128;  // rows of k dequantized at a time for several rows of x
 // Bytes of a panel prefetched ahead into L1 while it streams: the hardware prefetchers alone
-// left 8-bit rows at half the float32 kernel's bandwidth (48-byte rows, docs/BENCHMARKS.md).
+// left 48-byte 8-bit rows at about half the float32 kernel's bandwidth (docs/CPU_RESULTS.md,
+// 2026-12-06).
 constexpr int64_t kAheadBytes = 6144;
 
 // One quantized projection y [M, n] = x @ W (see the file comment).
