@@ -118,7 +118,7 @@ def admit(params, state: DecodeState, slots: jax.Array, tokens: jax.Array,
     prior = jnp.where(first[:, None], False, jnp.take(state.seen, slots, axis=0, mode="clip"))
     seen = prior | (jnp.zeros((g, config.vocab_size), jnp.int32).at[
         jnp.arange(g)[:, None], tokens].add((positions >= 0).astype(jnp.int32)) > 0)
-    tok, logp = sample(logits[:, 0], sampling, seen, jnp.zeros((g,), jnp.int32))
+    tok, logp = sample(logits[:, 0], sampling, seen, jnp.zeros((g,), jnp.int32), stop_ids)
     live = jnp.where(last, slots, b)  # rows that go live; the others write nothing below
     is_stop = jnp.any(tok[:, None] == stop_ids, axis=-1)
     state = state.replace(
@@ -233,7 +233,7 @@ def _decode_loop(params, state, limit, config, scan_unroll, shard, kv_len):
         pos = jnp.where(s.done, -1, s.next_pos)
         logits, cache = models.forward(config, params, s.last[:, None], pos[:, None],
                                        s.cache.replace(visible=kv_len), scan_unroll=scan_unroll)
-        tok, logp = sample(logits[:, 0], s.sampling, s.seen, s.length)
+        tok, logp = sample(logits[:, 0], s.sampling, s.seen, s.length, s.stop_ids, s.tokens)
         s = s.replace(cache=cache.replace(visible=None),
                       next_pos=s.next_pos + (~s.done).astype(jnp.int32))
         return _shard(shard, _record(s, tok, logp))

@@ -20,7 +20,11 @@ from models import pytree
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Sampling:
     """Sampling settings. temperature 0 is greedy; top_k 0, top_p 1, min_p 0 and
-    repetition_penalty 1 switch those filters off."""
+    repetition_penalty 1 switch those filters off. presence_penalty / frequency_penalty
+    (OpenAI's, in [-2, 2]): each token's logit less presence_penalty if it was generated
+    before and frequency_penalty times the number of times it was (the request's generated
+    tokens, not its prompt). min_tokens: the stop token ids cannot be drawn before this many
+    tokens are generated."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -28,6 +32,9 @@ class Sampling:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
 
     def validate(self) -> Sampling:
         """Raise InputError naming the first invalid field; return self."""
@@ -39,6 +46,10 @@ class Sampling:
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
             ("seed", isinstance(self.seed, int | np.integer) and 0 <= self.seed < 2**32,
              "must be an integer in [0, 2**32)"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("min_tokens", self.min_tokens >= 0 and int(self.min_tokens) == self.min_tokens,
+             "must be an integer >= 0"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -106,6 +117,9 @@ class SamplingArrays:
     min_p: jax.Array
     repetition_penalty: jax.Array
     seed: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    min_tokens: jax.Array
 
     @classmethod
     def from_rows(cls, rows: list[Sampling], batch: int) -> SamplingArrays:
@@ -118,7 +132,10 @@ class SamplingArrays:
         return cls(temperature=col("temperature", np.float32), top_k=col("top_k", np.int32),
                    top_p=col("top_p", np.float32), min_p=col("min_p", np.float32),
                    repetition_penalty=col("repetition_penalty", np.float32),
-                   seed=col("seed", np.uint32))
+                   seed=col("seed", np.uint32),
+                   presence_penalty=col("presence_penalty", np.float32),
+                   frequency_penalty=col("frequency_penalty", np.float32),
+                   min_tokens=col("min_tokens", np.int32))
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array):
@@ -197,16 +214,42 @@ def first_argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, index, jnp.float32(v)), axis=-1).astype(jnp.int32)
 
 
-def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, counter: jax.Array):
+def apply_output_rules(logits: jax.Array, s: SamplingArrays, counter: jax.Array,
+                       stop_ids: jax.Array, generated: jax.Array | None) -> jax.Array:
+    """The presence / frequency penalties and min_tokens (see Sampling) on logits [B, V]:
+    counter [B] tokens generated so far, stop_ids [B, E] (-1 unused), generated [B, N] the
+    generated tokens (the first `counter` of each row count; None: none yet). Skipped on the
+    device (lax.cond) when no row uses them."""
+    b, v = logits.shape
+    rows = jnp.arange(b)[:, None]
+
+    def rules(x):
+        if generated is not None:
+            made = jnp.arange(generated.shape[1])[None, :] < counter[:, None]
+            counts = jnp.zeros((b, v), jnp.float32).at[rows, generated].add(
+                made.astype(jnp.float32))
+            x = x - counts * s.frequency_penalty[:, None] - (
+                (counts > 0) * s.presence_penalty[:, None])
+        early = (counter < s.min_tokens)[:, None] & (stop_ids >= 0)
+        return x.at[rows, jnp.where(early, stop_ids, v)].set(-jnp.inf, mode="drop")
+
+    used = jnp.any((s.presence_penalty != 0) | (s.frequency_penalty != 0)
+                   | (counter < s.min_tokens))
+    return jax.lax.cond(used, rules, lambda x: x, logits)
+
+
+def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, counter: jax.Array,
+           stop_ids: jax.Array, generated: jax.Array | None = None):
     """Next tokens [B] and their log-probabilities [B] under the raw model distribution.
 
-    logits [B, V] float32; seen bool [B, V] (tokens for the repetition penalty); counter [B]
-    (or one for all rows): the index of the token each row is drawing within its request,
-    folded into the row's seed, so a request's draws depend on its seed alone (not on its
-    slot, on what else runs or on when it started).
+    logits [B, V] float32; seen bool [B, V] (tokens for the repetition penalty); counter [B]:
+    the index of the token each row is drawing within its request, folded into the row's
+    seed, so a request's draws depend on its seed alone (not on its slot, on what else runs or
+    on when it started); stop_ids, generated: see `apply_output_rules`.
     """
     lse = jax.nn.logsumexp(logits, axis=-1)
     raw = logits
+    logits = apply_output_rules(logits, s, counter, stop_ids, generated)
     logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
     greedy_tok = first_argmax(logits)
 

@@ -43,15 +43,20 @@ def encode_prompt(model, prompt: str | Sequence[dict], chat: bool = False,
 def build_request(model, prompt_ids: list[list[int]], *, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                   min_p: float = 0.0, repetition_penalty: float = 1.0,
+                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                  min_tokens: int = 0,
                   seed: int | Sequence[int] = 0, stop: Sequence[str] | str | None = None,
                   stop_token_ids: Sequence[int] | None = None,
                   kv_cache: str = "float") -> Request:
-    """A validated Request; `seed` is one seed for every row or one per row."""
+    """A validated Request (the sampling knobs: see `jaxinfer.sampling.Sampling`); `seed` is
+    one seed for every row or one per row."""
     seeds = [seed] * len(prompt_ids) if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompt_ids):
         raise InputError(f"got {len(seeds)} seeds for {len(prompt_ids)} prompts")
     rows = [Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                     repetition_penalty=repetition_penalty, seed=s) for s in seeds]
+                     repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                     frequency_penalty=frequency_penalty, min_tokens=min_tokens, seed=s)
+            for s in seeds]
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     ids = tuple(model.eos_token_ids if stop_token_ids is None else stop_token_ids)
     return Request(prompts=prompt_ids, sampling=rows, max_new_tokens=int(max_new_tokens),
@@ -78,7 +83,8 @@ def generate(model, prompts: str | Sequence[str], *, chat: bool = False,
     """Generate text for one prompt or a batch (run together as one ragged batch).
 
     Options: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
-    repetition_penalty, seed (int or one per prompt), stop (strings), stop_token_ids
+    repetition_penalty, presence_penalty, frequency_penalty, min_tokens (OpenAI's), seed (int
+    or one per prompt), stop (strings), stop_token_ids
     (default: the checkpoint's EOS ids), chat (apply the chat template), logprobs,
     kv_cache ("float", "float16" or "int8": see jaxinfer.engine.KV_CACHES).
     Returns one Completion per prompt.

@@ -593,6 +593,63 @@ def test_prefill_budget_is_shared_by_the_requests_admitted_together(tiny):
             Engine(tiny, slots=1, cache_len=32, buf_len=8, prefill_tokens=bad)
 
 
+def test_output_rules_match_their_definition():
+    """presence / frequency penalties and min_tokens (sampling.apply_output_rules) against a
+    numpy reference: counts over each row's generated tokens only, stop ids masked while fewer
+    than min_tokens are generated; rows without the rules keep their logits."""
+    from jaxinfer.sampling import apply_output_rules
+
+    rng = np.random.default_rng(0)
+    b, v, n = 4, 50, 6
+    logits = rng.standard_normal((b, v)).astype(np.float32)
+    generated = rng.integers(0, 8, (b, n)).astype(np.int32)  # repeats likely
+    counter = np.array([6, 3, 0, 2], np.int32)
+    stop_ids = np.array([[1, -1], [2, 3], [4, -1], [-1, -1]], np.int32)
+    rows = [Sampling(presence_penalty=0.5, frequency_penalty=1.25),
+            Sampling(frequency_penalty=-0.75, min_tokens=4), Sampling(min_tokens=1), Sampling()]
+    s = SamplingArrays.from_rows(rows, b)
+    got = np.asarray(apply_output_rules(jnp.asarray(logits), s, jnp.asarray(counter),
+                                        jnp.asarray(stop_ids), jnp.asarray(generated)))
+    want = logits.copy()
+    for i, r in enumerate(rows):
+        counts = np.bincount(generated[i, :counter[i]], minlength=v).astype(np.float32)
+        want[i] -= counts * np.float32(r.frequency_penalty) + (counts > 0) * np.float32(
+            r.presence_penalty)
+        if counter[i] < r.min_tokens:
+            want[i, stop_ids[i][stop_ids[i] >= 0]] = -np.inf
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(got[3], logits[3])
+
+
+def test_min_tokens_and_penalties_in_the_engine(tiny):
+    """min_tokens keeps a stop id from being drawn early (greedy would stop at its first
+    token); penalties change greedy's tokens and, like every knob, give a request the same
+    tokens in a running batch as alone."""
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    plain, _ = _alone(tiny, prompt, Sampling(), 12)
+    stop = plain[0]
+    cut = generate_ids(tiny, Request(prompts=[prompt], sampling=[Sampling()], max_new_tokens=12,
+                                     stop_token_ids=(stop,)))[0]
+    assert cut.token_ids == plain[:1] and cut.finish_reason == "stop"
+    held = generate_ids(tiny, Request(prompts=[prompt], sampling=[Sampling(min_tokens=4)],
+                                      max_new_tokens=12, stop_token_ids=(stop,)))[0].token_ids
+    assert len(held) >= 4 and stop not in held[:3]
+    penalised = Sampling(frequency_penalty=2.0, presence_penalty=1.0)
+    want, want_lp = _alone(tiny, prompt, penalised, 12)
+    assert want != plain
+    eng = Engine(tiny, slots=3, cache_len=64, buf_len=16)
+    others = [eng.submit(p, Sampling(temperature=0.8, seed=i), 16)
+              for i, p in enumerate(RAGGED[:2])]
+    eng.advance(2)
+    h = eng.submit(prompt, penalised, 12)
+    while not eng.finished(h):
+        eng.advance(3)
+    ids, lps, _ = eng.result(h)
+    assert ids == want
+    np.testing.assert_allclose(lps, want_lp, atol=1e-5)
+    assert others
+
+
 def test_prefix_cache_hit_equals_a_fresh_prefill(tiny):
     """A request sharing whole blocks of an earlier prompt starts from its cached KV and gets
     the tokens and log-probs of a fresh prefill; the cache evicts by size (LRU)."""

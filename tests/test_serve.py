@@ -74,6 +74,26 @@ def test_completions_n_and_seeded_sampling_reproducible(served):
                                                       for c in a.choices)
 
 
+def test_penalties_and_min_tokens_equal_the_library(served, smollm2):
+    """presence_penalty / frequency_penalty and min_tokens through the openai client give the
+    library's greedy answer with the same knobs; min_tokens holds the end of an answer back."""
+    client = served.client()
+    prompt, knobs = "Count: one, two, three,", dict(presence_penalty=0.8, frequency_penalty=1.5)
+    r = client.completions.create(model="smollm2", prompt=prompt, max_tokens=12, temperature=0,
+                                  **knobs)
+    want = generate(smollm2, prompt, max_new_tokens=12, temperature=0.0, **knobs)[0]
+    plain = generate(smollm2, prompt, max_new_tokens=12, temperature=0.0)[0]
+    assert r.choices[0].text == want.text and want.text != plain.text
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    short = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=40,
+                                           temperature=0)
+    assert short.choices[0].finish_reason == "stop"  # ends on EOS before 40 tokens
+    n = short.usage.completion_tokens
+    held = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=40,
+                                          temperature=0, extra_body={"min_tokens": n + 3})
+    assert held.usage.completion_tokens >= n + 3
+
+
 def test_logprobs_of_the_chosen_tokens(served):
     r = served.client().chat.completions.create(
         model="smollm2", messages=[{"role": "user", "content": PROMPTS[2]}], max_tokens=5,
@@ -121,8 +141,10 @@ def test_client_that_disconnects_frees_its_slot(served):
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400,
      "stop"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
-    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400,
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 2.5}, 400,
      "presence_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "min_tokens": 5}, 400,
+     "min_tokens"),
     ({"messages": "hi"}, 400, "messages"),
     ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
 ])

@@ -3,8 +3,8 @@
 `parse_request(body, kind, model, max_len)` checks every field it knows before anything is
 admitted and raises `APIError` (an OpenAI-style error body: message, type, param, code) for the
 first bad one. Fields a client may send that change nothing here (user, metadata, ...) are
-accepted and ignored; fields whose behaviour is not implemented (presence/frequency penalties,
-top_logprobs, min_tokens) are refused when set, never silently dropped.
+accepted and ignored; a field whose behaviour is not implemented (top_logprobs) is refused
+when set, never silently dropped.
 """
 
 from __future__ import annotations
@@ -122,11 +122,9 @@ def parse_request(body, kind: str, model, model_name: str, max_len: int) -> Sett
     if name is not None and name != model_name:
         raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
                        param="model", code="model_not_found")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0.0, -2.0, 2.0) != 0:
-            raise _bad(name, "not supported by this server (use repetition_penalty)")
-    if _number(body, "min_tokens", 0, 0, integer=True):
-        raise _bad("min_tokens", "not supported by this server")
+    presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
+    frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    min_tokens = _number(body, "min_tokens", 0, 0, integer=True)
     if _number(body, "top_logprobs", 0, 0, 20, integer=True):
         raise _bad("top_logprobs", "only the chosen tokens' log-probabilities are returned")
     ids = _prompt_ids(body, kind, model)
@@ -143,6 +141,8 @@ def parse_request(body, kind: str, model, model_name: str, max_len: int) -> Sett
     elif max_new > room:
         raise _bad(param, f"{len(ids)} prompt tokens + {max_new} exceed the server's context "
                           f"of {max_len} tokens")
+    if min_tokens > max_new:
+        raise _bad("min_tokens", f"expected at most {param} ({max_new}), got {min_tokens}")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
@@ -160,7 +160,9 @@ def parse_request(body, kind: str, model, model_name: str, max_len: int) -> Sett
     min_p = _number(body, "min_p", default["min_p"], 0.0, 1.0)
     rep = _number(body, "repetition_penalty", default["repetition_penalty"], 0.0, lo_open=True)
     samplings = [Sampling(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                          min_p=float(min_p), repetition_penalty=float(rep), seed=seed + i)
+                          min_p=float(min_p), repetition_penalty=float(rep), seed=seed + i,
+                          presence_penalty=float(presence), frequency_penalty=float(frequency),
+                          min_tokens=int(min_tokens))
                  for i in range(n)]
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
