@@ -290,6 +290,17 @@ def _alone(model, prompt, sampling, max_new):
     return c.token_ids, c.logprobs
 
 
+def _expect(eng, h, want, want_lp):
+    """Run eng until request h finishes; its tokens and log-probs must be want / want_lp.
+    Returns h."""
+    while not eng.finished(h):
+        eng.advance(3)
+    ids, lps, _ = eng.result(h)
+    assert ids == want
+    np.testing.assert_allclose(lps, want_lp, atol=1e-5)
+    return h
+
+
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.0, top_p=0.9, seed=7)])
 def test_request_joining_a_running_batch_gets_its_own_tokens(tiny, sampling):
     """Whatever runs beside it, whichever slot it gets and whenever it joins, a request's
@@ -641,12 +652,7 @@ def test_min_tokens_and_penalties_in_the_engine(tiny):
     others = [eng.submit(p, Sampling(temperature=0.8, seed=i), 16)
               for i, p in enumerate(RAGGED[:2])]
     eng.advance(2)
-    h = eng.submit(prompt, penalised, 12)
-    while not eng.finished(h):
-        eng.advance(3)
-    ids, lps, _ = eng.result(h)
-    assert ids == want
-    np.testing.assert_allclose(lps, want_lp, atol=1e-5)
+    _expect(eng, eng.submit(prompt, penalised, 12), want, want_lp)
     assert others
 
 
@@ -660,13 +666,7 @@ def test_prefix_cache_hit_equals_a_fresh_prefill(tiny):
     eng = Engine(tiny, slots=2, cache_len=96, buf_len=16, prefix_cache_bytes=1 << 24)
     for prompt in (first, second, first):
         want, want_lp = _alone(tiny, prompt, sampling, 8)
-        h = eng.submit(prompt, sampling, 8)
-        while not eng.finished(h):
-            eng.advance(4)
-        ids, lps, _ = eng.result(h)
-        assert ids == want
-        np.testing.assert_allclose(lps, want_lp, atol=1e-5)
-        eng.forget(h)
+        eng.forget(_expect(eng, eng.submit(prompt, sampling, 8), want, want_lp))
     assert (eng.prefixes.hits, eng.prefixes.misses) == (2, 1)  # 32 shared tokens, twice
     small = generate.PrefixCache(max_bytes=eng.prefixes.bytes)
     kv = next(iter(eng.prefixes.entries.values()))[0]
