@@ -233,7 +233,8 @@ def _decode_loop(params, state, limit, config, scan_unroll, shard, kv_len):
         pos = jnp.where(s.done, -1, s.next_pos)
         logits, cache = models.forward(config, params, s.last[:, None], pos[:, None],
                                        s.cache.replace(visible=kv_len), scan_unroll=scan_unroll)
-        tok, logp = sample(logits[:, 0], s.sampling, s.seen, s.length, s.stop_ids, s.tokens)
+        tok, logp = sample(logits[:, 0], s.sampling, s.seen, s.length, s.stop_ids, s.tokens,
+                           ~s.done)
         s = s.replace(cache=cache.replace(visible=None),
                       next_pos=s.next_pos + (~s.done).astype(jnp.int32))
         return _shard(shard, _record(s, tok, logp))

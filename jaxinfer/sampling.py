@@ -215,11 +215,13 @@ def first_argmax(x: jax.Array) -> jax.Array:
 
 
 def apply_output_rules(logits: jax.Array, s: SamplingArrays, counter: jax.Array,
-                       stop_ids: jax.Array, generated: jax.Array | None) -> jax.Array:
+                       stop_ids: jax.Array, generated: jax.Array | None,
+                       active: jax.Array | None = None) -> jax.Array:
     """The presence / frequency penalties and min_tokens (see Sampling) on logits [B, V]:
     counter [B] tokens generated so far, stop_ids [B, E] (-1 unused), generated [B, N] the
     generated tokens (the first `counter` of each row count; None: none yet). Skipped on the
-    device (lax.cond) when no row uses them."""
+    device (lax.cond) when no row uses them; active [B] bool (None: all): the rows whose
+    token is kept, so that a finished or free slot's old knobs do not keep them on."""
     b, v = logits.shape
     rows = jnp.arange(b)[:, None]
 
@@ -233,23 +235,24 @@ def apply_output_rules(logits: jax.Array, s: SamplingArrays, counter: jax.Array,
         early = (counter < s.min_tokens)[:, None] & (stop_ids >= 0)
         return x.at[rows, jnp.where(early, stop_ids, v)].set(-jnp.inf, mode="drop")
 
-    used = jnp.any((s.presence_penalty != 0) | (s.frequency_penalty != 0)
-                   | (counter < s.min_tokens))
+    used = (s.presence_penalty != 0) | (s.frequency_penalty != 0) | (counter < s.min_tokens)
+    used = jnp.any(used if active is None else used & active)
     return jax.lax.cond(used, rules, lambda x: x, logits)
 
 
 def sample(logits: jax.Array, s: SamplingArrays, seen: jax.Array, counter: jax.Array,
-           stop_ids: jax.Array, generated: jax.Array | None = None):
+           stop_ids: jax.Array, generated: jax.Array | None = None,
+           active: jax.Array | None = None):
     """Next tokens [B] and their log-probabilities [B] under the raw model distribution.
 
     logits [B, V] float32; seen bool [B, V] (tokens for the repetition penalty); counter [B]:
     the index of the token each row is drawing within its request, folded into the row's
     seed, so a request's draws depend on its seed alone (not on its slot, on what else runs or
-    on when it started); stop_ids, generated: see `apply_output_rules`.
+    on when it started); stop_ids, generated, active: see `apply_output_rules`.
     """
     lse = jax.nn.logsumexp(logits, axis=-1)
     raw = logits
-    logits = apply_output_rules(logits, s, counter, stop_ids, generated)
+    logits = apply_output_rules(logits, s, counter, stop_ids, generated, active)
     logits = apply_repetition_penalty(logits, seen, s.repetition_penalty)
     greedy_tok = first_argmax(logits)
 

@@ -630,6 +630,10 @@ def test_output_rules_match_their_definition():
             want[i, stop_ids[i][stop_ids[i] >= 0]] = -np.inf
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert np.array_equal(got[3], logits[3])
+    # only finished or free rows hold the knobs: nothing runs (their tokens are not kept)
+    idle = apply_output_rules(jnp.asarray(logits), s, jnp.asarray(counter), jnp.asarray(stop_ids),
+                              jnp.asarray(generated), jnp.asarray([False, False, False, True]))
+    assert np.array_equal(np.asarray(idle), logits)
 
 
 def test_min_tokens_and_penalties_in_the_engine(tiny):

@@ -183,9 +183,8 @@ class Placement:
         device under pmap."""
         if self.pmap:
             return pmap_path.admit(self.devices, params, state, slots, *group, **static)
-        rep = NamedSharding(self.mesh, PartitionSpec())
-        group = jax.tree.map(lambda a: place(np.asarray(a), rep), (slots, *group))
-        return engine.admit(params, state, *group, shard=self.hook, **static)
+        return engine.admit(params, state, *self._replicated(slots, *group), shard=self.hook,
+                            **static)
 
     def decode(self, params, state, limit, **static):
         """engine.decode on the placed state (or pmapped)."""
@@ -201,14 +200,12 @@ class Placement:
 
     def save_prefix(self, state, slot: int, length: int):
         """engine.save_prefix on the placed state (the KV stays sharded as the state is)."""
-        rep = NamedSharding(self.mesh, PartitionSpec())
-        return engine.save_prefix(state, place(np.int32(slot), rep), length=length)
+        (slot,) = self._replicated(np.int32(slot))
+        return engine.save_prefix(state, slot, length=length)
 
     def load_prefix(self, state, slot: int, kv, used: int, seen: np.ndarray):
         """engine.load_prefix with the small host inputs replicated."""
-        rep = NamedSharding(self.mesh, PartitionSpec())
-        slot, used, seen = (place(np.asarray(a), rep) for a in (np.int32(slot), np.int32(used),
-                                                                 seen))
+        slot, used, seen = self._replicated(np.int32(slot), np.int32(used), seen)
         return engine.load_prefix(state, slot, kv, used, seen, shard=self.hook)
 
     def release(self, state, slots):
@@ -217,8 +214,13 @@ class Placement:
             done = np.array(state.done)
             done[slots] = True
             return state.replace(done=done)
-        slots = place(np.asarray(slots, np.int32), NamedSharding(self.mesh, PartitionSpec()))
+        (slots,) = self._replicated(np.asarray(slots, np.int32))
         return engine.release(state, slots, shard=self.hook)
+
+    def _replicated(self, *host) -> tuple:
+        """Small host inputs (arrays, or pytrees of them) replicated over the mesh."""
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        return jax.tree.map(lambda a: place(np.asarray(a), rep), host)
 
 
 def place_model(model: Model, mesh: tuple[int, int] | None = None, *, pmap: bool = False,
