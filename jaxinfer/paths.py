@@ -7,7 +7,7 @@ list is a leaf: arrays, and weight objects (quantized, sparse, native) with thei
 A path joins the keys with "/" and tuple indices as decimals:
   "embed", "final_norm", "layers/attn/q" (stacked), "layers/3/attn/q" (layer 3, per-layer).
 
-What a leaf is comes from the logical axes the models declare for it (`models.weight_axes`), not
+What a leaf is comes from the logical axes the models declare for it (`models.declared_axes`), not
 from its name: lookup tables are the matrices whose rows are gathered (first axis "vocab" or
 "positions"), vocabulary matrices are those with a "vocab" axis (embeddings, LM heads), and a
 leaf with an "experts" axis before its last two is a stack of matrices, one per expert.
@@ -115,10 +115,11 @@ def is_stacked(path: str) -> bool:
     return path.split("/", 1)[0] == "layers" and split_layer(path)[0] is None
 
 
-def axes(path: str) -> tuple[str, ...] | None:
+def axes(path: str, config=None) -> tuple[str, ...] | None:
     """The logical axes the models declare for the weight at `path`, one per dimension of a
-    single layer's leaf (no "layers" axis); None for a path no model declares."""
-    return models.weight_axes().get(split_layer(path)[1])
+    single layer's leaf (no "layers" axis); None for a path no model declares. config: the
+    model's config, when known (cheaper, see `models.declared_axes`)."""
+    return models.declared_axes(split_layer(path)[1], config)
 
 
 def matrix_lead(path: str) -> int:
@@ -128,9 +129,10 @@ def matrix_lead(path: str) -> int:
     return int(is_stacked(path)) + sum(a == "experts" for a in ax[:-2])
 
 
-def is_lookup_table(path: str) -> bool:
-    """A [rows, dim] table whose rows are gathered: token and position embeddings."""
-    ax = axes(path)
+def is_lookup_table(path: str, config=None) -> bool:
+    """A [rows, dim] table whose rows are gathered: token and position embeddings. config:
+    as `axes` takes it."""
+    ax = axes(path, config)
     return bool(ax) and len(ax) == 2 and ax[0] in ("vocab", "positions")
 
 

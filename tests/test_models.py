@@ -182,3 +182,13 @@ def test_input_sites_name_projections_of_every_family():
     assert models.input_sites(CONFIGS["gpt2"])["attn_in"] == ("attn/qkv",)
     with pytest.raises(TypeError, match="unknown model config"):
         models.input_sites(object())
+
+
+def test_declared_axes_agree_across_families():
+    """Every family declares a shared weight path with the same axes (weight_axes checks it),
+    and the lazy per-path lookup gives what the whole table gives."""
+    table = models.weight_axes()
+    assert table["embed"] == ("vocab", "embed") and table["layers/attn/q"][-1] == "heads"
+    for path, ax in table.items():
+        assert models.declared_axes(path) == ax
+    assert models.declared_axes("layers/no_such_weight") is None

@@ -313,6 +313,33 @@ def test_packed_layout_cached_beside_the_weights(tmp_path, cache, monkeypatch, c
     assert layout_entries(cache) == [entry] and entry.read_bytes() != bytes(data)
 
 
+@pytest.mark.skipif(kernels.isa() is None, reason="the native kernels do not run here")
+def test_native_layout_cached_for_packed_weights(smollm2_gguf_path, cache, monkeypatch, capsys):
+    """--quant native: the quantized panels of SmolLM2's Q4_1 / Q8_0 weights are kept in the
+    cache too, so a warm start repacks none of them; a damaged entry is rebuilt, never used."""
+    def packed():
+        model = jaxinfer.load(smollm2_gguf_path, keep_packed=True, progress=False)
+        run = generate.run_params(model)
+        assert isinstance(run["layers"]["mlp"]["down"], kernels.NativeQuant)
+        assert isinstance(run["embed"], kernels.NativeQuantEmbedding)
+        return {p: np.asarray(x).tobytes() for p, x in kernels.packed_leaves(run).items()}
+
+    first = packed()
+    (entry,) = layout_entries(cache)
+    assert ".packed." in entry.name and any(p.endswith(".mins") for p in first)
+    with monkeypatch.context() as m:  # a warm start packs nothing
+        fail = lambda *a, **k: pytest.fail("repacked instead of read from the cache")  # noqa: E731
+        m.setattr(kernels.NativeQuant, "host_children", staticmethod(fail))
+        assert packed() == first
+    data = bytearray(entry.read_bytes())
+    data[-7] ^= 0x10
+    entry.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert packed() == first  # the damaged bytes were not used
+    assert "fails its checksum; rebuilding it" in capsys.readouterr().err
+    assert layout_entries(cache) == [entry] and entry.read_bytes() != bytes(data)
+
+
 # ----------------------------------------------------------------------------- compilation cache
 
 COMPILING = re.compile(r"Compiling (\S+?) with global shapes")  # JAX_LOG_COMPILES=1 lines

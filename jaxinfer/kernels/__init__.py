@@ -798,9 +798,9 @@ def native_params(params, tied_key: str | None, prefix: str = "", cached=None):
     unchanged. Returns params itself when no kernel runs here. prefix: the path of `params`
     within the whole tree (e.g. "layers/3" for one layer's tree).
 
-    cached: optional {path: panels} of float32 weights packed earlier (numpy, e.g. memory maps
-    of the converted cache, see `packed_leaves`); a leaf's panels are taken from it when their
-    shape and dtype are what `pack` would give, and packed here otherwise.
+    cached: optional {name: panels} of weights packed earlier (numpy, e.g. memory maps of the
+    converted cache, see `packed_leaves`); a leaf's panels are taken from it when their shape
+    and dtype are what packing would give, and packed here otherwise.
     """
     chosen = _active()
     if chosen is None:
@@ -816,7 +816,7 @@ def native_params(params, tied_key: str | None, prefix: str = "", cached=None):
 
     def wrap(path: str, leaf):
         if hasattr(leaf, "kernel_rows"):
-            return _native_quantized(path, leaf, tied_key, chosen)
+            return _native_quantized(path, leaf, tied_key, chosen, cached)
         if not isinstance(leaf, jax.Array) or leaf.dtype != jnp.float32:
             return leaf
         lead = _stack_axes(path, leaf.ndim)
@@ -846,14 +846,18 @@ def _stack_axes(path: str, ndim: int) -> int | None:
     return ndim - 2 if ndim > 2 + plain and paths.matrix_lead(path) == ndim - 2 else None
 
 
-def _native_quantized(path: str, leaf, tied_key: str | None, isa: str):
+def _native_quantized(path: str, leaf, tied_key: str | None, isa: str, cached: dict):
     """A quantized leaf's native form: NativeQuant for a projection (a stack for stacked
     layers or experts), NativeQuantEmbedding for the tied embedding; the leaf itself where the
-    kernels do not take it (a lookup table, a scheme without `kernel_rows`)."""
+    kernels do not take it (a lookup table, a scheme without `kernel_rows`). cached: as
+    `native_params` takes it; the children are taken from it when they fit the leaf."""
     lead = _stack_axes(path, len(leaf.shape))
     if lead:
         if leaf.layout != "in_out":
             return leaf
+        known = _cached_quant(cached, path, leaf.shape, isa)
+        if known is not None:
+            return known
         entries = _StackRows(leaf, lead)
         first = entries[0]
         if first is None or not NativeQuant.takes(first):
@@ -862,11 +866,36 @@ def _native_quantized(path: str, leaf, tied_key: str | None, isa: str):
     tied = path == tied_key and leaf.layout == "out_in"
     if not tied and (paths.is_lookup_table(path) or leaf.layout != "in_out"):
         return leaf
-    rows = leaf.kernel_rows()
-    if rows is None or not NativeQuant.takes(rows):
-        return leaf
-    head = NativeQuant.from_rows(rows, isa)
+    shape = tuple(leaf.shape)[::-1] if tied else tuple(leaf.shape)  # W [K, n]
+    head = _cached_quant(cached, path, shape, isa)
+    if head is None:
+        rows = leaf.kernel_rows()
+        if rows is None or not NativeQuant.takes(rows):
+            return leaf
+        head = NativeQuant.from_rows(rows, isa)
     return NativeQuantEmbedding(head=head, dtype=leaf.dtype) if tied else head
+
+
+def _cached_quant(cached: dict, path: str, shape: tuple, isa: str) -> NativeQuant | None:
+    """The NativeQuant of W `shape` [*S, K, n] from `cached` (see `packed_leaves`: children
+    under path + ".q" / ".scales" / ".mins"), or None when they are missing or do not fit."""
+    q, scales, mins = (cached.get(f"{path}.{c}") for c in ("q", "scales", "mins"))
+    if q is None or scales is None:
+        return None
+    *stack, k, n = shape
+    lead = (*stack, -(-n // STRIP))
+    eight = q.dtype == np.int8
+    want_q = (*lead, k, STRIP) if eight else (*lead, k // 8, STRIP, 4)
+    fits = (tuple(q.shape) == want_q and (eight or q.dtype == np.uint8)
+            and tuple(scales.shape[:len(lead)]) == lead and scales.ndim == len(lead) + 2
+            and scales.shape[-1] == STRIP and k % scales.shape[-2] == 0
+            and (mins is None) == eight
+            and (mins is None or (mins.shape == scales.shape and mins.dtype == np.float16)))
+    if not fits:
+        return None
+    put = jax.device_put  # aligned host memory: aliased, not copied
+    return NativeQuant(q=put(q), scales=put(scales), mins=None if mins is None else put(mins),
+                       n=int(n), isa=isa)
 
 
 class _StackRows:
@@ -887,7 +916,16 @@ class _StackRows:
 
 
 def packed_leaves(params) -> dict[str, jax.Array]:
-    """{path: panels} of every packed leaf of params (what `native_params(..., cached=)`
-    takes back)."""
-    return {path: leaf.panels for path, leaf in paths.iter_leaves(params)
-            if isinstance(leaf, NativeWeight | NativeEmbedding)}
+    """{name: array} of every packed leaf of params (what `native_params(..., cached=)`
+    takes back): a float32 leaf's panels under its path, a quantized one's children under
+    path + ".q" / ".scales" / ".mins"."""
+    out = {}
+    for path, leaf in paths.iter_leaves(params):
+        if isinstance(leaf, NativeWeight | NativeEmbedding):
+            out[path] = leaf.panels
+        leaf = leaf.head if isinstance(leaf, NativeQuantEmbedding) else leaf
+        if isinstance(leaf, NativeQuant):
+            for name in ("q", "scales", "mins"):
+                if getattr(leaf, name) is not None:
+                    out[f"{path}.{name}"] = getattr(leaf, name)
+    return out

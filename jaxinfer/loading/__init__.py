@@ -165,6 +165,8 @@ def _load_gguf(path: Path, dtype, progress: bool, keep_packed: bool) -> Model:
     model = Model(config=config, params=params, tokenizer=tokenizer, source=str(path),
                   eos_token_ids=eos,
                   sampling_defaults=checkpoint_defaults(src.file.metadata, GGUF_KEYS))
+    if keep_packed and key:  # their run layout is kept in the cache (generate.run_params)
+        model.converted = (params, convert_cache.packed_path(path, key))
     if pending:
         model.converted = (params, pending.entry)
         # the run layouts kept beside it (jaxinfer.generate.run_params) are checked in the

@@ -66,6 +66,12 @@ def weights_path(path: Path, key: str, dtype) -> Path:
     return directory() / _weights_name(path, np.dtype(dtype).name, key)
 
 
+def packed_path(path: Path, key: str) -> Path:
+    """The name a `load(..., keep_packed=True)` of the source file `path` goes by here: never
+    written itself, it names the run layouts of those packed weights (`layout_path`)."""
+    return directory() / _weights_name(path, "packed", key)
+
+
 def _weights_name(path: Path, dtype_name: str, key: str) -> str:
     return f"{path.stem}.{dtype_name}.{key}.safetensors"
 

@@ -52,7 +52,7 @@ def packed_leaf(config, src: GGUFSource, dtype) -> Callable:
                  else [gguf_name(family, path)])
         leaf = None
         if spec.ndim == (3 if stacked else 2) and None not in names:
-            layout = OUT_IN if paths.is_lookup_table(path) else IN_OUT
+            layout = OUT_IN if paths.is_lookup_table(path, config) else IN_OUT
             leaf = _packed(src.file, names, layout, heads.get(path), dtype_name)
         return float_leaf(path, spec) if leaf is None else leaf
 
