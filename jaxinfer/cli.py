@@ -42,10 +42,17 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _quant_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--quant", choices=["int8", "int4", "w8a8", "native"], default=None,
-                   required=required,
-                   help="quantize the weights on load (native: keep a GGUF's Q8_0/Q4_0/Q4_1 "
-                        "blocks packed)")
+    if required:
+        p.add_argument("--quant", choices=["int8", "int4", "w8a8", "native"], required=True,
+                       help="quantization scheme")
+    else:
+        p.add_argument("--quant", choices=["auto", "none", "int8", "int4", "w8a8", "native"],
+                       default="auto",
+                       help="weights: auto (default: native for a GGUF file with Q8_0/Q4_0/"
+                            "Q4_1 tensors where the native CPU kernels run and no placement "
+                            "is asked for, else none), none (as stored, in --dtype), "
+                            "int8/int4/w8a8 (quantize on load), native (keep a GGUF's Q8_0/"
+                            "Q4_0/Q4_1 blocks packed)")
     p.add_argument("--group-size", type=int, default=None,
                    help="int4 group size (default: largest of 128/64/32 dividing every input dim)")
     p.add_argument("--asymmetric", action="store_true", help="int4 with a per-group minimum")
@@ -246,15 +253,19 @@ def _load(args, placement=None, calibration: dict | None = None):
 
     t = time.perf_counter()
     quant = getattr(args, "quant", None)
+    keep_packed = quant == "native" or (quant == "auto" and _native_runs(placement))
     with profile.phase("load"):
-        model = jaxinfer.load(args.model, dtype=args.dtype, keep_packed=quant == "native")
-    if quant not in (None, "native"):
+        model = jaxinfer.load(args.model, dtype=args.dtype,
+                              keep_packed="auto" if quant == "auto" and keep_packed
+                              else keep_packed)
+    if quant not in (None, "auto", "none", "native"):
         from jaxinfer.quant.recipes import quantize_model
 
         with profile.phase("quantize"):
             model = quantize_model(model, quant, group_size=args.group_size,
                                    symmetric=not args.asymmetric, embed=args.quant_embed,
                                    **(calibration or {}))
+    args.weights = _weights(model)
     if placement is not None:
         with profile.phase("placement"):
             model = placement.apply(model)
@@ -265,6 +276,32 @@ def _load(args, placement=None, calibration: dict | None = None):
             model = prepare(model)
             trim_heap()  # the load's copies of the weights are free now
     return model, time.perf_counter() - t
+
+
+def _native_runs(placement) -> bool:
+    """Whether `--quant auto` may keep a GGUF's blocks packed: the native CPU kernels run
+    here (packed weights are slower than float32 on XLA alone) and the model stays on one
+    device (no placement)."""
+    import jax
+
+    from jaxinfer import kernels
+
+    one = placement.one_cpu_device if placement is not None else jax.default_backend() == "cpu"
+    return one and kernels.available()
+
+
+def _weights(model) -> str:
+    """What a loaded (and quantized) model's weights are, for status lines and --json:
+    "native Q4_1/Q8_0" for a GGUF's blocks kept packed, the quantization schemes of other
+    quantized leaves (e.g. "int8"), and the float dtype of the rest (e.g. "float32")."""
+    from jaxinfer import paths
+
+    leaves = [x for _, x in paths.iter_leaves(model.params)]
+    kinds = sorted({x.kind for x in leaves if hasattr(x, "kind")})
+    schemes = sorted({x.scheme_dict()["name"] for x in leaves
+                      if hasattr(x, "scheme_dict") and not hasattr(x, "kind")})
+    floats = sorted({str(x.dtype) for x in leaves if not hasattr(x, "scheme_dict")})
+    return ", ".join((["native " + "/".join(kinds)] if kinds else []) + schemes + floats)
 
 
 def _given_sampling(args) -> dict:
@@ -306,7 +343,8 @@ def cmd_generate(args) -> int:
     _check_sampling(args)
     placement = setup_parallel(args)
     model, load_s = _load(args, placement)
-    _status(f"loaded {args.model} in {load_s:.1f}s; compiling and generating ...")
+    _status(f"loaded {args.model} ({args.weights}) in {load_s:.1f}s; compiling and "
+            "generating ...")
     results = []
     t0 = time.perf_counter()
     first = None
@@ -328,7 +366,8 @@ def cmd_generate(args) -> int:
     if args.json:
         out = {"outputs": [{"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
                             "finish_reason": r.finish_reason} for r in results],
-               "timings": timings, "placement": placement.info(), **_sampling_json(args, model)}
+               "timings": timings, "placement": placement.info(), "weights": args.weights,
+               **_sampling_json(args, model)}
         print(json.dumps(out, ensure_ascii=False))
     elif live:
         print()
@@ -362,7 +401,7 @@ def cmd_chat(args) -> int:
     model, load_s = _load(args)
     conversation = chat.Conversation(model, _gen_kwargs(args, model), system=args.system,
                                      notice=_status)
-    _status(f"loaded {args.model} in {load_s:.1f}s; sampling: "
+    _status(f"loaded {args.model} ({args.weights}) in {load_s:.1f}s; sampling: "
             f"{_describe_sampling(_sampling(args, model))}.\n{chat.HELP}")
     if sys.stdin.isatty():
         try:
@@ -384,6 +423,7 @@ def cmd_bench(args) -> int:
                     new_tokens=args.new_tokens, kv_cache=args.kv_cache)
     res["load_s"] = round(load_s, 3)
     res["model"] = args.model
+    res["weights"] = args.weights
     res["placement"] = placement.info()
     from jaxinfer import kernels
 
@@ -419,7 +459,8 @@ def cmd_eval(args) -> int:
     if not placement.prints:
         return 0
     if args.json:
-        print(json.dumps({"perplexity": res["perplexity"], "tokens": res["tokens"]}))
+        print(json.dumps({"perplexity": res["perplexity"], "tokens": res["tokens"],
+                          "weights": args.weights}))
     else:
         print(f"perplexity {res['perplexity']:.4f} over {res['tokens']} tokens")
     return 0
@@ -498,7 +539,7 @@ def cmd_serve(args) -> int:
     if args.max_len > model.config.max_seq_len:
         raise InputError(f"--max-len {args.max_len} exceeds the model's context of "
                          f"{model.config.max_seq_len}")
-    _status(f"loaded {args.model} in {load_s:.1f}s; default sampling: "
+    _status(f"loaded {args.model} ({args.weights}) in {load_s:.1f}s; default sampling: "
             f"{_describe_sampling(resolve(model.sampling_defaults))}")
     app = create_app(model, model_name=args.served_model_name or args.model, slots=args.slots,
                      max_len=args.max_len, max_queue=args.max_queue, api_key=args.api_key,

@@ -29,6 +29,9 @@ def test_generate_json_batch(capsys, smollm2_gguf_path):
         assert o["finish_reason"] in ("stop", "length")
         assert isinstance(o["text"], str)
     assert data["timings"]["generated_tokens"] == sum(len(o["token_ids"]) for o in data["outputs"])
+    from jaxinfer import kernels
+
+    assert data["weights"] == ("native Q4_1/Q8_0, float32" if kernels.available() else "float32")
 
 
 def test_bench_json_keys(capsys, smollm2_gguf_path):
@@ -39,8 +42,14 @@ def test_bench_json_keys(capsys, smollm2_gguf_path):
     for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "compile_s",
                 "peak_rss_mb", "weight_bytes"):
         assert key in data
-    assert data["weight_bytes"] > 500_000_000 and data["decode_tokens_per_s"] > 0
     from jaxinfer import kernels
+
+    assert data["decode_tokens_per_s"] > 0
+    if kernels.available():  # --quant auto: the file's Q4_1 / Q8_0 blocks, kept packed
+        assert data["weights"] == "native Q4_1/Q8_0, float32"
+        assert 90_000_000 < data["weight_bytes"] < 110_000_000
+    else:
+        assert data["weights"] == "float32" and data["weight_bytes"] > 500_000_000
 
     assert data["cpu_isa"] == kernels.isa() and data["cpu_kernels"] == kernels.describe()
 
@@ -106,12 +115,20 @@ def test_eval_json(capsys, smollm2_gguf_path, tmp_path):
 
     text = tmp_path / "t.txt"
     text.write_text(english_text()[:3000])
-    code, out, _ = run_cli(capsys, "eval", "--model", str(smollm2_gguf_path), *BASE,
-                           "--text-file", str(text), "--context", "128", "--stride", "64",
-                           "--max-tokens", "300", "--json")
-    assert code == 0
-    data = json.loads(out)
-    assert data["tokens"] == 299 and 2 < data["perplexity"] < 100
+    from jaxinfer import kernels
+
+    runs = {}
+    for quant in ("auto", "none"):
+        code, out, _ = run_cli(capsys, "eval", "--model", str(smollm2_gguf_path), *BASE,
+                               "--text-file", str(text), "--context", "128", "--stride", "64",
+                               "--max-tokens", "300", "--json", "--quant", quant)
+        assert code == 0
+        runs[quant] = data = json.loads(out)
+        assert data["tokens"] == 299 and 2 < data["perplexity"] < 100
+    assert runs["none"]["weights"] == "float32"
+    if kernels.available():  # the packed blocks with activations quantized per block of 32
+        assert runs["auto"]["weights"] == "native Q4_1/Q8_0, float32"
+        assert abs(runs["auto"]["perplexity"] / runs["none"]["perplexity"] - 1) < 0.01
 
 
 def test_eval_bad_inputs(capsys, tmp_path):

@@ -76,18 +76,23 @@ def _kind(path: Path) -> str:
 
 
 def load(source: str | Path, dtype=None, progress: bool = True, *,
-         keep_packed: bool = False) -> Model:
+         keep_packed: bool | str = False) -> Model:
     """Load a model from a checkpoint directory, a .gguf file or a built-in name.
 
     dtype: parameter dtype (None = float32 on CPU, bfloat16 on GPU/TPU). keep_packed: keep a
     GGUF file's Q8_0/Q4_0/Q4_1 tensors packed (`GGUFBlockWeight` leaves; InputError for other
-    sources, or a file without such tensors). Raises CheckpointError / ConfigError /
+    sources, or a file without such tensors); "auto": keep them packed when the source is a
+    GGUF file that has any, else load as with False. Raises CheckpointError / ConfigError /
     FetchError with one clear message on bad input.
     """
+    if keep_packed not in (False, True, "auto"):
+        raise InputError(f"keep_packed must be True, False or 'auto', got {keep_packed!r}")
     path = resolve_source(source)
     dtype = resolve_dtype(dtype)
     kind = _kind(path)
-    if keep_packed and kind != "gguf":
+    if keep_packed == "auto" and kind != "gguf":
+        keep_packed = False
+    if keep_packed is True and kind != "gguf":
         raise InputError(f"{path}: keeping blocks packed (--quant native) needs a .gguf file "
                          "with Q8_0/Q4_0/Q4_1 tensors")
     if kind == "saved":
@@ -144,6 +149,10 @@ def _load_gguf(path: Path, dtype, progress: bool, keep_packed: bool) -> Model:
         config = config_from_hf(src.hf_config, str(path))
         key = (convert_cache.source_key(path, src.file.header_bytes())
                if convert_cache.enabled() else None)
+    if keep_packed == "auto":
+        from jaxinfer.quant.gguf_blocks import KINDS
+
+        keep_packed = any(src.file.tensor_type(n) in KINDS for n in src.file.tensor_names())
     # checksummed in the background while the tokenizer is built
     pending = (convert_cache.PendingParams(convert_cache.weights_path(path, key, dtype))
                if key and not keep_packed else None)

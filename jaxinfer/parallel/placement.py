@@ -99,7 +99,7 @@ class Placement:
             self.mesh = Mesh(np.array(self.devices, dtype=object).reshape(data, 1), (DATA, MODEL))
             return self
         shape = self.requested
-        if shape is None and jax.devices()[0].platform == "cpu" and jax.process_count() == 1:
+        if self.one_cpu_device:
             # virtual CPU devices share one host's cores and memory: sharding cannot help
             shape = (1, 1)
             if jax.device_count() > 1:
@@ -110,6 +110,13 @@ class Placement:
         self.mesh = make_mesh(*shape)
         self.devices = tuple(self.mesh.devices.flat)
         return self
+
+    @property
+    def one_cpu_device(self) -> bool:
+        """Whether `resolve` gives one CPU device for any model: no mesh or pmap asked for,
+        one process, a CPU backend (virtual CPU devices share the host's cores)."""
+        return (self.requested is None and not self.pmap and jax.process_count() == 1
+                and jax.devices()[0].platform == "cpu")
 
     @property
     def shape(self) -> dict[str, int]:
