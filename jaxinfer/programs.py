@@ -24,10 +24,12 @@ Python API traces as usual.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import jax
@@ -134,12 +136,19 @@ def _runner(name: str, exported, isas, donate: tuple[int, ...]):
     for isa in isas:  # the program calls these kernels: register them before compiling
         if not kernels.register(isa):
             return None
+    lapack = b"lapack" in bytes(exported.mlir_module_serialized)
 
     def run(*leaves):
         return exported.call(*leaves)
 
     run.__name__ = run.__qualname__ = f"exported_{name}"
-    return jax.jit(run, donate_argnums=donate)
+    jitted = jax.jit(run, donate_argnums=donate)
+
+    def call(*leaves):  # lowered (on the first call) while this context is on
+        with _lowering_without_lapack(not lapack):
+            return jitted(*leaves)
+
+    return call
 
 
 def call(fn, args: tuple, static: dict, *, donate: int | None = None, out_like: int = 0):
@@ -180,3 +189,37 @@ def _prepare(fn, args, static, leaves, in_tree, avals, donate, out_like):
             return None
         entry = exported, _write(path, exported)
     return _runner(getattr(fn, "__name__", "program"), *entry, donated)
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def _lowering_without_lapack(on: bool):
+    """While `on`, lowering an `Exported.call` in this thread does not initialize the CPU
+    LAPACK handlers: jax does that for every exported program it lowers for the CPU, and it
+    imports scipy.linalg (0.2-0.4 s of a 3 s warm start here). Only for programs whose module
+    calls no LAPACK target (see `_runner`); other threads and callers are left as they are."""
+    _patch_lapack_init()
+    before, _local.skip = getattr(_local, "skip", False), on
+    try:
+        yield
+    finally:
+        _local.skip = before
+
+
+def _patch_lapack_init() -> None:
+    """Route jax.export's backend initialization through `_local.skip` (once; nothing where
+    this jax has no such hook)."""
+    from jax._src.export import _export
+
+    original = getattr(_export, "_ensure_backends_initialized", None)
+    if original is None or getattr(original, "_jaxinfer", False):
+        return
+
+    def ensure(platforms):
+        if not getattr(_local, "skip", False):
+            original(platforms)
+
+    ensure._jaxinfer = True
+    _export._ensure_backends_initialized = ensure
