@@ -364,8 +364,9 @@ def test_second_generate_hits_the_compile_cache_for_every_program(tmp_path):
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "kernels").symlink_to(cache_dir() / "kernels")
     env = {**os.environ, "JAX_LOG_COMPILES": "1", "JAXINFER_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "jaxinfer", "generate", "--model", str(path), "--prompt", "t0",
-           "--max-new-tokens", "3", "--compile-cache", str(tmp_path / "xla"), "--profile"]
+    cmd = [sys.executable, "-X", "importtime", "-m", "jaxinfer", "generate", "--model",
+           str(path), "--prompt", "t0", "--max-new-tokens", "3", "--compile-cache",
+           str(tmp_path / "xla"), "--profile"]
     runs = [subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
             for _ in range(2)]
     for r in runs:
@@ -384,3 +385,7 @@ def test_second_generate_hits_the_compile_cache_for_every_program(tmp_path):
     profile_hits = re.search(r"jax: persistent cache hits\s+\S+\s+(\d+)", runs[1].stderr)
     assert profile_hits and int(profile_hits.group(1)) == sum(compiled.values())
     assert "persistent cache misses" not in runs[1].stderr
+    # running the serialized programs does not set up jax's CPU LAPACK (an import of
+    # scipy.linalg): no program of the engine calls it (jaxinfer.programs)
+    assert re.search(r"\|\s+jax\b", runs[1].stderr)  # -X importtime lists every import
+    assert not re.search(r"\|\s+scipy\.linalg$", runs[1].stderr, re.M)
