@@ -315,29 +315,43 @@ def test_packed_layout_cached_beside_the_weights(tmp_path, cache, monkeypatch, c
 
 @pytest.mark.skipif(kernels.isa() is None, reason="the native kernels do not run here")
 def test_native_layout_cached_for_packed_weights(smollm2_gguf_path, cache, monkeypatch, capsys):
-    """--quant native: the quantized panels of SmolLM2's Q4_1 / Q8_0 weights are kept in the
-    cache too, so a warm start repacks none of them; a damaged entry is rebuilt, never used."""
+    """--quant native: the blocks of SmolLM2's Q4_1 / Q8_0 weights (split into their
+    children) and their kernel panels are kept in the cache, so a warm start neither splits
+    nor repacks any of them; a damaged entry of either kind is rebuilt, never used."""
+    from jaxinfer.quant.gguf_blocks import GGUFBlockWeight
+
     def packed():
         model = jaxinfer.load(smollm2_gguf_path, keep_packed=True, progress=False)
+        blocks = {p: np.asarray(x).tobytes() for p, x in paths.iter_leaves(model.params)
+                  if not isinstance(x, GGUFBlockWeight)}
+        blocks.update({f"{p}.{c}": np.asarray(getattr(x, c)).tobytes()
+                       for p, x in paths.iter_leaves(model.params)
+                       if isinstance(x, GGUFBlockWeight) for c in ("qs", "d", "m")
+                       if getattr(x, c) is not None})
         run = generate.run_params(model)
         assert isinstance(run["layers"]["mlp"]["down"], kernels.NativeQuant)
         assert isinstance(run["embed"], kernels.NativeQuantEmbedding)
-        return {p: np.asarray(x).tobytes() for p, x in kernels.packed_leaves(run).items()}
+        return blocks, {p: np.asarray(x).tobytes() for p, x in kernels.packed_leaves(run).items()}
 
     first = packed()
-    (entry,) = layout_entries(cache)
-    assert ".packed." in entry.name and any(p.endswith(".mins") for p in first)
-    with monkeypatch.context() as m:  # a warm start packs nothing
-        fail = lambda *a, **k: pytest.fail("repacked instead of read from the cache")  # noqa: E731
+    (layout,) = layout_entries(cache)
+    (blocks,) = [e for e in entries(cache, "*.packed.*.safetensors") if e != layout]
+    assert ".packed." in layout.name and any(p.endswith(".mins") for p in first[1])
+    with monkeypatch.context() as m:  # a warm start splits and packs nothing
+        fail = lambda *a, **k: pytest.fail("converted instead of read from the cache")  # noqa: E731
         m.setattr(kernels.NativeQuant, "host_children", staticmethod(fail))
+        m.setattr(GGUFBlockWeight, "from_raw", classmethod(fail))
         assert packed() == first
-    data = bytearray(entry.read_bytes())
-    data[-7] ^= 0x10
-    entry.write_bytes(bytes(data))
-    capsys.readouterr()
-    assert packed() == first  # the damaged bytes were not used
-    assert "fails its checksum; rebuilding it" in capsys.readouterr().err
-    assert layout_entries(cache) == [entry] and entry.read_bytes() != bytes(data)
+    for entry in (blocks, layout):
+        data = bytearray(entry.read_bytes())
+        data[-7] ^= 0x10
+        entry.write_bytes(bytes(data))
+        capsys.readouterr()
+        assert packed() == first  # the damaged bytes were not used
+        assert "fails its checksum; rebuilding it" in capsys.readouterr().err
+        convert_cache.wait_for_writes()  # rewritten in the background
+        assert entry.read_bytes() != bytes(data)
+    assert layout_entries(cache) == [layout]
 
 
 # ----------------------------------------------------------------------------- compilation cache

@@ -154,28 +154,19 @@ def _load_gguf(path: Path, dtype, progress: bool, keep_packed: bool) -> Model:
 
         keep_packed = any(src.file.tensor_type(n) in KINDS for n in src.file.tensor_names())
     # checksummed in the background while the tokenizer is built
-    pending = (convert_cache.PendingParams(convert_cache.weights_path(path, key, dtype))
-               if key and not keep_packed else None)
+    entry = None if not key else (convert_cache.packed_path(path, key) if keep_packed
+                                  else convert_cache.weights_path(path, key, dtype))
+    pending = convert_cache.PendingParams(entry) if entry else None
     with profile.phase("tokenizer"):
         tokenizer = _gguf_tokenizer(src, path, key)
     eos = eos_ids_from_hf(src.hf_config) or tuple(tokenizer.eos_token_ids)
     if keep_packed:
-        from jaxinfer.loading.gguf_packed import packed_leaf
-        from jaxinfer.quant.base import QuantizedWeight
-
-        with profile.phase("tensor conversion (packed)"):
-            params = build_params(config, packed_leaf(config, src, dtype), str(path),
-                                  progress=progress)
-        if not any(isinstance(x, QuantizedWeight) for _, x in paths.iter_leaves(params)):
-            raise InputError(f"{path}: --quant native: the file has no Q8_0/Q4_0/Q4_1 tensors "
-                             "to keep packed")
+        params = _gguf_packed_params(config, src, dtype, pending, progress)
     else:
         params = _gguf_float_params(config, src, dtype, pending, progress)
     model = Model(config=config, params=params, tokenizer=tokenizer, source=str(path),
                   eos_token_ids=eos,
                   sampling_defaults=checkpoint_defaults(src.file.metadata, GGUF_KEYS))
-    if keep_packed and key:  # their run layout is kept in the cache (generate.run_params)
-        model.converted = (params, convert_cache.packed_path(path, key))
     if pending:
         model.converted = (params, pending.entry)
         # the run layouts kept beside it (jaxinfer.generate.run_params) are checked in the
@@ -200,6 +191,30 @@ def _gguf_tokenizer(src, path: Path, key: str | None):
     if entry:
         convert_cache.write_tokenizer(entry, tokenizer.state())
     return tokenizer
+
+
+def _gguf_packed_params(config, src, dtype, pending, progress: bool):
+    """The params of a GGUF with its Q8_0/Q4_0/Q4_1 tensors kept packed: memory maps of the
+    converted cache's entry (`pending`, see `_gguf_float_params`) where it is whole, else
+    split from the file's blocks (`gguf_packed`) and then cached. InputError for a file
+    without such tensors."""
+    from jaxinfer.loading import gguf_packed
+    from jaxinfer.quant.base import QuantizedWeight
+
+    with profile.phase("converted cache: open + verify"):
+        kept = pending.result() if pending else None
+    with profile.phase("tensor conversion (packed)"):
+        params = build_params(config, gguf_packed.packed_leaf(config, src, dtype, kept),
+                              str(src.file.path), progress=progress)
+    if not any(isinstance(x, QuantizedWeight) for _, x in paths.iter_leaves(params)):
+        raise InputError(f"{src.file.path}: --quant native: the file has no Q8_0/Q4_0/Q4_1 "
+                         "tensors to keep packed")
+    made = gguf_packed.children(params)
+    signature = lambda arrays: {n: (tuple(a.shape), str(a.dtype)) for n, a in arrays}  # noqa: E731
+    if pending and (kept is None or signature((n, kept.get(n)) for n in kept.names())
+                    != signature(made.items())):
+        convert_cache.write_params(pending.entry, made, str(src.file.path))
+    return params
 
 
 def _gguf_float_params(config, src, dtype, pending, progress: bool):

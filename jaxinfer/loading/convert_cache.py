@@ -67,8 +67,9 @@ def weights_path(path: Path, key: str, dtype) -> Path:
 
 
 def packed_path(path: Path, key: str) -> Path:
-    """The name a `load(..., keep_packed=True)` of the source file `path` goes by here: never
-    written itself, it names the run layouts of those packed weights (`layout_path`)."""
+    """Where a `load(..., keep_packed=True)` of the source file `path` keeps its params (the
+    packed blocks' children and the float leaves, see `loading.gguf_packed.children`); their
+    run layouts go beside it (`layout_path`)."""
     return directory() / _weights_name(path, "packed", key)
 
 
