@@ -47,6 +47,10 @@ class DecodeState:
     cache: models.KVCache = flax.struct.field(metadata={"struct": True})  # axes of its own
     tokens: jax.Array = logical("batch", "sequence", host=True)  # [B, N] int32 generated ids
     logprobs: jax.Array = logical("batch", "sequence", host=True)  # [B, N] float32 of those ids
+    # [B, N, K] the K most likely ids at each step and their log-probs (rows whose request
+    # asks for top log-probs, see Sampling.top_logprobs; K = 0 when the engine keeps none)
+    top_ids: jax.Array = logical("batch", "sequence", None, host=True)  # int32
+    top_logprobs: jax.Array = logical("batch", "sequence", None, host=True)  # float32
     last: jax.Array = logical("batch", host=True)  # [B] int32 last token, fed at the next step
     next_pos: jax.Array = logical("batch")  # [B] int32 position of `last`
     seen: jax.Array = logical("batch", "vocab")  # [B, V] bool seen (for the repetition penalty)
@@ -65,13 +69,14 @@ KV_CACHES = {"float": None, "float16": jnp.float16, "int8": jnp.int8}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "slots", "cache_len", "buf_len",
-                                             "kv_cache", "shard"))
+                                             "kv_cache", "shard", "top_logprobs"))
 def init_state(params, *, config, slots: int, cache_len: int, buf_len: int,
-               kv_cache: str = "float", shard=None) -> DecodeState:
+               kv_cache: str = "float", shard=None, top_logprobs: int = 0) -> DecodeState:
     """`slots` free slots over a KV cache of `cache_len` tokens each, token buffers of
     `buf_len`. kv_cache: a key of KV_CACHES. shard (static, optional): a
     hashable callable applied to the state (sharding constraints; see
-    jaxinfer.parallel.sharding.StateSharding)."""
+    jaxinfer.parallel.sharding.StateSharding). top_logprobs: K, the most alternatives a
+    request may ask for at each step (buffers [B, buf_len, K])."""
     b = slots
     dtype = KV_CACHES[kv_cache] or _cache_dtype(params)
     per_layer = isinstance(params["layers"], tuple | list)  # the cache follows the params
@@ -80,6 +85,8 @@ def init_state(params, *, config, slots: int, cache_len: int, buf_len: int,
     zeros = functools.partial(jnp.zeros, dtype=jnp.int32)
     state = DecodeState(
         cache=cache, tokens=zeros((b, buf_len)), logprobs=jnp.zeros((b, buf_len), jnp.float32),
+        top_ids=zeros((b, buf_len, top_logprobs)),
+        top_logprobs=jnp.zeros((b, buf_len, top_logprobs), jnp.float32),
         last=zeros((b,)), next_pos=zeros((b,)), seen=jnp.zeros((b, config.vocab_size), bool),
         length=zeros((b,)), done=jnp.ones((b,), bool), hit_stop=jnp.zeros((b,), bool),
         step=zeros(()), sampling=SamplingArrays.from_rows([], b),
@@ -120,12 +127,16 @@ def admit(params, state: DecodeState, slots: jax.Array, tokens: jax.Array,
         jnp.arange(g)[:, None], tokens].add((positions >= 0).astype(jnp.int32)) > 0)
     tok, logp = sample(logits[:, 0], sampling, seen, jnp.zeros((g,), jnp.int32), stop_ids)
     live = jnp.where(last, slots, b)  # rows that go live; the others write nothing below
+    top_ids, top_lps = _top(logits[:, 0], last & (sampling.top_logprobs > 0),
+                            state.top_ids.shape[-1])
     is_stop = jnp.any(tok[:, None] == stop_ids, axis=-1)
     state = state.replace(
         cache=cache, seen=_set(state.seen, slots, seen.at[jnp.arange(g), tok].set(
             seen[jnp.arange(g), tok] | last)),
         tokens=state.tokens.at[live, 0].set(tok, mode="drop"),
         logprobs=state.logprobs.at[live, 0].set(logp, mode="drop"),
+        top_ids=state.top_ids.at[live, 0].set(top_ids, mode="drop"),
+        top_logprobs=state.top_logprobs.at[live, 0].set(top_lps, mode="drop"),
         last=_set(state.last, live, tok), next_pos=_set(state.next_pos, live,
                                                         jnp.max(positions, axis=1) + 1),
         length=_set(state.length, live, 1), done=_set(state.done, live, is_stop | (max_new <= 1)),
@@ -186,18 +197,39 @@ def load_prefix(state: DecodeState, slot: jax.Array, prefix: models.KVCache, use
                                        seen=state.seen.at[slot].set(seen)))
 
 
-def _record(state: DecodeState, tok: jax.Array, logp: jax.Array) -> DecodeState:
-    """Append tok/logp [B] to the slots still running and update their finished flags."""
+def _top(logits: jax.Array, want: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """(ids [B, k] int32, log-probs [B, k] float32) of each row's k most likely tokens under
+    the raw model distribution (as `sample`'s log-probs), most likely first (ties: the lower
+    id); computed only when a row wants them (want [B] bool), else zeros."""
+    b = logits.shape[0]
+    nothing = (jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32))
+    if k == 0:
+        return nothing
+
+    def top(_):
+        values, ids = jax.lax.top_k(logits, k)
+        return ids.astype(jnp.int32), values - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+    return jax.lax.cond(jnp.any(want), top, lambda _: nothing, None)
+
+
+def _record(state: DecodeState, tok: jax.Array, logp: jax.Array,
+            top: tuple[jax.Array, jax.Array]) -> DecodeState:
+    """Append tok/logp [B] (and top: `_top`'s pair) to the slots still running and update
+    their finished flags."""
     live = ~state.done
     rows = jnp.arange(tok.shape[0])
     idx = jnp.where(live, state.length, state.tokens.shape[1])  # out of range -> dropped
     tokens = state.tokens.at[rows, idx].set(tok, mode="drop")
     logprobs = state.logprobs.at[rows, idx].set(logp, mode="drop")
+    top_ids = state.top_ids.at[rows, idx].set(top[0], mode="drop")
+    top_logprobs = state.top_logprobs.at[rows, idx].set(top[1], mode="drop")
     length = state.length + live.astype(jnp.int32)
     is_stop = jnp.any(tok[:, None] == state.stop_ids, axis=-1) & live
     done = state.done | is_stop | (length >= state.max_new)
     seen = state.seen.at[rows, tok].set(state.seen[rows, tok] | live)
-    return state.replace(tokens=tokens, logprobs=logprobs, length=length, done=done,
+    return state.replace(tokens=tokens, logprobs=logprobs, top_ids=top_ids,
+                         top_logprobs=top_logprobs, length=length, done=done,
                          hit_stop=state.hit_stop | is_stop, last=jnp.where(live, tok, state.last),
                          seen=seen, step=state.step + 1)
 
@@ -235,9 +267,10 @@ def _decode_loop(params, state, limit, config, scan_unroll, shard, kv_len):
                                        s.cache.replace(visible=kv_len), scan_unroll=scan_unroll)
         tok, logp = sample(logits[:, 0], s.sampling, s.seen, s.length, s.stop_ids, s.tokens,
                            ~s.done)
+        top = _top(logits[:, 0], ~s.done & (s.sampling.top_logprobs > 0), s.top_ids.shape[-1])
         s = s.replace(cache=cache.replace(visible=None),
                       next_pos=s.next_pos + (~s.done).astype(jnp.int32))
-        return _shard(shard, _record(s, tok, logp))
+        return _shard(shard, _record(s, tok, logp, top))
 
     return _shard(shard, jax.lax.while_loop(cond, body, _shard(shard, state)))
 

@@ -19,7 +19,7 @@ import numpy as np
 import models
 from jaxinfer import engine, kernels, profile, programs
 from jaxinfer.errors import InputError
-from jaxinfer.sampling import Sampling, SamplingArrays
+from jaxinfer.sampling import MAX_TOP_LOGPROBS, Sampling, SamplingArrays
 
 MAX_STOP_IDS = engine.MAX_STOP_IDS
 def bucket(n: int, minimum: int = 16) -> int:
@@ -54,6 +54,9 @@ class Completion:
     text: str | None
     finish_reason: str  # "stop" (stop token or stop string) or "length"
     logprobs: list[float] | None = None
+    # per generated token, its request's Sampling.top_logprobs most likely (id, log-prob)
+    # pairs, most likely first (None unless asked for)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclasses.dataclass
@@ -359,7 +362,8 @@ class Engine:
     def __init__(self, model, *, slots: int, cache_len: int, buf_len: int,
                  kv_cache: str = "float", params=None, scan_unroll: int = 1,
                  admit_group: int | None = None, prefix_cache_bytes: int = 0,
-                 prefill_tokens: int = MAX_CHUNK, shortest_first: float | None = None):
+                 prefill_tokens: int = MAX_CHUNK, shortest_first: float | None = None,
+                 top_logprobs: int = 0):
         if shortest_first is not None and not shortest_first >= 0:
             raise InputError(f"shortest_first must be None or a rate >= 0, got {shortest_first}")
         self.shortest_first = shortest_first
@@ -375,8 +379,13 @@ class Engine:
         self.cache_len, self.buf_len = cache_len, buf_len
         self.params = run_params(model) if params is None else params
         self.static = dict(config=model.config, scan_unroll=scan_unroll)
+        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InputError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
+                             f"{top_logprobs}")
+        self.top_logprobs = top_logprobs
         self.state = self.ops.init_state(self.params, config=model.config, slots=self.slots,
-                                         cache_len=cache_len, buf_len=buf_len, kv_cache=kv_cache)
+                                         cache_len=cache_len, buf_len=buf_len, kv_cache=kv_cache,
+                                         top_logprobs=top_logprobs)
         self.admit_group = admit_group or self.slots
         self.warm = False  # every shape compiled (warm_up)
         # The attention kernel reads each row's used slots itself: no decode windows then.
@@ -390,6 +399,7 @@ class Engine:
         self.by_slot: dict[int, int] = {}
         self._next = 0
         self._host = None  # the last snapshot (tokens, length, done, hit_stop, logprobs)
+        self._top_host = (None, None)  # (the snapshot it was read with, (ids, log-probs))
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -405,6 +415,9 @@ class Engine:
                              f"exceeds the engine's {self.cache_len} cache slots per request")
         if len(stop_ids) > engine.MAX_STOP_IDS:
             raise InputError(f"at most {engine.MAX_STOP_IDS} stop token ids, got {len(stop_ids)}")
+        if sampling.top_logprobs > self.top_logprobs:
+            raise InputError(f"top_logprobs {sampling.top_logprobs}: this engine keeps at most "
+                             f"{self.top_logprobs} per token")
         h, self._next = self._next, self._next + 1
         self.entries[h] = _Entry(list(ids), sampling.validate(), int(max_new), tuple(stop_ids),
                                  submitted=time.perf_counter())
@@ -678,6 +691,23 @@ class Engine:
         n = int(length[slot])
         return tokens[slot, :n].tolist(), logprobs[slot, :n].tolist(), bool(hit_stop[slot])
 
+    def top(self, h: int, start: int = 0) -> list[list[tuple[int, float]]]:
+        """Request h's most likely (id, log-prob) pairs at each of its tokens from `start` on,
+        as many per token as its Sampling.top_logprobs asks for (read from the device once
+        per change of state, and only when asked)."""
+        e = self.entries[h]
+        k = e.sampling.top_logprobs
+        if not self.live(h) or k == 0:
+            return []
+        snap = self.snapshot()
+        if self._top_host[0] is not snap:
+            self._top_host = (snap, jax.device_get((self.state.top_ids,
+                                                    self.state.top_logprobs)))
+        ids, lps = self._top_host[1]
+        n = int(snap[1][e.slot])
+        return [list(zip(ids[e.slot, i, :k].tolist(), lps[e.slot, i, :k].tolist(), strict=True))
+                for i in range(start, n)]
+
 
 def engine_for(model, req: Request, **kw) -> Engine:
     """An engine sized for one Request (slots for every prompt; static sizes bucketed)."""
@@ -685,7 +715,8 @@ def engine_for(model, req: Request, **kw) -> Engine:
     buf = bucket(req.max_new_tokens)
     return Engine(model, slots=bucket(len(req.prompts), minimum=1),
                   cache_len=bucket(longest + req.max_new_tokens), buf_len=buf,
-                  kv_cache=req.kv_cache, **kw)
+                  kv_cache=req.kv_cache,
+                  top_logprobs=max(s.top_logprobs for s in req.sampling), **kw)
 
 
 def submit_all(eng: Engine, req: Request) -> list[int]:
@@ -708,9 +739,10 @@ def generate_ids(model, req: Request, *, logprobs: bool = False, chunk: int | No
     out = []
     for i, h in enumerate(handles):
         ids, lps, hit = eng.result(h)
+        top = eng.top(h) if eng.entries[h].sampling.top_logprobs else None
         out.append(Completion(prompt=None, prompt_token_ids=list(req.prompts[i]), token_ids=ids,
                               text=None, finish_reason="stop" if hit else "length",
-                              logprobs=lps if logprobs else None))
+                              logprobs=lps if logprobs else None, top_logprobs=top))
     return out
 
 
@@ -785,7 +817,7 @@ def _stream(model, prompts_text, req, chunk, scan_unroll, logprobs, results):
                 newly_stopped.append(handles[i])
             if done_dev or row.stopped:
                 finished[i] = True
-                final[i] = (ids, lps, hit)
+                final[i] = (ids, lps, hit, eng.top(handles[i]))
                 yield StreamEvent(i, text, "stop" if (row.stopped or hit) else "length")
             elif text:
                 yield StreamEvent(i, text)
@@ -796,9 +828,10 @@ def _stream(model, prompts_text, req, chunk, scan_unroll, logprobs, results):
         eng.advance(chunk)
     if results is not None:
         for i, row in enumerate(rows):
-            ids, lps, hit = final[i]
+            ids, lps, hit, top = final[i]
             ids = row.ids if row.stopped else ids
             results.append(Completion(
                 prompt=prompts_text[i], prompt_token_ids=list(req.prompts[i]), token_ids=ids,
                 text=row.text, finish_reason="stop" if (row.stopped or hit) else "length",
-                logprobs=lps[:len(ids)] if logprobs else None))
+                logprobs=lps[:len(ids)] if logprobs else None,
+                top_logprobs=top[:len(ids)] if top else None))

@@ -16,6 +16,8 @@ import numpy as np
 from jaxinfer.errors import InputError
 from models import pytree
 
+MAX_TOP_LOGPROBS = 20  # most alternatives recorded per step (OpenAI's limit)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Sampling:
@@ -24,7 +26,9 @@ class Sampling:
     (OpenAI's, in [-2, 2]): each token's logit less presence_penalty if it was generated
     before and frequency_penalty times the number of times it was (the request's generated
     tokens, not its prompt). min_tokens: the stop token ids cannot be drawn before this many
-    tokens are generated."""
+    tokens are generated. top_logprobs: at each step, also record the ids and log-probabilities
+    of this many most likely tokens (0 to MAX_TOP_LOGPROBS; the engine must be made with room
+    for them, see `jaxinfer.generate.Engine`); it changes no token."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -35,6 +39,7 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     min_tokens: int = 0
+    top_logprobs: int = 0
 
     def validate(self) -> Sampling:
         """Raise InputError naming the first invalid field; return self."""
@@ -50,6 +55,9 @@ class Sampling:
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
             ("min_tokens", self.min_tokens >= 0 and int(self.min_tokens) == self.min_tokens,
              "must be an integer >= 0"),
+            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS
+             and int(self.top_logprobs) == self.top_logprobs,
+             f"must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for name, ok, what in checks:
             if not ok:
@@ -120,6 +128,7 @@ class SamplingArrays:
     presence_penalty: jax.Array
     frequency_penalty: jax.Array
     min_tokens: jax.Array
+    top_logprobs: jax.Array
 
     @classmethod
     def from_rows(cls, rows: list[Sampling], batch: int) -> SamplingArrays:
@@ -135,7 +144,8 @@ class SamplingArrays:
                    seed=col("seed", np.uint32),
                    presence_penalty=col("presence_penalty", np.float32),
                    frequency_penalty=col("frequency_penalty", np.float32),
-                   min_tokens=col("min_tokens", np.int32))
+                   min_tokens=col("min_tokens", np.int32),
+                   top_logprobs=col("top_logprobs", np.int32))
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array):

@@ -44,7 +44,7 @@ def build_request(model, prompt_ids: list[list[int]], *, max_new_tokens: int = 6
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                   min_p: float = 0.0, repetition_penalty: float = 1.0,
                   presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                  min_tokens: int = 0,
+                  min_tokens: int = 0, top_logprobs: int = 0,
                   seed: int | Sequence[int] = 0, stop: Sequence[str] | str | None = None,
                   stop_token_ids: Sequence[int] | None = None,
                   kv_cache: str = "float") -> Request:
@@ -55,7 +55,8 @@ def build_request(model, prompt_ids: list[list[int]], *, max_new_tokens: int = 6
         raise InputError(f"got {len(seeds)} seeds for {len(prompt_ids)} prompts")
     rows = [Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                     frequency_penalty=frequency_penalty, min_tokens=min_tokens, seed=s)
+                     frequency_penalty=frequency_penalty, min_tokens=min_tokens,
+                     top_logprobs=top_logprobs, seed=s)
             for s in seeds]
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     ids = tuple(model.eos_token_ids if stop_token_ids is None else stop_token_ids)
@@ -86,7 +87,8 @@ def generate(model, prompts: str | Sequence[str], *, chat: bool = False,
     repetition_penalty, presence_penalty, frequency_penalty, min_tokens (OpenAI's), seed (int
     or one per prompt), stop (strings), stop_token_ids
     (default: the checkpoint's EOS ids), chat (apply the chat template), logprobs,
-    kv_cache ("float", "float16" or "int8": see jaxinfer.engine.KV_CACHES).
+    top_logprobs (the most likely N ids and log-probs at each token, in
+    Completion.top_logprobs), kv_cache ("float", "float16" or "int8": see jaxinfer.engine.KV_CACHES).
     Returns one Completion per prompt.
     """
     results: list[Completion] = []

@@ -10,6 +10,7 @@ at most 64 tokens, batches of 1, 2 and 3 (bucket 4).
 """
 
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -248,6 +249,32 @@ def test_tiny_cached_logprobs_match_full_forward(family, temperature, tiny, tiny
     if temperature:  # sampling really drew tokens other than the argmax
         assert any(np.any(np.asarray(c.logprobs) < log_softmax(lg).max(-1) - 0.1)
                    for c, lg in zip(outs, step_logits(model, RAGGED, outs), strict=True))
+
+
+def test_top_logprobs_match_full_forward(tiny):
+    """Rows asking for top_logprobs get, at each token, that many ids with the largest
+    full-forward log-probs, most likely first; a row asking for none gets None, and asking
+    changes no token (the same rows without them)."""
+    rows = [Sampling(temperature=1.0, seed=7, top_logprobs=5), Sampling(seed=1),
+            Sampling(top_logprobs=2)]
+    outs = run_ids(tiny, RAGGED, max_new=16, logprobs=True, sampling=rows)
+    plain = run_ids(tiny, RAGGED, max_new=16, sampling=[
+        dataclasses.replace(r, top_logprobs=0) for r in rows])
+    assert [c.token_ids for c in outs] == [c.token_ids for c in plain]
+    assert outs[1].top_logprobs is None and plain[0].top_logprobs is None
+    for c, row, logits in zip(outs, rows, step_logits(tiny, RAGGED, outs), strict=True):
+        if not row.top_logprobs:
+            continue
+        lp = log_softmax(logits)
+        assert len(c.top_logprobs) == len(c.token_ids)
+        for i, alts in enumerate(c.top_logprobs):
+            ids, values = [t for t, _ in alts], [v for _, v in alts]
+            assert len(alts) == row.top_logprobs and values == sorted(values, reverse=True)
+            np.testing.assert_allclose(values, lp[i, ids], atol=LOGPROB_TOL, rtol=0)
+            np.testing.assert_allclose(values, np.sort(lp[i])[::-1][:len(ids)],
+                                       atol=LOGPROB_TOL, rtol=0)
+    with pytest.raises(InputError, match="top_logprobs must be an integer in"):
+        Sampling(top_logprobs=21).validate()
 
 
 @pytest.mark.parametrize("chunk", [1, 5])

@@ -100,6 +100,47 @@ def test_logprobs_of_the_chosen_tokens(served):
         temperature=0, logprobs=True)
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens and all(t.logprob <= 0 for t in content)
+    assert all(t.top_logprobs == [] for t in content)
+
+
+def test_top_logprobs_equal_the_library(served, smollm2):
+    """top_logprobs (chat, also streamed) and the completions API's `logprobs: N` give the
+    library's most likely alternatives at each token: greedy, so the chosen token is the
+    first of them."""
+    client = served.client()
+    prompt = PROMPTS[3]
+    want = generate(smollm2, prompt, chat=True, max_new_tokens=6, temperature=0.0,
+                    logprobs=True, top_logprobs=4)[0]
+    r = client.chat.completions.create(model="smollm2", max_tokens=6, temperature=0,
+                                       messages=[{"role": "user", "content": prompt}],
+                                       logprobs=True, top_logprobs=4)
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(want.token_ids) == len(want.top_logprobs)
+    for entry, tok, alts in zip(content, want.token_ids, want.top_logprobs, strict=True):
+        assert [a.token for a in entry.top_logprobs] == [
+            smollm2.tokenizer.decode([t]) for t, _ in alts]
+        assert [a.logprob for a in entry.top_logprobs] == pytest.approx(
+            [lp for _, lp in alts], abs=1e-4)  # other shapes than the library's
+        assert alts[0][0] == tok and entry.top_logprobs[0].logprob == pytest.approx(
+            entry.logprob, abs=1e-6)
+        values = [a.logprob for a in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+    chunks = client.chat.completions.create(model="smollm2", max_tokens=6, temperature=0,
+                                            messages=[{"role": "user", "content": prompt}],
+                                            logprobs=True, top_logprobs=4, stream=True)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert [[a.token for a in t.top_logprobs] for t in streamed] == [
+        [a.token for a in t.top_logprobs] for t in content]
+    c = client.completions.create(model="smollm2", prompt="The capital of France is",
+                                  max_tokens=4, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.top_logprobs) == len(lp.tokens) == 4
+    assert all(len(alts) == 2 and max(alts.values()) == pytest.approx(chosen, abs=1e-6)
+               for alts, chosen in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
+    r = httpx.post(served.base + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"prompt": "hi", "logprobs": 6})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
 
 
 def test_concurrent_streaming_clients_get_their_own_answers(served, smollm2):
@@ -146,6 +187,10 @@ def test_client_that_disconnects_frees_its_slot(served):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "min_tokens": 5}, 400,
      "min_tokens"),
     ({"messages": "hi"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 6}, 400, "logprobs"),
     ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(served, body, status, param):

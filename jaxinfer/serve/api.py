@@ -3,8 +3,7 @@
 `parse_request(body, kind, model, max_len)` checks every field it knows before anything is
 admitted and raises `APIError` (an OpenAI-style error body: message, type, param, code) for the
 first bad one. Fields a client may send that change nothing here (user, metadata, ...) are
-accepted and ignored; a field whose behaviour is not implemented (top_logprobs) is refused
-when set, never silently dropped.
+accepted and ignored.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import time
 import uuid
 
 from jaxinfer.errors import InputError
-from jaxinfer.sampling import Sampling, resolve
+from jaxinfer.sampling import MAX_TOP_LOGPROBS, Sampling, resolve
 from jaxinfer.text import encode_prompt
 
 MAX_N = 8
@@ -47,6 +46,7 @@ class Settings:
     stream: bool
     include_usage: bool
     logprobs: bool
+    top_logprobs: int = 0  # alternatives per token (with logprobs)
 
 
 def _bad(param: str, what: str) -> APIError:
@@ -125,8 +125,7 @@ def parse_request(body, kind: str, model, model_name: str, max_len: int) -> Sett
     presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
     frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
     min_tokens = _number(body, "min_tokens", 0, 0, integer=True)
-    if _number(body, "top_logprobs", 0, 0, 20, integer=True):
-        raise _bad("top_logprobs", "only the chosen tokens' log-probabilities are returned")
+    logprobs, top = _logprobs(body, kind)
     ids = _prompt_ids(body, kind, model)
     room = max_len - len(ids)
     if room < 1:
@@ -162,7 +161,7 @@ def parse_request(body, kind: str, model, model_name: str, max_len: int) -> Sett
     samplings = [Sampling(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                           min_p=float(min_p), repetition_penalty=float(rep), seed=seed + i,
                           presence_penalty=float(presence), frequency_penalty=float(frequency),
-                          min_tokens=int(min_tokens))
+                          min_tokens=int(min_tokens), top_logprobs=top)
                  for i in range(n)]
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
@@ -171,7 +170,24 @@ def parse_request(body, kind: str, model, model_name: str, max_len: int) -> Sett
     return Settings(prompt_ids=ids, samplings=samplings, max_new=max_new, stop_ids=stop_ids,
                     stop_strings=tuple(stop), stream=_flag(body, "stream"),
                     include_usage=bool(options.get("include_usage")),
-                    logprobs=_flag(body, "logprobs"))
+                    logprobs=logprobs, top_logprobs=top)
+
+
+COMPLETION_TOP = 5  # the legacy completions API's most alternatives (`logprobs: N`)
+
+
+def _logprobs(body: dict, kind: str) -> tuple[bool, int]:
+    """(log-probs asked for, alternatives per token): chat's `logprobs` (true / false) and
+    `top_logprobs` (0-20, with logprobs true); completions' `logprobs` (an integer 0-5: the
+    chosen token's and that many alternatives; true / false are taken too)."""
+    value = body.get("logprobs")
+    if kind == "completion" and isinstance(value, int) and not isinstance(value, bool):
+        return True, _number(body, "logprobs", 0, 0, COMPLETION_TOP, integer=True)
+    on = _flag(body, "logprobs")
+    top = _number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True)
+    if top and not on:
+        raise _bad("top_logprobs", "needs logprobs: true")
+    return on, top
 
 
 def new_id(kind: str) -> str:
@@ -183,14 +199,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def logprobs_obj(kind: str, tokenizer, token_ids: list[int], logprobs: list[float]) -> dict:
-    """OpenAI's logprobs object for the chosen tokens (no alternatives)."""
+def logprobs_obj(kind: str, tokenizer, token_ids: list[int], logprobs: list[float],
+                 top: list[list[tuple[int, float]]] | None = None) -> dict:
+    """OpenAI's logprobs object for the chosen tokens and, per token, the most likely
+    alternatives `top` ((id, log-prob) pairs, most likely first; None: none asked for)."""
     tokens = [tokenizer.decode([t]) for t in token_ids]
+    alts = [[(tokenizer.decode([t]), lp) for t, lp in row] for row in top] if top else None
     if kind == "chat":
-        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
-                             "top_logprobs": []} for t, lp in zip(tokens, logprobs, strict=True)]}
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None,
-            "text_offset": None}
+        return {"content": [
+            {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")),
+             "top_logprobs": [{"token": a, "logprob": alp, "bytes": list(a.encode("utf-8"))}
+                              for a, alp in (alts[i] if alts else [])]}
+            for i, (t, lp) in enumerate(zip(tokens, logprobs, strict=True))]}
+    return {"tokens": tokens, "token_logprobs": logprobs,
+            "top_logprobs": [dict(row) for row in alts] if alts else None, "text_offset": None}
 
 
 def choice(kind: str, index: int, text: str, finish_reason: str | None, logprobs=None,

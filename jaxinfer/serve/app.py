@@ -132,7 +132,8 @@ async def _complete(request: Request, job: Job, s: api.Settings, kind: str, rid:
                     model_name: str, tokenizer) -> dict:
     """Wait for every choice; a client that goes away cancels the job."""
     n = len(s.samplings)
-    texts, ids, reasons, lps = [""] * n, [[] for _ in range(n)], [None] * n, [[] for _ in range(n)]
+    texts, ids, reasons = [""] * n, [[] for _ in range(n)], [None] * n
+    lps, tops = [[] for _ in range(n)], [[] for _ in range(n)]
     try:
         while any(r is None for r in reasons):
             try:
@@ -147,13 +148,15 @@ async def _complete(request: Request, job: Job, s: api.Settings, kind: str, rid:
             texts[ev.index] += ev.text
             if ev.kind == "delta":
                 lps[ev.index] += ev.logprobs
+                tops[ev.index] += ev.top_logprobs
             else:
                 reasons[ev.index], ids[ev.index] = ev.finish_reason, ev.token_ids
     finally:
         if any(r is None for r in reasons):
             job.cancelled = True
     choices = [api.choice(kind, i, texts[i], reasons[i],
-                          api.logprobs_obj(kind, tokenizer, ids[i], lps[i][:len(ids[i])])
+                          api.logprobs_obj(kind, tokenizer, ids[i], lps[i][:len(ids[i])],
+                                           tops[i][:len(ids[i])] if s.top_logprobs else None)
                           if s.logprobs else None) for i in range(n)]
     used = api.usage(len(s.prompt_ids), sum(len(x) for x in ids))
     return api.envelope(kind, rid, model_name, choices, False, used)
@@ -182,7 +185,8 @@ async def _stream(job: Job, s: api.Settings, kind: str, rid: str, model_name: st
                 tokens += len(ev.token_ids)
                 if not ev.text and not s.logprobs:
                     continue
-                lp = api.logprobs_obj(kind, tokenizer, ev.token_ids, ev.logprobs) \
+                lp = api.logprobs_obj(kind, tokenizer, ev.token_ids, ev.logprobs,
+                                      ev.top_logprobs if s.top_logprobs else None) \
                     if s.logprobs else None
                 yield _sse(api.envelope(kind, rid, model_name,
                                         [api.choice(kind, ev.index, ev.text, None, lp, True)],

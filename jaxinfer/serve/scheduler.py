@@ -23,7 +23,7 @@ import threading
 import time
 
 from jaxinfer.generate import Engine, _RowText
-from jaxinfer.sampling import Sampling
+from jaxinfer.sampling import MAX_TOP_LOGPROBS, Sampling
 
 log = logging.getLogger("jaxinfer.serve")
 
@@ -42,6 +42,7 @@ class Event:
     text: str = ""
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     message: str = ""
 
@@ -89,7 +90,8 @@ class EngineLoop:
         self.engine = Engine(model, slots=slots, cache_len=max_len, buf_len=max_len,
                              kv_cache=kv_cache, admit_group=1,
                              prefix_cache_bytes=prefix_cache_bytes,
-                             prefill_tokens=prefill_tokens, shortest_first=shortest_first)
+                             prefill_tokens=prefill_tokens, shortest_first=shortest_first,
+                             top_logprobs=MAX_TOP_LOGPROBS)
         self.max_len = max_len
         self.inbox: queue.Queue = queue.Queue()
         self.choices: list[_Choice] = []
@@ -214,7 +216,8 @@ class EngineLoop:
             text = c.text.push(new, final=done)
             c.seen = len(ids)
             if text or new:
-                job.send(Event("delta", c.index, text, new, lps[len(ids) - len(new):]))
+                job.send(Event("delta", c.index, text, new, lps[len(ids) - len(new):],
+                               self.engine.top(c.handle, len(ids) - len(new))))
             if done or c.text.stopped:
                 reason = "stop" if (c.text.stopped or hit) else "length"
                 job.send(Event("done", c.index, finish_reason=reason,
