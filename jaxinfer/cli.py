@@ -70,6 +70,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None, help="1 = off")
     p.add_argument("--min-p", type=float, default=None, help="0 = off")
     p.add_argument("--repetition-penalty", type=float, default=None, help="1 = off")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="OpenAI's, in [-2, 2], over the generated tokens (0 = off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="OpenAI's, in [-2, 2], over the generated tokens (0 = off)")
+    p.add_argument("--min-tokens", type=int, default=0,
+                   help="no stop token before this many tokens are generated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
@@ -320,7 +326,13 @@ def _sampling(args, model) -> tuple[dict, dict]:
 def _gen_kwargs(args, model) -> dict:
     """Keyword arguments of text.stream / build_request for the flags and the model."""
     return dict(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=args.stop,
-                kv_cache=args.kv_cache, **_sampling(args, model)[0])
+                kv_cache=args.kv_cache, **_output_rules(args), **_sampling(args, model)[0])
+
+
+def _output_rules(args) -> dict:
+    """The penalties and min_tokens flags (not checkpoint defaults: plain values)."""
+    return dict(presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, min_tokens=args.min_tokens)
 
 
 def _check_sampling(args) -> None:
@@ -330,7 +342,10 @@ def _check_sampling(args) -> None:
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     given = {k: v for k, v in _given_sampling(args).items() if v is not None}
-    Sampling(seed=args.seed, **given).validate()
+    Sampling(seed=args.seed, **given, **_output_rules(args)).validate()
+    if args.min_tokens > args.max_new_tokens:
+        raise InputError(f"--min-tokens ({args.min_tokens}) exceeds --max-new-tokens "
+                         f"({args.max_new_tokens})")
     if any(not s for s in args.stop):
         raise InputError("--stop strings must be non-empty")
 
@@ -383,7 +398,8 @@ def _sampling_json(args, model) -> dict:
     """The sampling settings a run used, for --json: {"sampling": {knob: value, "seed"},
     "sampling_source": {knob: "flag" / "checkpoint" / "default"}}."""
     values, sources = _sampling(args, model)
-    return {"sampling": {**values, "seed": args.seed}, "sampling_source": sources}
+    return {"sampling": {**values, **_output_rules(args), "seed": args.seed},
+            "sampling_source": sources}
 
 
 def _describe_sampling(resolved: tuple[dict, dict]) -> str:

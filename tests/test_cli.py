@@ -34,6 +34,27 @@ def test_generate_json_batch(capsys, smollm2_gguf_path):
     assert data["weights"] == ("native Q4_1/Q8_0, float32" if kernels.available() else "float32")
 
 
+def test_generate_penalty_flags_equal_the_library(capsys, smollm2_gguf_path):
+    """--presence-penalty / --frequency-penalty / --min-tokens give the library's tokens for
+    the same knobs (greedy, float weights), and --json reports them."""
+    import jaxinfer
+    from jaxinfer.text import generate
+
+    prompt, knobs = "Count: one, two, three,", dict(presence_penalty=0.8, frequency_penalty=1.5)
+    code, out, _ = run_cli(capsys, "generate", "--model", str(smollm2_gguf_path), *BASE,
+                           "--quant", "none", "--prompt", prompt, "--temperature", "0",
+                           "--max-new-tokens", "12", "--presence-penalty", "0.8",
+                           "--frequency-penalty", "1.5", "--min-tokens", "12", "--json")
+    assert code == 0
+    data = json.loads(out)
+    model = jaxinfer.load(smollm2_gguf_path, progress=False)
+    want = generate(model, prompt, max_new_tokens=12, temperature=0.0, min_tokens=12, **knobs)[0]
+    plain = generate(model, prompt, max_new_tokens=12, temperature=0.0)[0]
+    assert data["outputs"][0]["token_ids"] == want.token_ids != plain.token_ids
+    assert {k: data["sampling"][k] for k in ("presence_penalty", "frequency_penalty",
+                                             "min_tokens")} == {**knobs, "min_tokens": 12}
+
+
 def test_bench_json_keys(capsys, smollm2_gguf_path):
     code, out, _ = run_cli(capsys, "bench", "--model", str(smollm2_gguf_path), *BASE,
                            "--prompt-len", "16", "--new-tokens", "4", "--json")
@@ -62,6 +83,10 @@ def test_bench_json_keys(capsys, smollm2_gguf_path):
     (["generate", "--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["generate", "--prompt", "hi", "--top-k", "-1"], "top_k must be an integer >= 0"),
     (["generate", "--prompt", "hi", "--min-p", "2"], "min_p must be in [0, 1]"),
+    (["generate", "--prompt", "hi", "--presence-penalty", "3"], "presence_penalty must be in"),
+    (["chat", "--frequency-penalty", "-2.5"], "frequency_penalty must be in [-2, 2]"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "4", "--min-tokens", "5"],
+     "--min-tokens (5) exceeds --max-new-tokens (4)"),
     (["generate", "--prompt", "hi", "--model", "/no/such/model"], "no such file or directory"),
     (["bench", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["serve", "--prefill-tokens", "24"], "--prefill-tokens must be a power of two"),
@@ -257,7 +282,9 @@ def test_generate_samples_by_default_and_temperature_0_is_greedy(capsys, smollm2
         code, out, _ = run_cli(capsys, *args, *extra)
         assert code == 0
         outputs[bool(extra)] = data = json.loads(out)
-        assert data["sampling"] == {**FALLBACK, "seed": 3, **({"temperature": 0.0} if extra else {})}
+        assert data["sampling"] == {**FALLBACK, "seed": 3, "presence_penalty": 0.0,
+                                    "frequency_penalty": 0.0, "min_tokens": 0,
+                                    **({"temperature": 0.0} if extra else {})}
         assert data["sampling_source"]["temperature"] == ("flag" if extra else "default")
         assert data["sampling_source"]["top_p"] == "default"
     sampled = generate(smollm2, "Name a fruit.", chat=True, max_new_tokens=8, seed=3, **FALLBACK)
