@@ -259,11 +259,10 @@ def _load(args, placement=None, calibration: dict | None = None):
 
     t = time.perf_counter()
     quant = getattr(args, "quant", None)
-    keep_packed = quant == "native" or (quant == "auto" and _native_runs(placement))
+    keep_packed = True if quant == "native" else (
+        "auto" if quant == "auto" and _native_runs(placement) else False)
     with profile.phase("load"):
-        model = jaxinfer.load(args.model, dtype=args.dtype,
-                              keep_packed="auto" if quant == "auto" and keep_packed
-                              else keep_packed)
+        model = jaxinfer.load(args.model, dtype=args.dtype, keep_packed=keep_packed)
     if quant not in (None, "auto", "none", "native"):
         from jaxinfer.quant.recipes import quantize_model
 

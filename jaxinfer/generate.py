@@ -739,7 +739,7 @@ def generate_ids(model, req: Request, *, logprobs: bool = False, chunk: int | No
     out = []
     for i, h in enumerate(handles):
         ids, lps, hit = eng.result(h)
-        top = eng.top(h) if eng.entries[h].sampling.top_logprobs else None
+        top = eng.top(h) or None  # [] when the request asked for none
         out.append(Completion(prompt=None, prompt_token_ids=list(req.prompts[i]), token_ids=ids,
                               text=None, finish_reason="stop" if hit else "length",
                               logprobs=lps if logprobs else None, top_logprobs=top))

@@ -137,6 +137,7 @@ def _runner(name: str, exported, isas, donate: tuple[int, ...]):
         if not kernels.register(isa):
             return None
     lapack = b"lapack" in bytes(exported.mlir_module_serialized)
+    _patch_lapack_init()
 
     def run(*leaves):
         return exported.call(*leaves)
@@ -199,8 +200,8 @@ def _lowering_without_lapack(on: bool):
     """While `on`, lowering an `Exported.call` in this thread does not initialize the CPU
     LAPACK handlers: jax does that for every exported program it lowers for the CPU, and it
     imports scipy.linalg (0.2-0.4 s of a 3 s warm start here). Only for programs whose module
-    calls no LAPACK target (see `_runner`); other threads and callers are left as they are."""
-    _patch_lapack_init()
+    calls no LAPACK target (see `_runner`, which routes jax's hook through here first);
+    other threads and callers are left as they are."""
     before, _local.skip = getattr(_local, "skip", False), on
     try:
         yield

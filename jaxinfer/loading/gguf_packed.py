@@ -64,8 +64,7 @@ def children(params) -> dict:
     out = {}
     for path, leaf in paths.iter_leaves(params):
         if isinstance(leaf, GGUFBlockWeight):
-            out.update({f"{path}.{c}": getattr(leaf, c) for c in ("qs", "d", "m")
-                        if getattr(leaf, c) is not None})
+            out.update({f"{path}.{c}": a for c, a in leaf.children().items() if a is not None})
         else:
             out[path] = leaf
     return out
