@@ -77,34 +77,46 @@ def _key(fn, static: dict, tree_text: str, avals) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:40]
 
 
-def _read(path: Path):
-    """(Exported, ISAs of the kernels it calls) from an entry; None if there is none, or if it
-    is damaged (then it is deleted)."""
+def _read_entry(path: Path, parse):
+    """parse(meta, payload) of the entry at `path` (a JSON head with the payload's sha256, a
+    newline, the payload); None if there is none, or if it is damaged or parse raises (then
+    it is deleted)."""
     try:
         blob = path.read_bytes()
-    except OSError:  # no entry, or a directory that cannot be read: export it
+    except OSError:  # no entry, or a directory that cannot be read: make it
         return None
     try:
         head, payload = blob.split(b"\n", 1)
         meta = json.loads(head)
         if hashlib.sha256(payload).hexdigest() != meta["sha256"]:
             raise ValueError("checksum mismatch")
-        return jax.export.deserialize(bytearray(payload)), meta["isas"]
-    except Exception:  # noqa: BLE001 - any damage means: rebuild, never run it
+        return parse(meta, payload)
+    except Exception:  # noqa: BLE001 - any damage means: rebuild, never use it
         path.unlink(missing_ok=True)
         return None
 
 
-def _write(path: Path, exported) -> list[str]:
-    """Write `exported` atomically (a warning where the directory cannot be written); returns
-    the kernel ISAs it calls."""
+def _write_entry(path: Path, payload: bytes, what: str, **meta) -> None:
+    """Write an entry `_read_entry` reads, atomically (a warning where the directory cannot
+    be written)."""
     from jaxinfer.loading.convert_cache import atomic_write
 
+    head = json.dumps({"sha256": hashlib.sha256(payload).hexdigest(), **meta}).encode()
+    atomic_write(path, lambda tmp: tmp.write_bytes(head + b"\n" + payload),
+                 what=what, then="the next start traces them again")
+
+
+def _read(path: Path):
+    """(Exported, ISAs of the kernels it calls) from an entry, or None (see `_read_entry`)."""
+    return _read_entry(path, lambda meta, payload: (
+        jax.export.deserialize(bytearray(payload)), meta["isas"]))
+
+
+def _write(path: Path, exported) -> list[str]:
+    """Write `exported`; returns the kernel ISAs it calls."""
     payload = bytes(exported.serialize())
     isas = sorted({m.decode() for m in _TARGET.findall(bytes(exported.mlir_module_serialized))})
-    head = json.dumps({"sha256": hashlib.sha256(payload).hexdigest(), "isas": isas}).encode()
-    atomic_write(path, lambda tmp: tmp.write_bytes(head + b"\n" + payload),
-                 what="the engine programs", then="the next start traces them again")
+    _write_entry(path, payload, "the engine programs", isas=isas)
     return isas
 
 
@@ -190,6 +202,28 @@ def _prepare(fn, args, static, leaves, in_tree, avals, donate, out_like):
             return None
         entry = exported, _write(path, exported)
     return _runner(getattr(fn, "__name__", "program"), *entry, donated)
+
+
+def declare_abstract(config) -> None:
+    """Give `models` config's abstract params from the programs directory, so that a warm
+    start does not trace the model's init for them (~0.15 s): read from an entry keyed by the
+    config and the source digest, or made now and written. Nothing where programs are off; a
+    damaged entry is deleted and made again."""
+    if _dir is None:
+        return
+    import flax
+
+    import models
+
+    def declare(meta, payload) -> bool:
+        models.declare_abstract(config, json.loads(payload))
+        return True
+
+    parts = ["abstract params", repr(config), _source_digest(), jax.__version__, flax.__version__]
+    path = _dir / f"{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:40]}.abstract.json"
+    if _read_entry(path, declare) is None:
+        _write_entry(path, json.dumps(models.abstract_declaration(config)).encode(),
+                     "the abstract params")
 
 
 _local = threading.local()

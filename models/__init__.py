@@ -37,7 +37,8 @@ from models.gpt2 import GPT2
 from models.llama import Llama
 
 __all__ = [
-    "GPT2Config", "KVCache", "LlamaConfig", "ModelConfig", "RopeScaling", "abstract_params",
+    "GPT2Config", "KVCache", "LlamaConfig", "ModelConfig", "RopeScaling", "abstract_declaration",
+    "abstract_params", "declare_abstract",
     "apply_layer", "declared_axes", "embed", "forward", "head", "init_cache", "init_params", "input_sites",
     "logical_axes", "module_for", "router", "tied_table", "unstack_layers", "weight_axes",
 ]
@@ -157,9 +158,48 @@ def init_params(config: ModelConfig, rng: jax.Array, dtype=jnp.float32):
     return jax.tree.map(lambda a: a.astype(dtype), params)
 
 
-@functools.lru_cache(maxsize=32)
+_ABSTRACT: dict = {}  # config -> its boxed abstract params (made or declared once)
+
+
 def _abstract(config: ModelConfig):
-    return jax.eval_shape(functools.partial(_boxed_params, config), jax.random.key(0))
+    """The boxed abstract params of `config` (LogicallyPartitioned ShapeDtypeStruct leaves):
+    a trace of its init (~0.15 s) the first time, unless `declare_abstract` gave them."""
+    if config not in _ABSTRACT:
+        _ABSTRACT[config] = jax.eval_shape(functools.partial(_boxed_params, config),
+                                           jax.random.key(0))
+    return _ABSTRACT[config]
+
+
+def abstract_declaration(config: ModelConfig) -> dict[str, list]:
+    """config's weights as plain data (JSON-able): weight path ("layers/attn/q") ->
+    [shape, dtype name, logical axis names]. `declare_abstract` takes it back."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        _abstract(config), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+    return {"/".join(str(k.key) for k in key_path): [list(b.value.shape), str(b.value.dtype),
+                                                    list(b.names)]
+            for key_path, b in flat}
+
+
+def declare_abstract(config: ModelConfig, declaration: dict[str, list]) -> None:
+    """Use `declaration` (from `abstract_declaration` of an equal config and the same model
+    code) as config's abstract params, so that no init is traced for them. ValueError (and
+    nothing kept) where it is not such a declaration."""
+    tree: dict = {}
+    try:
+        for path, (shape, dtype, names) in declaration.items():
+            *parents, name = path.split("/")
+            node = tree
+            for part in parents:
+                node = node.setdefault(part, {})
+            value = jax.ShapeDtypeStruct(tuple(int(d) for d in shape), jnp.dtype(dtype))
+            if len(names) != len(value.shape) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{path}: {len(names)} axis names for shape {value.shape}")
+            node[name] = nn.LogicallyPartitioned(value, tuple(names))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"not an abstract-params declaration: {e}") from e
+    if not tree:
+        raise ValueError("not an abstract-params declaration: no weights")
+    _ABSTRACT[config] = tree
 
 
 def abstract_params(config: ModelConfig):

@@ -95,3 +95,64 @@ def test_unwritable_directory_only_costs_the_speed_up(tiny, tmp_path, monkeypatc
     fresh_process(tmp_path / "a file" / "programs", monkeypatch)
     assert run(tiny) == want
     assert "cannot write the engine programs" in capsys.readouterr().err
+
+
+def _inits(monkeypatch) -> list:
+    """Count traces of a model's init (models._boxed_params), after forgetting every
+    config's abstract params (what a new process knows)."""
+    monkeypatch.setattr(models, "_ABSTRACT", {})
+    traced = []
+    boxed = models._boxed_params
+    monkeypatch.setattr(models, "_boxed_params", lambda *a: traced.append(1) or boxed(*a))
+    return traced
+
+
+@pytest.mark.parametrize("config", models._declaring_configs(), ids=["llama", "moe", "gpt2"])
+def test_abstract_declaration_gives_the_traced_tree(config, monkeypatch):
+    """Every family's abstract params (shapes, dtypes, logical axes, tree) come back whole from
+    their plain-data declaration, through JSON."""
+    import json
+
+    traced = models._abstract(config)
+    declaration = json.loads(json.dumps(models.abstract_declaration(config)))
+    inits = _inits(monkeypatch)
+    models.declare_abstract(config, declaration)
+    assert jax.tree.structure(models._abstract(config)) == jax.tree.structure(traced)
+    assert jax.tree.leaves(models._abstract(config)) == jax.tree.leaves(traced)
+    assert models.logical_axes(config) == jax.tree.map(
+        lambda p: tuple(p.names), traced, is_leaf=lambda x: hasattr(x, "names"))
+    assert inits == []
+
+
+@pytest.mark.parametrize("bad", [{}, {"embed": [[4, 2], "float32", ["vocab"]]},
+                                 {"embed": [[4, 2], "no dtype", ["vocab", "embed"]]},
+                                 {"embed": "x"}])
+def test_bad_abstract_declaration_is_refused(bad, monkeypatch):
+    config = models.LlamaConfig.tiny()
+    _inits(monkeypatch)
+    with pytest.raises(ValueError, match="not an abstract-params declaration"):
+        models.declare_abstract(config, bad)
+    assert config not in models._ABSTRACT
+
+
+def test_warm_load_traces_no_init_and_a_damaged_entry_is_remade(tmp_path, monkeypatch):
+    """With programs on, loading keeps the model's abstract params in the programs directory:
+    a second load (a fresh process's memo) traces no init; a damaged entry is deleted and
+    made again, never used."""
+    (tmp_path / "model").mkdir()
+    path = tiny_model_file(tmp_path / "model")
+    programs.enable(tmp_path / "programs")
+    inits = _inits(monkeypatch)
+    want = jaxinfer.load(path, progress=False)
+    assert inits and len(entries := list((tmp_path / "programs").glob("*.abstract.json"))) == 1
+    inits = _inits(monkeypatch)
+    model = jaxinfer.load(path, progress=False)
+    assert inits == []
+    assert jax.tree.leaves(models.abstract_params(model.config)) == jax.tree.leaves(
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), want.params))
+    blob = entries[0].read_bytes()
+    entries[0].write_bytes(blob[:-3] + bytes([blob[-3] ^ 1]) + blob[-2:])  # one payload bit
+    inits = _inits(monkeypatch)
+    jaxinfer.load(path, progress=False)
+    assert inits  # traced again, and the entry written whole again
+    assert programs._read_entry(entries[0], lambda meta, payload: payload) is not None

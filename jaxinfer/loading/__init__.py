@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jaxinfer import paths, profile
+from jaxinfer import paths, profile, programs
 from jaxinfer.errors import CheckpointError, InputError
 from jaxinfer.loading import convert_cache, hf_dir
 from jaxinfer.loading.convert import build_params, source_leaf
@@ -125,6 +125,7 @@ def _load_hf_dir(root: Path, dtype, progress: bool) -> Model:
     cfg_path = root / "config.json"
     raw_cfg = hf_dir.read_json(cfg_path)
     config = config_from_hf(raw_cfg, str(cfg_path))
+    programs.declare_abstract(config)
     src = hf_dir.HFDirSource(root)  # validates every file before anything is built
     tokenizer = Tokenizer.from_hf_dir(root)
     eos = eos_ids_from_hf(raw_cfg)
@@ -147,6 +148,7 @@ def _load_gguf(path: Path, dtype, progress: bool, keep_packed: bool) -> Model:
     with profile.phase("parse GGUF header"):
         src = GGUFSource(path)
         config = config_from_hf(src.hf_config, str(path))
+        programs.declare_abstract(config)
         key = (convert_cache.source_key(path, src.file.header_bytes())
                if convert_cache.enabled() else None)
     if keep_packed == "auto":

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from jaxinfer import paths
+from jaxinfer import paths, programs
 from jaxinfer.errors import CheckpointError, InputError
 from jaxinfer.loading.convert import build_params
 from jaxinfer.loading.hf_dir import read_json
@@ -239,6 +239,7 @@ def load_quantized(path: str | os.PathLike[str]) -> Model:
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory")
     config, eos = config_from_json(root / CONFIG)
+    programs.declare_abstract(config)
     desc_path = root / DESCRIPTION
     desc = read_json(desc_path)
     if desc.get("format") != FORMAT or desc.get("version") != VERSION:
