@@ -118,7 +118,7 @@ class Conversation:
         req = build_request(self.model, [ids], **self.gen)
         pieces = []
         try:
-            for ev in stream_requests(self.model, [None], req, chunk=4):
+            for ev in stream_requests(self.model, [None], req, chunk=16):
                 pieces.append(ev.text)
                 write(ev.text)
         except KeyboardInterrupt:

@@ -364,7 +364,7 @@ def cmd_generate(args) -> int:
     first = None
     live = len(args.prompt) == 1 and not args.json and placement.prints
     for ev in stream(model, args.prompt, chat=args.chat, system=args.system, results=results,
-                     chunk=4 if live else 16, **_gen_kwargs(args, model)):
+                     chunk=16, **_gen_kwargs(args, model)):
         first = first or time.perf_counter()
         if live:
             print(ev.text, end="", flush=True)

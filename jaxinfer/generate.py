@@ -782,12 +782,19 @@ class _RowText:
         return out
 
 
+FIRST_CHUNK = 4  # decode steps before a stream's first text; later chunks double up to `chunk`
+
+
 def stream_requests(model, prompts_text: list[str | None], req: Request, *,
                     chunk: int = 8, scan_unroll: int = 1, logprobs: bool = False,
                     results: list | None = None) -> Iterator[StreamEvent]:
     """Generate with text streaming; fills `results` with Completions when done.
 
-    The request is validated here, when called, before the first event is asked for.
+    chunk: decode steps (device calls of `Engine.advance`) between looks at the text, at most;
+    the first look comes after FIRST_CHUNK steps and each later one after twice as many as
+    the last, up to `chunk` (the first words show at once, and a long answer makes few calls:
+    each costs a few ms). The request is validated here, when called, before the first event
+    is asked for.
     """
     if model.tokenizer is None:
         raise InputError(f"{model.source}: no tokenizer, so text generation is unavailable")
@@ -803,6 +810,7 @@ def _stream(model, prompts_text, req, chunk, scan_unroll, logprobs, results):
     seen = [0] * n
     finished = [False] * n
     final = [None] * n
+    steps = min(chunk, FIRST_CHUNK)
     eng.advance(0)
     while True:
         newly_stopped = []
@@ -825,7 +833,8 @@ def _stream(model, prompts_text, req, chunk, scan_unroll, logprobs, results):
             eng.release(newly_stopped)
         if all(finished):
             break
-        eng.advance(chunk)
+        eng.advance(steps)
+        steps = min(2 * steps, chunk)
     if results is not None:
         for i, row in enumerate(rows):
             ids, lps, hit, top = final[i]
