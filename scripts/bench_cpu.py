@@ -22,8 +22,8 @@ import subprocess
 import sys
 import time
 
-VARIANTS = {  # label -> jaxinfer bench arguments
-    "float32": [],
+VARIANTS = {  # label -> jaxinfer bench arguments (the CLI's default is --quant auto)
+    "float32": ["--quant", "none"],
     "int8": ["--quant", "int8"],
     "int4 g32": ["--quant", "int4", "--group-size", "32"],
     "native Q4_1": ["--quant", "native"],
@@ -38,6 +38,8 @@ def worker(args) -> None:
 
     ns = cli.build_parser().parse_args(["bench", "--model", MODEL, *VARIANTS[args.worker]])
     model, _ = cli._load(ns, cli.setup_parallel(ns))
+    if args.worker == "float32" and ns.weights != "float32":
+        raise SystemExit(f"the float32 row loaded {ns.weights} weights")
     out = {"cpu_kernels": kernels.describe(), "weight_bytes": model.weight_bytes}
     for b in (1, 16):
         r = run_bench(model, batch_size=b, prompt_len=16, new_tokens=args.new_tokens,
