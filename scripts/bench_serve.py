@@ -5,10 +5,13 @@ A fixed workload (mixed prompt lengths, mixed output lengths with ignore_eos so 
 exact, greedy) is sent to an in-process server on 127.0.0.1 by 1, 4, 16, ... concurrent
 streaming clients and as one burst (the server's order of admission, shortest prompt first,
 aged; then once more first come, first served); static batching runs the same requests in
-arrival order in batches of the slot count, each batch until its longest row ends. `--llama-server BIN` also
-starts that binary on the same GGUF file (`-np` = slots, `-t` = threads, 127.0.0.1) and sends
-it the same token ids (its own `/completion` endpoint). Prints a Markdown table; `--out FILE`
-also writes it. Needs a quiet machine: llama.cpp's threads spin-wait and collapse under load.
+arrival order in batches of the slot count, each batch until its longest row ends. The
+continuous / static ratio comes from `--pairs` rounds run one right after the other (static,
+then the burst again), so that the machine's drift within a run does not favour either.
+`--llama-server BIN` also starts that binary on the same GGUF file (`-np` = slots, `-t` =
+threads, 127.0.0.1) and sends it the same token ids (its own `/completion` endpoint). Prints
+a Markdown table; `--out FILE` also writes it. Needs a quiet machine: llama.cpp's threads
+spin-wait and collapse under load.
 
     python scripts/bench_serve.py --requests 64 --slots 16 --concurrency 1 4 16 32 \
         --quant native --llama-server /path/to/llama-server
@@ -199,6 +202,9 @@ def main() -> None:
                    help="also measure this llama-server binary on the same GGUF file")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="llama-server's threads (jaxinfer's XLA and kernels use every core)")
+    p.add_argument("--pairs", type=int, default=2,
+                   help="then static batches and the continuous burst run alternately this many "
+                        "times (the machine's speed drifts within a run); the ratio is of those")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -225,12 +231,21 @@ def main() -> None:
         measured("continuous, burst, first come first served",
                  run_served(server.base, reqs, len(reqs)))
         engine.shortest_first = aging
+        run_static(model, reqs[: args.slots], args.slots, args.max_len, args.kv_cache)  # warm-up
+        pairs = []  # (static, continuous burst), measured one right after the other
+        for _ in range(max(args.pairs, 1)):
+            static = run_static(model, reqs, args.slots, args.max_len, args.kv_cache)
+            print(f"static: {static['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+            burst = run_served(server.base, reqs, len(reqs))
+            print(f"continuous, burst: {burst['tokens_per_s']:.1f} tokens/s", file=sys.stderr,
+                  flush=True)
+            pairs.append((static, burst))
     finally:
         server.stop()
-    run_static(model, reqs[: args.slots], args.slots, args.max_len, args.kv_cache)  # warm-up
-    static = run_static(model, reqs, args.slots, args.max_len, args.kv_cache)
-    print(f"static: {static['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
-    burst = dict(rows)["continuous, burst"]
+    static = {k: float(np.median([a[k] for a, _ in pairs]))
+              for k in ("tokens_per_s", "requests_per_s")}
+    pairs = [(a["tokens_per_s"], b["tokens_per_s"]) for a, b in pairs]
+    ratios = [b / a for a, b in pairs]
     if args.llama_server:
         from jaxinfer.loading import resolve_source
 
@@ -245,8 +260,9 @@ def main() -> None:
             f"greedy), {args.slots} slots, max_len {args.max_len}, {PREFILL_TOKENS} prompt "
             f"tokens per engine step, no prefix cache (llama-server: cache_prompt off); short "
             f"requests: prompts of at most {SHORT_PROMPT} tokens.\n"
-            f"Continuous (burst) / static: {burst['tokens_per_s'] / static['tokens_per_s']:.2f}x "
-            "output tokens/s.")
+            f"Continuous (burst) / static: {float(np.median(ratios)):.2f}x output tokens/s "
+            f"(median over {len(pairs)} pairs measured alternately, static then burst: "
+            + ", ".join(f"{a:.1f} / {b:.1f} = {b / a:.2f}x" for a, b in pairs) + ").")
     for c in args.concurrency:
         ours = dict(rows).get(f"continuous, {_clients(c)}")
         theirs = dict(rows).get(f"llama-server, {_clients(c)}")
@@ -261,8 +277,8 @@ def main() -> None:
                      f"{r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | "
                      f"{r['short_ttft_p50']:.2f} / {r['short_ttft_p99']:.2f} | "
                      f"{1e3 * r['itl_p50']:.1f} | {1e3 * r['itl_p99']:.1f} |")
-    table.append(f"| static batches of {args.slots} | {static['tokens_per_s']:.1f} | "
-                 f"{static['requests_per_s']:.2f} | | | | | |")
+    table.append(f"| static batches of {args.slots} (median of the pairs) | "
+                 f"{static['tokens_per_s']:.1f} | {static['requests_per_s']:.2f} | | | | | |")
     publish(head, table, out=args.out)
 
 
