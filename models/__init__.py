@@ -225,13 +225,8 @@ def _declaring_configs() -> tuple[ModelConfig, ...]:
 def _config_axes(config: ModelConfig) -> dict[str, tuple[str, ...]]:
     """Weight path -> logical axes of one layer's leaf (no "layers" axis) of `config` (a trace
     of its init, ~0.15 s, unless its abstract params were made already)."""
-    flat = jax.tree_util.tree_flatten_with_path(logical_axes(config),
-                                                is_leaf=lambda x: isinstance(x, tuple))[0]
-    out = {}
-    for key_path, ax in flat:
-        path = "/".join(str(k.key) for k in key_path)
-        out[path] = ax[1:] if path.startswith("layers/") else ax
-    return out
+    return {path: tuple(names[1:] if path.startswith("layers/") else names)
+            for path, (_, _, names) in abstract_declaration(config).items()}
 
 
 def declared_axes(path: str, config: ModelConfig | None = None) -> tuple[str, ...] | None:

@@ -207,6 +207,8 @@ def main() -> None:
                         "times (the machine's speed drifts within a run); the ratio is of those")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.pairs < 1:
+        p.error(f"--pairs must be >= 1, got {args.pairs}")
 
     model = jaxinfer.load(args.model, progress=False, keep_packed=args.quant == "native")
     reqs = workload(model, args.requests, prompt_range=args.prompt_range,
@@ -233,7 +235,7 @@ def main() -> None:
         engine.shortest_first = aging
         run_static(model, reqs[: args.slots], args.slots, args.max_len, args.kv_cache)  # warm-up
         pairs = []  # (static, continuous burst), measured one right after the other
-        for _ in range(max(args.pairs, 1)):
+        for _ in range(args.pairs):
             static = run_static(model, reqs, args.slots, args.max_len, args.kv_cache)
             print(f"static: {static['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
             burst = run_served(server.base, reqs, len(reqs))
@@ -244,8 +246,7 @@ def main() -> None:
         server.stop()
     static = {k: float(np.median([a[k] for a, _ in pairs]))
               for k in ("tokens_per_s", "requests_per_s")}
-    pairs = [(a["tokens_per_s"], b["tokens_per_s"]) for a, b in pairs]
-    ratios = [b / a for a, b in pairs]
+    ratios = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in pairs]
     if args.llama_server:
         from jaxinfer.loading import resolve_source
 
@@ -262,7 +263,8 @@ def main() -> None:
             f"requests: prompts of at most {SHORT_PROMPT} tokens.\n"
             f"Continuous (burst) / static: {float(np.median(ratios)):.2f}x output tokens/s "
             f"(median over {len(pairs)} pairs measured alternately, static then burst: "
-            + ", ".join(f"{a:.1f} / {b:.1f} = {b / a:.2f}x" for a, b in pairs) + ").")
+            + ", ".join(f"{a['tokens_per_s']:.1f} / {b['tokens_per_s']:.1f} = {r:.2f}x"
+                        for (a, b), r in zip(pairs, ratios, strict=True)) + ").")
     for c in args.concurrency:
         ours = dict(rows).get(f"continuous, {_clients(c)}")
         theirs = dict(rows).get(f"llama-server, {_clients(c)}")

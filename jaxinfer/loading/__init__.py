@@ -148,9 +148,9 @@ def _load_gguf(path: Path, dtype, progress: bool, keep_packed: bool) -> Model:
     with profile.phase("parse GGUF header"):
         src = GGUFSource(path)
         config = config_from_hf(src.hf_config, str(path))
-        programs.declare_abstract(config)
         key = (convert_cache.source_key(path, src.file.header_bytes())
                if convert_cache.enabled() else None)
+    programs.declare_abstract(config)
     if keep_packed == "auto":
         from jaxinfer.quant.gguf_blocks import KINDS
 
