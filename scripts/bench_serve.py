@@ -110,8 +110,10 @@ def run_served(base: str, reqs, concurrency: int, protocol: str = "jaxinfer") ->
 
     The clients share one connection pool: a client of its own per request would build an
     SSL context each time (~50 ms of CPU holding the GIL, measured here), and a burst of 64
-    would spend seconds of the 2 cores on the load generator instead of the server."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    would spend seconds of the 2 cores on the load generator instead of the server. Each
+    request opens its own connection (no keep-alive: llama-server closes idle ones, and a
+    pooled connection it closed fails the next request sent on it)."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
     with httpx.Client(timeout=3600, limits=limits) as client:
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
