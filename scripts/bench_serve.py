@@ -170,11 +170,12 @@ def llama_server_rows(binary: str, gguf, reqs, args) -> list[tuple[str, dict]]:
         proc.wait(30)
 
 
-def run_static(model, reqs, slots: int, max_len: int, kv_cache: str = "float") -> dict:
+def run_static(model, reqs, slots: int, max_len: int, kv_cache: str = "float",
+               prefill_tokens: int = PREFILL_TOKENS) -> dict:
     """The same requests in arrival order, `slots` at a time: each batch is prefilled whole,
     then decoded until its longest row ends (the engine and shapes of the server's)."""
     eng = Engine(model, slots=slots, cache_len=max_len, buf_len=max_len, admit_group=1,
-                 prefill_tokens=PREFILL_TOKENS, kv_cache=kv_cache)
+                 prefill_tokens=prefill_tokens, kv_cache=kv_cache)
     eng.warm_up()  # as the server's engine
     t0 = time.perf_counter()
     tokens = 0
@@ -214,6 +215,9 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=2,
                    help="then static batches and the continuous burst run alternately this many "
                         "times (the machine's speed drifts within a run); the ratio is of those")
+    p.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS,
+                   help="prompt tokens prefilled per engine step, in the server and in the static "
+                        "batches (the server's --prefill-tokens)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.pairs < 1:
@@ -224,7 +228,8 @@ def main() -> None:
                     out_range=args.out_range)
     server = BackgroundServer(create_app(model, model_name="m", slots=args.slots,
                                          max_len=args.max_len, max_queue=10 * args.requests,
-                                         prefill_tokens=PREFILL_TOKENS, prefix_cache_bytes=0,
+                                         prefill_tokens=args.prefill_tokens,
+                                         prefix_cache_bytes=0,
                                          kv_cache=args.kv_cache))
     rows = []
 
@@ -242,10 +247,11 @@ def main() -> None:
         measured("continuous, burst, first come first served",
                  run_served(server.base, reqs, len(reqs)))
         engine.shortest_first = aging
-        run_static(model, reqs[: args.slots], args.slots, args.max_len, args.kv_cache)  # warm-up
+        static_args = (args.slots, args.max_len, args.kv_cache, args.prefill_tokens)
+        run_static(model, reqs[: args.slots], *static_args)  # warm-up
         pairs = []  # (static, continuous burst), measured one right after the other
         for _ in range(args.pairs):
-            static = run_static(model, reqs, args.slots, args.max_len, args.kv_cache)
+            static = run_static(model, reqs, *static_args)
             print(f"static: {static['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
             burst = run_served(server.base, reqs, len(reqs))
             print(f"continuous, burst: {burst['tokens_per_s']:.1f} tokens/s", file=sys.stderr,
@@ -267,13 +273,18 @@ def main() -> None:
             f"kernels {native}. "
             f"{args.requests} requests, prompts {args.prompt_range[0]}-{args.prompt_range[1]} "
             f"tokens, outputs {args.out_range[0]}-{args.out_range[1]} tokens (ignore_eos, "
-            f"greedy), {args.slots} slots, max_len {args.max_len}, {PREFILL_TOKENS} prompt "
+            f"greedy), {args.slots} slots, max_len {args.max_len}, {args.prefill_tokens} prompt "
             f"tokens per engine step, no prefix cache (llama-server: cache_prompt off); short "
             f"requests: prompts of at most {SHORT_PROMPT} tokens.\n"
             f"Continuous (burst) / static: {float(np.median(ratios)):.2f}x output tokens/s "
             f"(median over {len(pairs)} pairs measured alternately, static then burst: "
             + ", ".join(f"{a['tokens_per_s']:.1f} / {b['tokens_per_s']:.1f} = {r:.2f}x"
                         for (a, b), r in zip(pairs, ratios, strict=True)) + ").")
+    bursts = [dict(rows)["continuous, burst"]] + [b for _, b in pairs]
+    short = [b["short_ttft_p99"] / b["short_ttft_p50"] for b in bursts]
+    head += (f" Short requests' TTFT p99 / p50 in the bursts (shortest first): "
+             f"{float(np.median(short)):.2f}x median over {len(bursts)} bursts ("
+             + ", ".join(f"{r:.2f}x" for r in short) + ").")
     for c in args.concurrency:
         ours = dict(rows).get(f"continuous, {_clients(c)}")
         theirs = dict(rows).get(f"llama-server, {_clients(c)}")
