@@ -28,14 +28,10 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def rows_bucket(n: int) -> int:
-    """The decode row count compiled for n live rows: the next of 1, 2, 4, 6, 8, 12, 16, 24,
-    32, ... (powers of two and 1.5 times them). A decode step over r rows costs a fixed part
-    plus about r times a per-row part (one row's matmuls, compute bound on a CPU from two rows
-    on), so the padding rows of a bucket are paid for in full: these buckets pad by at most a
-    third of the live rows, powers of two alone by up to all of them (docs/SERVING.md,
-    2026-12-06 22:35 UTC)."""
-    up = bucket(n, minimum=1)
-    return up * 3 // 4 if up >= 8 and n <= up * 3 // 4 else up
+    """Next power of two >= n: the decode row counts compiled (1, 2, 4, 8, ...). A decode step
+    over r rows costs about a fixed part plus r times a per-row part (one row's matmuls), so a
+    row bucket of twice the live rows at most doubles the per-row part."""
+    return bucket(n, minimum=1)
 
 
 def chunk_bucket(remaining: int, share: int) -> int:
