@@ -281,10 +281,11 @@ def main() -> None:
             + ", ".join(f"{a['tokens_per_s']:.1f} / {b['tokens_per_s']:.1f} = {r:.2f}x"
                         for (a, b), r in zip(pairs, ratios, strict=True)) + ").")
     bursts = [dict(rows)["continuous, burst"]] + [b for _, b in pairs]
-    short = [b["short_ttft_p99"] / b["short_ttft_p50"] for b in bursts]
-    head += (f" Short requests' TTFT p99 / p50 in the bursts (shortest first): "
-             f"{float(np.median(short)):.2f}x median over {len(bursts)} bursts ("
-             + ", ".join(f"{r:.2f}x" for r in short) + ").")
+    short = [b["short_ttft_p99"] / b["short_ttft_p50"] for b in bursts if b["short_ttft_p50"]]
+    if short:  # (a workload without short prompts has none)
+        head += (f" Short requests' TTFT p99 / p50 in the bursts (shortest first): "
+                 f"{float(np.median(short)):.2f}x median over {len(short)} bursts ("
+                 + ", ".join(f"{r:.2f}x" for r in short) + ").")
     for c in args.concurrency:
         ours = dict(rows).get(f"continuous, {_clients(c)}")
         theirs = dict(rows).get(f"llama-server, {_clients(c)}")

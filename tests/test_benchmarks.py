@@ -36,3 +36,6 @@ def test_bench_serve_reports_every_mode_on_a_tiny_workload(tmp_path):
                       r"\(median over 2 pairs", report)
     assert ratio and float(ratio.group(1)) > 0, report
     assert "4 requests, prompts 8-32 tokens, outputs 4-8 tokens" in report
+    short = re.search(r"Short requests' TTFT p99 / p50 in the bursts \(shortest first\): "
+                      r"([\d.]+)x median over 3 bursts", report)
+    assert short and float(short.group(1)) >= 1, report
