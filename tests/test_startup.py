@@ -160,6 +160,37 @@ def test_cache_written_then_used(tmp_path, cache, monkeypatch):
     assert len(entries(cache, "*.safetensors")) == 2
 
 
+def _resident_kb(path) -> int:
+    """kB of `path`'s mapped pages resident in this process (Linux: /proc/self/smaps)."""
+    total, mapped = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                mapped = line.rstrip().endswith(str(path))
+            elif mapped and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_checksum_leaves_the_mapping_unresident(tmp_path):
+    """Checking an entry reads every byte, but from the file, not through its memory map: a
+    layout entry that is never used (another ISA's) and the weights a run layout replaces
+    must not count in the process's peak memory (they did: 184 MB of SmolLM2's 728)."""
+    entry = tmp_path / "w.float32.key.safetensors"
+    big = np.arange(8 << 20, dtype=np.float32)  # 32 MB
+    convert_cache.write_params(entry, {"big": big, "small": np.ones(16, np.float32)}, "src",
+                               background=False)
+    sf = convert_cache.PendingParams(entry).result()
+    assert sf is not None and np.array_equal(sf.get("big"), big)  # the check passed...
+    del sf
+    sf = convert_cache.PendingParams(entry).result()
+    assert _resident_kb(entry) < 1024  # ... and left the 32 MB unresident
+    assert sf.get("small").sum() == 16 and _resident_kb(entry) < 1024
+    entry.write_bytes(entry.read_bytes()[:-4] + b"\0\0\0\0")  # still caught when damaged
+    assert convert_cache.PendingParams(entry).result() is None
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "header"])
 def test_damaged_weights_entry_is_rebuilt(tmp_path, cache, capsys, damage):
     path = tiny_model_file(tmp_path)

@@ -82,11 +82,16 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
 
-    def data(self) -> np.ndarray:
-        """The whole data section (every tensor's bytes, in file order) as a uint8 view."""
-        if self._mmap is None:
-            return np.zeros(0, np.uint8)
-        return self._mmap[self._start:]
+    def read_data(self, chunk: int = 8 << 20):
+        """The data section's bytes in pieces of at most `chunk` bytes, read from the file, not
+        through the map: pages touched through the map count in this process's resident memory
+        until it is dropped, so a pass over every byte (a checksum) would add the whole file to
+        the peak even where most of it is never used."""
+        buf = bytearray(chunk)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._start)
+            while n := f.readinto(buf):
+                yield memoryview(buf)[:n]
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only numpy view of the mapped file (no copy)."""
