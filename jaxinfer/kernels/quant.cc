@@ -148,7 +148,10 @@ void DotRowsCols(const QuantRows& x, int64_t r0, const uint8_t* q, const uint16_
                  const uint16_t* mins, int64_t K, int64_t kb, int64_t ke, int64_t G,
                  float* tile) {
   const int64_t blocks = K / kBlock;
+  // the scales' group of k0, counted (a 64-bit division per block cost ~5% of a prefill)
+  int64_t g = kb / G, g_end = (g + 1) * G;
   for (int64_t k0 = kb; k0 < ke; k0 += kBlock) {
+    if (k0 == g_end) ++g, g_end += G;
     simd::IVec pairs[R][C];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) pairs[r][c] = simd::IZero();
@@ -166,7 +169,7 @@ void DotRowsCols(const QuantRows& x, int64_t r0, const uint8_t* q, const uint16_
         for (int c = 0; c < C; ++c) pairs[r][c] = simd::DotPairs(pairs[r][c], lo[c], x0, hi[c], x1);
       }
     }
-    const int64_t g = k0 / G, b = k0 / kBlock;
+    const int64_t b = k0 / kBlock;
     for (int c = 0; c < C; ++c) {
       const Vec sc = simd::LoadHalf(s + g * kStrip + (C0 + c) * kWidth);
       const Vec mn = simd::LoadHalf(mins + g * kStrip + (C0 + c) * kWidth);

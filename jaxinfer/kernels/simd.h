@@ -204,8 +204,8 @@ inline IVec HighNibbles(IVec b) {
   return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(15));
 }
 inline IVec DotPairs(IVec acc, IVec u0, IVec s0, IVec u1, IVec s1) {
-  return _mm256_add_epi16(acc, _mm256_add_epi16(_mm256_maddubs_epi16(u0, s0),
-                                                _mm256_maddubs_epi16(u1, s1)));
+  return _mm256_add_epi16(_mm256_add_epi16(acc, _mm256_maddubs_epi16(u0, s0)),
+                          _mm256_maddubs_epi16(u1, s1));
 }
 inline IVec SumPairs(IVec p) { return _mm256_madd_epi16(p, _mm256_set1_epi16(1)); }
 inline Vec ToFloat(IVec i) { return _mm256_cvtepi32_ps(i); }
