@@ -19,6 +19,7 @@ from jaxinfer.loading import convert_cache
 from jaxinfer.loading.fetch import DEFAULT_MODEL, cache_dir
 from jaxinfer.parallel.cli_support import add_parallel_args, devices_command, setup_parallel
 from jaxinfer.sampling import FALLBACK
+from jaxinfer.serve import AGING, PREFILL_TOKENS, PREFIX_CACHE_MB
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -145,17 +146,19 @@ def _serve_parser(sub) -> None:
     s.add_argument("--api-key", default=os.environ.get("JAXINFER_API_KEY"),
                    help="require Authorization: Bearer KEY (default $JAXINFER_API_KEY)")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    s.add_argument("--prefill-tokens", type=int, default=256,
+    s.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS,
                    help="prompt tokens prefilled per engine step before its decode steps "
-                        "(power of two, 16..512; default 256)")
+                        f"(power of two, 16..512; default {PREFILL_TOKENS})")
     s.add_argument("--schedule", choices=["shortest", "fifo"], default="shortest",
                    help="order in which waiting requests get slots: shortest prompt first, aged "
                         "by --aging (default), or first come, first served")
-    s.add_argument("--aging", type=float, default=256.0,
+    s.add_argument("--aging", type=float, default=AGING,
                    help="with --schedule shortest: prompt tokens a waiting request gains per "
-                        "second in the queue (bounds how long a long prompt waits; default 256)")
-    s.add_argument("--prefix-cache-mb", type=int, default=256,
-                   help="memory for the KV of shared prompt prefixes (0: off; default 256)")
+                        f"second in the queue (bounds how long a long prompt waits; default "
+                        f"{AGING:g})")
+    s.add_argument("--prefix-cache-mb", type=int, default=PREFIX_CACHE_MB,
+                   help="memory for the KV of shared prompt prefixes (0: off; default "
+                        f"{PREFIX_CACHE_MB})")
     s.add_argument("--served-model-name", default=None,
                    help="the model id clients use (default: --model)")
     add_parallel_args(s)

@@ -38,6 +38,7 @@ from jaxinfer.bench import english_text, publish
 from jaxinfer.engine import KV_CACHES
 from jaxinfer.generate import Engine
 from jaxinfer.sampling import Sampling
+from jaxinfer.serve import PREFILL_TOKENS
 from jaxinfer.serve.app import BackgroundServer, create_app
 
 
@@ -102,7 +103,6 @@ def one_request(client: httpx.Client, base: str, prompt: list[int], max_tokens: 
 
 
 SHORT_PROMPT = 64  # "short requests" of the burst row: prompts of at most this many tokens
-PREFILL_TOKENS = 256  # the server's per-step prompt-token budget (create_app's default)
 
 
 def run_served(base: str, reqs, concurrency: int, protocol: str = "jaxinfer") -> dict:

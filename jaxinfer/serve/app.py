@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from jaxinfer.serve import api
+from jaxinfer.serve import AGING, PREFILL_TOKENS, PREFIX_CACHE_MB, api
 from jaxinfer.serve.api import APIError
 from jaxinfer.serve.metrics import Metrics
 from jaxinfer.serve.scheduler import EngineLoop, Event, Job, QueueFull
@@ -30,8 +30,9 @@ def create_app(model, *, model_name: str, slots: int = 8, max_len: int = 2048,
                max_queue: int = 64, api_key: str | None = None,
                timeout_s: float | None = 600.0, step_tokens: int = 8,
                kv_cache: str = "float", warm_up: bool = True,
-               prefix_cache_bytes: int = 256 << 20, prefill_tokens: int = 256,
-               shortest_first: float | None = 256.0) -> FastAPI:
+               prefix_cache_bytes: int = PREFIX_CACHE_MB << 20,
+               prefill_tokens: int = PREFILL_TOKENS,
+               shortest_first: float | None = AGING) -> FastAPI:
     """The app serving `model` as `model_name`: `slots` decode slots of `max_len` tokens
     (prompt + completion), at most `max_queue` requests waiting for a slot, prompt prefixes
     kept up to `prefix_cache_bytes` (see generate.PrefixCache), and each engine step

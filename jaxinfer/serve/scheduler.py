@@ -24,6 +24,7 @@ import time
 
 from jaxinfer.generate import Engine, _RowText
 from jaxinfer.sampling import MAX_TOP_LOGPROBS, Sampling
+from jaxinfer.serve import PREFILL_TOKENS, PREFIX_CACHE_MB
 
 log = logging.getLogger("jaxinfer.serve")
 
@@ -83,7 +84,8 @@ class EngineLoop:
 
     def __init__(self, model, *, slots: int, max_len: int, max_queue: int, metrics,
                  step_tokens: int = 8, kv_cache: str = "float",
-                 prefix_cache_bytes: int = 256 << 20, prefill_tokens: int = 256,
+                 prefix_cache_bytes: int = PREFIX_CACHE_MB << 20,
+                 prefill_tokens: int = PREFILL_TOKENS,
                  shortest_first: float | None = None):
         self.model, self.metrics, self.max_queue = model, metrics, max_queue
         self.step_tokens = step_tokens
