@@ -88,6 +88,14 @@ def _sha256(data) -> str:
     return hashlib.sha256(memoryview(data)).hexdigest()
 
 
+def _checksum(pieces) -> str:
+    """The CHECKSUM of data given as consecutive byte buffers."""
+    digest = xxhash.xxh3_128()
+    for piece in pieces:
+        digest.update(piece)
+    return digest.hexdigest()
+
+
 def discard(entry: Path, why: str) -> None:
     """Delete a bad entry, saying why on stderr."""
     print(f"jaxinfer: converted-weights cache entry {entry.name} {why}; rebuilding it",
@@ -149,10 +157,7 @@ class PendingParams:
     def _hash(self) -> None:
         if self._after is not None and self._after._thread is not None:
             self._after._thread.join()
-        digest = xxhash.xxh3_128()  # CHECKSUM
-        for piece in self._sf.read_data():
-            digest.update(piece)
-        self._digest = digest.hexdigest()
+        self._digest = _checksum(self._sf.read_data())
 
     def result(self, config=None, dtype=None) -> SafetensorsFile | None:
         """The entry if it is whole and holds exactly the params of `config` in `dtype`, else
@@ -222,10 +227,9 @@ def write_params(entry: Path, params, source: str, *, background: bool = True,
     tensors = {path: np.asarray(leaf) for path, leaf in paths.iter_leaves(params)}
 
     def write() -> None:
-        digest = xxhash.xxh3_128()
-        for arr in tensors.values():
-            digest.update(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
-        meta = {"format": str(FORMAT_VERSION), CHECKSUM: digest.hexdigest(), "source": source}
+        digest = _checksum(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+                           for arr in tensors.values())
+        meta = {"format": str(FORMAT_VERSION), CHECKSUM: digest, "source": source}
         stem, dtype_name = entry.name.rsplit(".", 3)[:2]
         old = stale or glob.escape(stem) + f".{dtype_name}.*.safetensors"
         atomic_write(entry, lambda tmp: write_safetensors(tmp, tensors, meta), old)
