@@ -78,9 +78,9 @@ constexpr int PassCols(int rows) {
 
 // Vectors of columns y[r, n0 + (C0 + c) * kWidth] for c < C of R rows: sum_k x[r, k] *
 // panel[k, .]; xp is x packed [K][kRows]. pf (optional): panel rows to bring into L2
-// meanwhile, one every `every` steps of k (the next panel, while this one is read from L2
-// again for more rows: the memory stream never stops). The first pass (C0 == 0) asks for the
-// whole panel row ahead (L2 and L1), later passes for their own columns only (L1).
+// meanwhile, one every `every` steps of k (part of the next panel, while this one is read from
+// L2 again for more rows or columns: the memory stream never stops). The first pass (C0 == 0)
+// asks for the whole panel row ahead (L2 and L1), later passes for their own columns only (L1).
 template <int R, int C, int C0>
 void BlockCols(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0,
                const float* pf, int64_t every) {
@@ -126,19 +126,26 @@ void BlockCols(const float* xp, const float* panel, float* y, int64_t K, int64_t
   }
 }
 
-// The passes of C vectors from column vector C0 on, skipping those wholly past N (padding);
-// the next-panel prefetch pf rides on the first.
+// The passes of C vectors from column vector C0 on, skipping those wholly past N (padding).
+// pf is this block's share of the next panel (every: its blocks of rows); each pass brings
+// its own part of that share to L2 (measured on the Xeon of docs/CPU_RESULTS.md at 16 rows,
+// AVX2: 13-17% less time than the first pass alone asking for it). A panel read in a single
+// pass (one block, one pass) asks for nothing: that is the batch-1 stream, which on Zen 3 ran
+// faster without prefetches.
 template <int R, int C, int C0 = 0>
 void Passes(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0,
             const float* pf, int64_t every) {
-  BlockCols<R, C, C0>(xp, panel, y, K, N, n0, pf, every);
+  constexpr int64_t kPasses = kCols / C, kPass = C0 / C;
+  const int64_t share = every * kPasses;
+  const float* mine = pf != nullptr && share > 1 ? pf + kPass * (K / share) * kStrip : nullptr;
+  BlockCols<R, C, C0>(xp, panel, y, K, N, n0, mine, share);
   if constexpr (C0 + C < kCols) {
-    if (n0 + (C0 + C) * kWidth < N) Passes<R, C, C0 + C>(xp, panel, y, K, N, n0, nullptr, every);
+    if (n0 + (C0 + C) * kWidth < N) Passes<R, C, C0 + C>(xp, panel, y, K, N, n0, pf, every);
   }
 }
 
 // y[r, n0 .. n0 + kStrip) (columns below N) = x rows @ panel for R rows, in passes of
-// PassCols(R) vectors.
+// PassCols(R) vectors; pf / every as in Passes.
 template <int R>
 void Block(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0,
            const float* pf, int64_t every) {
@@ -154,31 +161,46 @@ constexpr auto MakeTable(std::integer_sequence<int, R...>) {
 }
 constexpr auto kBlocks = MakeTable(std::make_integer_sequence<int, kRows>{});
 
-// Runs fn(i) for i in [0, n) on the caller and the pool's threads.
-struct Parallel {
-  std::function<void(int64_t)> fn;
-  int64_t n = 0;
+// Runs fn(i, next) for i in [0, n) on the caller and the pool's threads. The items are cut into
+// one contiguous range per thread; a thread takes its own range's items in order, one at a
+// time, then helps with the ranges of the others. next is the item after i in i's range (-1 at
+// its end): the one this thread most likely runs next, whose data fn may prefetch meanwhile.
+struct alignas(kLine * sizeof(float)) Counter {
   std::atomic<int64_t> next{0};
+};
+
+struct Parallel {
+  std::function<void(int64_t, int64_t)> fn;
+  int64_t n = 0, ranges = 1;
+  std::unique_ptr<Counter[]> counters;  // the next unclaimed item of each range
+  std::atomic<int64_t> workers{0};
   std::atomic<int64_t> done{0};
 };
 
 void Drain(Parallel& p) {
-  for (;;) {
-    const int64_t i = p.next.fetch_add(1);
-    if (i >= p.n) return;
-    p.fn(i);
-    p.done.fetch_add(1, std::memory_order_release);
+  const int64_t me = p.workers.fetch_add(1) % p.ranges;
+  for (int64_t d = 0; d < p.ranges; ++d) {
+    const int64_t r = (me + d) % p.ranges, end = (r + 1) * p.n / p.ranges;
+    for (;;) {
+      const int64_t i = p.counters[r].next.fetch_add(1);
+      if (i >= end) break;
+      p.fn(i, i + 1 < end ? i + 1 : -1);
+      p.done.fetch_add(1, std::memory_order_release);
+    }
   }
 }
 
 constexpr int kSpins = 1024;  // pauses (tens of microseconds) before the waiting caller yields
 
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> fn) {
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t, int64_t)> fn) {
   auto p = std::make_shared<Parallel>();
   p->fn = std::move(fn);
   p->n = n;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  for (int64_t t = 1; t < std::min(threads, n); ++t) pool.Schedule([p] { Drain(*p); });
+  p->ranges = std::max<int64_t>(1, std::min(threads, n));
+  p->counters = std::make_unique<Counter[]>(p->ranges);
+  for (int64_t r = 0; r < p->ranges; ++r) p->counters[r].next = r * n / p->ranges;
+  for (int64_t t = 1; t < p->ranges; ++t) pool.Schedule([p] { Drain(*p); });
   Drain(*p);
   // Items claimed by helpers are running; wait for them (fn may use the caller's stack),
   // giving the core away when they take long (on a busy machine a helper may be preempted).
@@ -190,6 +212,23 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> 
     }
   }
 }
+
+// The panels of the first `listed` projections (each with a `panels` count) as one run of
+// items: projection 0's panels, then projection 1's, ...
+struct PanelItems {
+  std::vector<int64_t> starts{0};  // the item of each projection's first panel, then the count
+
+  template <typename P>
+  PanelItems(const std::vector<P>& projs, size_t listed) {
+    for (size_t j = 0; j < listed; ++j) starts.push_back(starts.back() + projs[j].panels);
+  }
+  int64_t size() const { return starts.back(); }
+  // item -> (projection, panel)
+  std::pair<size_t, int64_t> Locate(int64_t i) const {
+    const size_t j = std::upper_bound(starts.begin(), starts.end(), i) - starts.begin() - 1;
+    return {j, i - starts[j]};
+  }
+};
 
 // exp(x) per lane (Cephes expf polynomial, ~1 ulp), x clamped to [-87.3, 88.7].
 inline Vec Exp(Vec x) {

@@ -3,8 +3,9 @@
 // input, the fused SwiGLU gate), and single-query attention over the KV cache (float32 or
 // float16) with RoPE and the cache write folded in.
 //
-// Work is shared between the calling thread and XLA's intra-op thread pool through an atomic
-// counter (ParallelFor); the caller never waits for an item nobody has claimed, so a busy pool
+// Work is shared between the calling thread and XLA's intra-op thread pool through atomic
+// counters (ParallelFor: one contiguous range of items per thread, taken in order, then the
+// others' leftovers); the caller never waits for an item nobody has claimed, so a busy pool
 // cannot deadlock it.
 //
 // Matmul: y [M, N] = x [M, K] @ W [K, N], where W is given packed as w [P, K, S] (panel p holds
@@ -16,9 +17,9 @@
 // 16; with AVX2's 16 registers, in two passes of 3 vectors of 8 columns when more than one row
 // is multiplied, the second from L1/L2). Row-major [K, N] weights stream badly here (a
 // power-of-two row stride maps a panel onto a few cache sets), which is why the weights are
-// packed once. More than kRows rows read a panel again from L2 per block of rows; those extra
-// passes pull the next panel into L2 meanwhile, so the stream from memory overlaps the
-// arithmetic.
+// packed once. More than kRows rows read a panel again from L2 per block of rows; whenever a
+// panel is read in more than one pass, every pass pulls its part of the next panel into L2
+// meanwhile, so the stream from memory overlaps the arithmetic.
 #include "common.h"
 
 namespace {
@@ -30,48 +31,44 @@ struct Proj {
   int64_t n, panels;
 };
 
-// Runs every panel of every projection on the pool, `chunk` panels per work item.
+// Runs every panel of every projection on the pool (ParallelFor's items: the panels of
+// projection 0, then of projection 1, ...). While a thread multiplies a panel in several passes
+// it brings the next panel it will take to L2.
 // glu: projs is one (gate, up) pair of equal n, and gate's y receives silu(x @ Wg) * (x @ Wu).
 void RunProjections(ffi::ThreadPool& pool, const float* xs, int64_t m, int64_t k,
                     const std::vector<Proj>& projs, bool glu) {
   const std::vector<float> packed = PackRows(xs, m, k);
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const size_t listed = glu ? 1 : projs.size();  // a GLU pair is walked as its gate's panels
-  int64_t total = 0;
-  for (size_t j = 0; j < listed; ++j) total += projs[j].panels;
-  const int64_t chunk = std::max<int64_t>(1, total / (2 * threads));  // 2 items per thread
-  std::vector<std::pair<int64_t, int64_t>> items;  // (projection, first panel)
-  for (size_t j = 0; j < listed; ++j)
-    for (int64_t p = 0; p < projs[j].panels; p += chunk) items.emplace_back(j, p);
-  ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
-    const Proj& pr = projs[items[i].first];
-    const int64_t pend = std::min(pr.panels, items[i].second + chunk);
+  const PanelItems items(projs, listed);
+  const int64_t blocks = (m + kRows - 1) / kRows, part = k / blocks;
+  ParallelFor(pool, items.size(), [&](int64_t i, int64_t next) {
+    const auto [j, p] = items.Locate(i);
+    const Proj& pr = projs[j];
     alignas(64) float tmp[2][kRows * kStrip];
-    const int64_t passes = (m + kRows - 1) / kRows, part = k / passes;
-    for (int64_t p = items[i].second; p < pend; ++p) {
-      for (int64_t r0 = 0; r0 < m; r0 += kRows) {
-        const int64_t rows = std::min(kRows, m - r0);
-        const float* xp = packed.data() + (r0 / kRows) * k * kRows;
-        // With several passes over this panel, pass j brings part j of the next one to L2.
-        const bool pf = passes > 1 && p + 1 < pend;
-        const int64_t pf_at = (p + 1) * k * kStrip + (r0 / kRows) * part * kStrip;
-        if (!glu) {
-          kBlocks[rows - 1](xp, pr.w + p * k * kStrip, pr.y + r0 * pr.n, k, pr.n, p * kStrip,
-                            pf ? pr.w + pf_at : nullptr, passes);
-          continue;
-        }
-        for (int j = 0; j < 2; ++j) {
-          kBlocks[rows - 1](xp, projs[j].w + p * k * kStrip, tmp[j], k, kStrip, 0,
-                            pf ? projs[j].w + pf_at : nullptr, passes);
-        }
-        for (int64_t r = 0; r < rows; ++r)
-          for (int c = 0; c < kCols; ++c) {
-            const Vec g = simd::Load(tmp[0] + r * kStrip + kWidth * c);
-            const Vec u = simd::Load(tmp[1] + r * kStrip + kWidth * c);
-            StoreHead(pr.y + (r0 + r) * pr.n + p * kStrip + kWidth * c, SiluMul(g, u),
-                      pr.n - p * kStrip - kWidth * c);
-          }
+    for (int64_t r0 = 0; r0 < m; r0 += kRows) {
+      const int64_t rows = std::min(kRows, m - r0), b = r0 / kRows;
+      const float* xp = packed.data() + b * k * kRows;
+      // Block b brings part b of the next panel (of each weight) to L2.
+      const auto pf = [&](int w) -> const float* {
+        if (next < 0) return nullptr;
+        const auto [nj, np] = items.Locate(next);
+        return projs[glu ? w : nj].w + np * k * kStrip + b * part * kStrip;
+      };
+      if (!glu) {
+        kBlocks[rows - 1](xp, pr.w + p * k * kStrip, pr.y + r0 * pr.n, k, pr.n, p * kStrip,
+                          pf(0), blocks);
+        continue;
       }
+      for (int w = 0; w < 2; ++w) {
+        kBlocks[rows - 1](xp, projs[w].w + p * k * kStrip, tmp[w], k, kStrip, 0, pf(w), blocks);
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int c = 0; c < kCols; ++c) {
+          const Vec g = simd::Load(tmp[0] + r * kStrip + kWidth * c);
+          const Vec u = simd::Load(tmp[1] + r * kStrip + kWidth * c);
+          StoreHead(pr.y + (r0 + r) * pr.n + p * kStrip + kWidth * c, SiluMul(g, u),
+                    pr.n - p * kStrip - kWidth * c);
+        }
     }
   });
 }
@@ -361,7 +358,7 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer
   const int32_t win = window.typed_data()[0];
   float* os = out->typed_data();
   const int64_t stride = (S + 63) / 64 * 64;
-  ParallelFor(pool, B * K, [&](int64_t item) {
+  ParallelFor(pool, B * K, [&](int64_t item, int64_t) {
     const int64_t b = item / K, kh = item % K;
     T* kb = ks + item * H * S;
     T* vb = vs + item * S * H;

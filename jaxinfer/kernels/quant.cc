@@ -283,33 +283,25 @@ void RunQuantized(ffi::ThreadPool& pool, const float* xs, int64_t m, int64_t k,
   const std::vector<float> packed = m > 1 && eight ? PackRows(xs, m, k) : std::vector<float>();
   const QuantRows xq = four ? QuantizeRows(xs, m, k) : QuantRows{};
   const Inputs in{xs, packed.data(), &xq};
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const size_t listed = glu ? 1 : projs.size();
-  int64_t total = 0;
-  for (size_t j = 0; j < listed; ++j) total += projs[j].panels;
-  const int64_t chunk = std::max<int64_t>(1, total / (2 * threads));
-  std::vector<std::pair<int64_t, int64_t>> items;  // (projection, first panel)
-  for (size_t j = 0; j < listed; ++j)
-    for (int64_t p = 0; p < projs[j].panels; p += chunk) items.emplace_back(j, p);
+  const PanelItems items(projs, listed);
   const int64_t rows = (m + kRows - 1) / kRows * kRows;
-  ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
+  ParallelFor(pool, items.size(), [&](int64_t i, int64_t) {
     thread_local std::vector<float> buf;
     buf.resize(kChunk * kStrip + 2 * rows * kStrip);
     float* scratch = buf.data();
     float* tiles[2] = {scratch + kChunk * kStrip, scratch + kChunk * kStrip + rows * kStrip};
-    const QProj& pr = projs[items[i].first];
-    const int64_t pend = std::min(pr.panels, items[i].second + chunk);
-    for (int64_t p = items[i].second; p < pend; ++p) {
-      for (int j = 0; j < (glu ? 2 : 1); ++j)
-        Panel(glu ? projs[j] : pr, p, in, m, k, tiles[j], scratch);
-      for (int64_t r = 0; r < m; ++r)
-        for (int c = 0; c < kCols; ++c) {
-          const int64_t at = r * kStrip + c * kWidth, col = p * kStrip + c * kWidth;
-          const Vec g = simd::Load(tiles[0] + at);
-          StoreHead(pr.y + r * pr.n + col, glu ? SiluMul(g, simd::Load(tiles[1] + at)) : g,
-                    pr.n - col);
-        }
-    }
+    const auto [j, p] = items.Locate(i);
+    const QProj& pr = projs[j];
+    for (int w = 0; w < (glu ? 2 : 1); ++w)
+      Panel(glu ? projs[w] : pr, p, in, m, k, tiles[w], scratch);
+    for (int64_t r = 0; r < m; ++r)
+      for (int c = 0; c < kCols; ++c) {
+        const int64_t at = r * kStrip + c * kWidth, col = p * kStrip + c * kWidth;
+        const Vec g = simd::Load(tiles[0] + at);
+        StoreHead(pr.y + r * pr.n + col, glu ? SiluMul(g, simd::Load(tiles[1] + at)) : g,
+                  pr.n - col);
+      }
   });
 }
 
