@@ -128,16 +128,16 @@ void BlockCols(const float* xp, const float* panel, float* y, int64_t K, int64_t
 
 // The passes of C vectors from column vector C0 on, skipping those wholly past N (padding).
 // pf is this block's share of the next panel (every: its blocks of rows); each pass brings
-// its own part of that share to L2 (measured on the Xeon of docs/CPU_RESULTS.md at 16 rows,
-// AVX2: 13-17% less time than the first pass alone asking for it). A panel read in a single
-// pass (one block, one pass) asks for nothing: that is the batch-1 stream, which on Zen 3 ran
-// faster without prefetches.
+// its own part of that share to L2. Measured on the Xeon of docs/CPU_RESULTS.md (2026-12-07):
+// at 16 rows (AVX2) 13-17% less time than the first pass alone asking for it; at one row
+// (a single pass, the batch-1 stream) 14-44% more tokens/s on AVX2 and 1-8% on AVX-512 than
+// without it (the in-panel kAhead / kFar prefetches, by contrast, slowed batch 1 on Zen 3).
 template <int R, int C, int C0 = 0>
 void Passes(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0,
             const float* pf, int64_t every) {
   constexpr int64_t kPasses = kCols / C, kPass = C0 / C;
   const int64_t share = every * kPasses;
-  const float* mine = pf != nullptr && share > 1 ? pf + kPass * (K / share) * kStrip : nullptr;
+  const float* mine = pf != nullptr ? pf + kPass * (K / share) * kStrip : nullptr;
   BlockCols<R, C, C0>(xp, panel, y, K, N, n0, mine, share);
   if constexpr (C0 + C < kCols) {
     if (n0 + (C0 + C) * kWidth < N) Passes<R, C, C0 + C>(xp, panel, y, K, N, n0, pf, every);

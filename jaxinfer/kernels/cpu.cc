@@ -17,9 +17,9 @@
 // 16; with AVX2's 16 registers, in two passes of 3 vectors of 8 columns when more than one row
 // is multiplied, the second from L1/L2). Row-major [K, N] weights stream badly here (a
 // power-of-two row stride maps a panel onto a few cache sets), which is why the weights are
-// packed once. More than kRows rows read a panel again from L2 per block of rows; whenever a
-// panel is read in more than one pass, every pass pulls its part of the next panel into L2
-// meanwhile, so the stream from memory overlaps the arithmetic.
+// packed once. More than kRows rows read a panel again from L2 per block of rows; every pass
+// over a panel pulls its part of the next panel into L2 meanwhile, so the stream from memory
+// overlaps the arithmetic.
 #include "common.h"
 
 namespace {
@@ -32,8 +32,8 @@ struct Proj {
 };
 
 // Runs every panel of every projection on the pool (ParallelFor's items: the panels of
-// projection 0, then of projection 1, ...). While a thread multiplies a panel in several passes
-// it brings the next panel it will take to L2.
+// projection 0, then of projection 1, ...). While a thread multiplies a panel it brings the
+// next panel it will take to L2.
 // glu: projs is one (gate, up) pair of equal n, and gate's y receives silu(x @ Wg) * (x @ Wu).
 void RunProjections(ffi::ThreadPool& pool, const float* xs, int64_t m, int64_t k,
                     const std::vector<Proj>& projs, bool glu) {
