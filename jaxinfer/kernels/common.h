@@ -129,7 +129,8 @@ void BlockCols(const float* xp, const float* panel, float* y, int64_t K, int64_t
 // The passes of C vectors from column vector C0 on, skipping those wholly past N (padding).
 // pf is this block's share of the next panel (every: its blocks of rows); each pass brings
 // its own part of that share to L2. Measured on the Xeon of docs/CPU_RESULTS.md (2026-12-07):
-// at 16 rows (AVX2) 13-17% less time than the first pass alone asking for it; at one row
+// at 16 rows (AVX2, a harness), with ParallelFor's per-thread ranges, 14-19% less time than
+// the first pass alone asking for it, within a quarter of a projection's panels; at one row
 // (a single pass, the batch-1 stream) 14-44% more tokens/s on AVX2 and 1-8% on AVX-512 than
 // without it (the in-panel kAhead / kFar prefetches, by contrast, slowed batch 1 on Zen 3).
 template <int R, int C, int C0 = 0>

@@ -45,15 +45,16 @@ void RunProjections(ffi::ThreadPool& pool, const float* xs, int64_t m, int64_t k
     const auto [j, p] = items.Locate(i);
     const Proj& pr = projs[j];
     alignas(64) float tmp[2][kRows * kStrip];
+    const float* ahead[2] = {nullptr, nullptr};  // the next panel of each weight, if any
+    if (next >= 0) {
+      const auto [nj, np] = items.Locate(next);
+      for (int w = 0; w < (glu ? 2 : 1); ++w) ahead[w] = projs[glu ? w : nj].w + np * k * kStrip;
+    }
     for (int64_t r0 = 0; r0 < m; r0 += kRows) {
       const int64_t rows = std::min(kRows, m - r0), b = r0 / kRows;
       const float* xp = packed.data() + b * k * kRows;
       // Block b brings part b of the next panel (of each weight) to L2.
-      const auto pf = [&](int w) -> const float* {
-        if (next < 0) return nullptr;
-        const auto [nj, np] = items.Locate(next);
-        return projs[glu ? w : nj].w + np * k * kStrip + b * part * kStrip;
-      };
+      const auto pf = [&](int w) { return ahead[w] ? ahead[w] + b * part * kStrip : nullptr; };
       if (!glu) {
         kBlocks[rows - 1](xp, pr.w + p * k * kStrip, pr.y + r0 * pr.n, k, pr.n, p * kStrip,
                           pf(0), blocks);
