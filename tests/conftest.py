@@ -55,16 +55,33 @@ def _isa_param(isa: str):
                                                               reason="no C++ compiler"))
 
 
-# Every ISA this CPU runs (AVX2, and AVX-512 where the CPU has it): on an AVX2-only machine the
-# AVX-512 variants are not generated at all rather than skipped.
-@pytest.fixture(params=[_isa_param(isa) for isa in kernels.ISA_FLAGS
-                        if isa in kernels.supported_isas()])
-def isa(request, monkeypatch):
-    """Each ISA the kernels have and this CPU runs; the process runs it too (JAXINFER_CPU_ISA)
-    while the test does."""
-    monkeypatch.setenv("JAXINFER_CPU_ISA", request.param)
+def _run_isa(isa: str, monkeypatch) -> str:
+    """Make this process run `isa` (JAXINFER_CPU_ISA) while the test does."""
+    monkeypatch.setenv("JAXINFER_CPU_ISA", isa)
     monkeypatch.delenv("JAXINFER_NATIVE", raising=False)
-    return request.param
+    return isa
+
+
+# Every ISA this CPU runs (AVX2, AVX-512 and AVX-512 with VNNI where the CPU has them): on an
+# AVX2-only machine the AVX-512 variants are not generated at all rather than skipped.
+ISAS = [isa for isa in kernels.ISA_FLAGS if isa in kernels.supported_isas()]
+# avx512vnni differs from avx512 only in the 4-bit integer dot products (simd.h's DotPairs):
+# the float32 matmul and attention kernels' tests run each distinct code once.
+FLOAT_ISAS = [isa for isa in ISAS if not (isa == "avx512vnni" and "avx512" in ISAS)]
+
+
+@pytest.fixture(params=[_isa_param(isa) for isa in ISAS])
+def isa(request, monkeypatch):
+    """Each ISA the kernels have and this CPU runs; the process runs it too while the test
+    does."""
+    return _run_isa(request.param, monkeypatch)
+
+
+@pytest.fixture(params=[_isa_param(isa) for isa in FLOAT_ISAS])
+def float_isa(request, monkeypatch):
+    """Each ISA with its own float32 kernels (FLOAT_ISAS); the process runs it too while the
+    test does."""
+    return _run_isa(request.param, monkeypatch)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -8,6 +8,9 @@ real SmolLM2 Q4_1 file: tokens and perplexity)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +60,20 @@ def _q8(x: np.ndarray) -> np.ndarray:
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     xq = np.clip(np.rint(b * inv), -127, 127)
     return (xq * (amax / np.float32(127)).astype(np.float64)).reshape(x.shape)
+
+
+def test_integer_dot_products_of_each_isa(isa):
+    """Each ISA's library is its own (avx512vnni too: built, cached and registered under its
+    own targets), and the 4-bit kernels' integer dot products use that ISA's instructions:
+    VNNI's vpdpbusd in avx512vnni only, maddubs elsewhere."""
+    assert kernels.isa() == isa and kernels.describe().startswith(f"native CPU kernels: {isa} (")
+    lib = kernels.build(isa)
+    assert kernels._library(isa).JaxinferIsa() == isa.encode()
+    if shutil.which("objdump"):
+        text = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True).stdout
+        assert ("zmm" in text) == isa.startswith("avx512")
+        assert ("vpdpbusd" in text) == (isa == "avx512vnni")
+        assert ("vpmaddubsw" in text) == (isa != "avx512vnni")
 
 
 def _ref(x, leaf, native) -> np.ndarray:
@@ -253,9 +270,12 @@ def test_expert_stacks_run_each_expert_on_its_kernel_leaf(fmt, isa):
 
 
 def test_dispatch_by_dtype(isa):
-    """bfloat16 inputs, zero rows or more than MAX_KERNEL_ROWS rows (a prefill) run XLA's dot on
-    the dequantized weight (4-bit: with the same quantized activations), other float32 rows
-    the kernel; all agree."""
+    """bfloat16 inputs and zero rows run XLA's dot on the dequantized weight (4-bit: with the
+    same quantized activations), float32 rows the kernel; all agree. More than
+    MAX_KERNEL_ROWS rows (a long prefill): 4-bit weights stay on the kernel, each row as it is
+    alone, bit for bit; with an 8-bit weight in the call, XLA's dot runs."""
+    from models.layers import linear_many
+
     rng = np.random.default_rng(0)
     native = _native(FORMATS["int4_sym_g32"](rng.standard_normal((64, 50)).astype(np.float32)),
                      isa)
@@ -266,12 +286,19 @@ def test_dispatch_by_dtype(isa):
     assert y16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y16, np.float32), native.matmul(x), rtol=0.05, atol=0.3)
     assert native.matmul(jnp.zeros((0, 64))).shape == (0, 50)
-    long = jnp.asarray(rng.standard_normal((kernels.MAX_KERNEL_ROWS + 1, 64)), jnp.float32)
-    assert kernels.target("qmatmul", isa) not in jax.jit(native.matmul).lower(long).as_text()
-    np.testing.assert_allclose(native.matmul(long), _q8(np.asarray(long)) @ native.dequantize(),
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(native.matmul(long)[:3], native.matmul(long[:3]), rtol=1e-5,
-                               atol=1e-5)
+    long = jnp.asarray(rng.standard_normal((2 * kernels.MAX_KERNEL_ROWS + 7, 64)), jnp.float32)
+    assert kernels.target("qmatmul", isa) in jax.jit(native.matmul).lower(long).as_text()
+    got = np.asarray(native.matmul(long))
+    _close(got, _q8(np.asarray(long)) @ np.asarray(native.dequantize(), np.float64), 64)
+    for i in (0, kernels.MAX_KERNEL_ROWS + 3, len(long) - 1):
+        np.testing.assert_array_equal(got[i:i + 1], native.matmul(long[i:i + 1]))
+    eight = _native(FORMATS["Q8_0"](rng.standard_normal((64, 20)).astype(np.float32)), isa)
+    both = jax.jit(lambda x: linear_many(x, [native, eight], [None, None]))
+    assert kernels.target("qmatmul", isa) not in both.lower(long).as_text()
+    assert kernels.target("qmatmul", isa) in both.lower(long[:kernels.MAX_KERNEL_ROWS]).as_text()
+    y4, y8 = both(long)
+    np.testing.assert_allclose(y4, got, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y8, np.asarray(long) @ eight.dequantize(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["int8", "Q8_0", "Q4_1"])

@@ -4,13 +4,13 @@
 matmul against weights packed in 48-column panels (also several weights of one input, and the
 SwiGLU gate, in one call), and single-token attention over the KV cache that rotates q and k
 (RoPE), writes the new token and reads only the used slots. The instruction set is a thin layer,
-`simd.h`; each ISA of `ISA_FLAGS` (AVX-512, AVX2 + FMA) is its own library with its own FFI
-target names (`target(kind, isa)`), so one process can run any ISA the CPU has.
+`simd.h`; each ISA of `ISA_FLAGS` (AVX-512 with VNNI, AVX-512, AVX2 + FMA) is its own library
+with its own FFI target names (`target(kind, isa)`), so one process can run any ISA the CPU has.
 
-The process runs the most capable ISA this CPU supports, or `JAXINFER_CPU_ISA` (avx512, avx2:
-a lower one, to exercise its path); `isa()` says which, `describe()` says it in a line. A
-library is compiled on first use with the system C++ compiler (`c++`, about 5 s) into the cache
-directory, keyed by the sources, the ISA's compiler flags, jaxlib and Python versions and the
+The process runs the most capable ISA this CPU supports, or `JAXINFER_CPU_ISA` (avx512vnni,
+avx512, avx2: a lower one, to exercise its path); `isa()` says which, `describe()` says it in a
+line. A library is compiled on first use with the system C++ compiler (`c++`, about 5 s) into
+the cache directory, keyed by the sources, the ISA's compiler flags, jaxlib and Python versions and the
 CPU flags, and loaded with ctypes. Where the kernels cannot run (not x86-64 Linux, no AVX2/FMA,
 no compiler, `JAXINFER_NATIVE=0`, an unknown or unsupported `JAXINFER_CPU_ISA`) `isa()` is None,
 `available()` False and every caller keeps XLA's own dot: the kernel is a speed-up, never a
@@ -51,7 +51,11 @@ SOURCES = tuple(_HERE / name for name in ("cpu.cc", "quant.cc", "common.h", "sim
 COMPILED = SOURCES[:2]  # the translation units; the headers are hashed with them
 # ISA -> (CPU flags it needs, compiler flags that select its path in simd.h); most capable first.
 # Explicit flags, not -march=native: a lower ISA must compile its own path on a higher CPU.
+# avx512vnni is avx512 whose 4-bit integer dot products use VNNI's vpdpbusd (one instruction
+# for maddubs + add; identical sums).
 ISA_FLAGS = {
+    "avx512vnni": (("avx512f", "avx512bw", "avx512_vnni", "avx2", "fma", "f16c"),
+                   ("-mavx512f", "-mavx512bw", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c")),
     "avx512": (("avx512f", "avx512bw", "avx2", "fma", "f16c"),
                ("-mavx512f", "-mavx512bw", "-mavx2", "-mfma", "-mf16c")),
     "avx2": (("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
@@ -200,8 +204,8 @@ def _active() -> str | None:
 
 
 def isa() -> str | None:
-    """The ISA whose kernels this process runs ("avx512" or "avx2", built and registered on
-    the first call), or None where XLA runs everything (see `describe`)."""
+    """The ISA whose kernels this process runs ("avx512vnni", "avx512" or "avx2", built and
+    registered on the first call), or None where XLA runs everything (see `describe`)."""
     return _active()
 
 
@@ -307,15 +311,19 @@ def glu(x: jax.Array, gate: jax.Array, up: jax.Array, n: int, isa: str | None = 
 # Rows up to which the matmul kernels run; more (a long prefill chunk, several prompts) go to
 # XLA's dot on the unpacked or dequantized weight, which blocks x too (measured on Zen 3, one
 # call, SmolLM2's 576 x 1536 weight: kernel 7.07 vs XLA 7.25 ms at 256 rows, 14.74 vs 13.18 ms
-# at 512; the kernels read x again for every panel).
+# at 512; the kernels read x again for every panel). 4-bit weights take the kernel at any row
+# count: its integer dot products beat XLA's dot on the dequantized weight at every count
+# measured (Zen 4, SmolLM2's Q4_1 576 x 1536 and 1536 x 576, 512 to 2048 rows: 1.25-1.6x on
+# the AVX2 path, 2.6-5x with VNNI; 8-bit weights: XLA 1.0-1.3x faster there; docs/CPU_RESULTS.md).
 MAX_KERNEL_ROWS = 256
 
 
-def _kernel_rows(x: jax.Array) -> int | None:
-    """Rows of x [..., K] when the kernel takes them (float32, 1 to MAX_KERNEL_ROWS rows),
+def _kernel_rows(x: jax.Array, limit: int | None = MAX_KERNEL_ROWS) -> int | None:
+    """Rows of x [..., K] when the kernel takes them (float32, 1 to `limit` rows; None: any),
     else None."""
     rows = int(np.prod(x.shape[:-1]))
-    return rows if x.dtype == jnp.float32 and 0 < rows <= MAX_KERNEL_ROWS else None
+    fits = 0 < rows and (limit is None or rows <= limit)
+    return rows if x.dtype == jnp.float32 and fits else None
 
 
 def _dot(x: jax.Array, panels: jax.Array, n: int, isa: str, layer=None) -> jax.Array:
@@ -671,8 +679,9 @@ class NativeQuant:
 
 def _qdot(x: jax.Array, ws: list[NativeQuant], glu: bool) -> list[jax.Array]:
     """x [..., K] against quantized panels: the kernel for float32 rows (one call for all of
-    ws; glu: ws = (gate, up) -> [silu(x @ gate) * (x @ up)]), else XLA on dequantized weights."""
-    rows = _kernel_rows(x)
+    ws; glu: ws = (gate, up) -> [silu(x @ gate) * (x @ up)]), else XLA on dequantized weights
+    (more than MAX_KERNEL_ROWS rows with an 8-bit weight among ws)."""
+    rows = _kernel_rows(x, None if all(w.bits == 4 for w in ws) else MAX_KERNEL_ROWS)
     if rows is None:
         ys = [(q8_activations(x).astype(x.dtype) if w.bits == 4 else x) @ w.dequantize(x.dtype)
               for w in ws]

@@ -30,8 +30,11 @@
 //   DotPairs(acc, u0, s0, u1, s1)  acc + per 16-bit lane the sum of its 4 products u * s of
 //                                  unsigned bytes u0, u1 (< 16) with signed bytes s0, s1
 //                                  (|s| <= 127), in int16 lanes: |sum| <= 7620, so four
-//                                  calls add up without overflow
-//   SumPairs(p)                    per 32-bit lane the sum of its two int16 lanes of p
+//                                  calls add up without overflow (with VNNI: per 32-bit lane,
+//                                  its 8 products)
+//   SumPairs(p)                    per 32-bit lane the sum of its two int16 lanes of p (with
+//                                  VNNI: p itself); either way, after up to four DotPairs,
+//                                  per 32-bit lane the sum of the products of its 4 bytes
 //   ToFloat(i)                     int32 lanes as floats
 //   StoreI8(p, v)                  v's lanes (integers in [-127, 127], as floats) as kWidth int8 at p
 //   PrefetchL1 PrefetchL2 Pause    hints
@@ -47,7 +50,11 @@ namespace {  // internal linkage: the libraries of two ISAs never share a symbol
 
 #if defined(__AVX512F__)
 
+#if defined(__AVX512VNNI__)
+constexpr char kIsa[] = "avx512vnni";  // AVX-512 whose DotPairs is VNNI's vpdpbusd
+#else
 constexpr char kIsa[] = "avx512";
+#endif
 constexpr int kWidth = 16;
 constexpr int kRegs = 32;
 constexpr int kAheadL1 = 16, kAheadL2 = 128;  // Zen 4: more bytes in flight, faster streaming
@@ -108,11 +115,20 @@ inline IVec LowNibbles(IVec b) { return _mm512_and_si512(b, _mm512_set1_epi8(15)
 inline IVec HighNibbles(IVec b) {
   return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(15));
 }
+#if defined(__AVX512VNNI__)
+// The pairs are summed into int32 lanes at once: SumPairs has nothing left to do, and the
+// sums are the same integers.
+inline IVec DotPairs(IVec acc, IVec u0, IVec s0, IVec u1, IVec s1) {
+  return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc, u0, s0), u1, s1);
+}
+inline IVec SumPairs(IVec p) { return p; }
+#else
 inline IVec DotPairs(IVec acc, IVec u0, IVec s0, IVec u1, IVec s1) {  // AVX512BW
   return _mm512_add_epi16(acc, _mm512_add_epi16(_mm512_maddubs_epi16(u0, s0),
                                                 _mm512_maddubs_epi16(u1, s1)));
 }
 inline IVec SumPairs(IVec p) { return _mm512_madd_epi16(p, _mm512_set1_epi16(1)); }
+#endif
 inline Vec ToFloat(IVec i) { return _mm512_cvtepi32_ps(i); }
 inline void StoreI8(int8_t* p, Vec v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
