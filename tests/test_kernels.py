@@ -303,6 +303,19 @@ def test_unavailable_kernel_falls_back_to_xla(fresh_state, monkeypatch, tmp_path
     assert kernels.describe() == "native CPU kernels off (JAXINFER_NATIVE=0): XLA runs everything"
 
 
+def test_compile_flags_follow_the_cpu_vendor(monkeypatch):
+    """AMD's CPUs build without the next-panel prefetch at one row (VENDOR_FLAGS), others with
+    it; the vendor's flags are part of the library's cache key."""
+    got = {}
+    for vendor in ("AuthenticAMD", "GenuineIntel", ""):
+        monkeypatch.setattr(kernels, "_cpuinfo", lambda v=vendor: {"vendor_id": v} if v else {})
+        flags = kernels._compile_flags("avx2")
+        assert flags[:len(kernels.FLAGS)] == kernels.FLAGS
+        assert ("-DJAXINFER_ONE_PASS_PREFETCH=0" in flags) == (vendor == "AuthenticAMD")
+        got[vendor] = kernels._library_path("avx2")
+    assert got["AuthenticAMD"] != got["GenuineIntel"] == got[""]
+
+
 def test_supported_isas_follow_the_cpu_flags(monkeypatch):
     for flags, want in [("avx512f avx512bw avx512_vnni avx2 fma f16c",
                          ("avx512vnni", "avx512", "avx2")),

@@ -132,13 +132,20 @@ void BlockCols(const float* xp, const float* panel, float* y, int64_t K, int64_t
 // at 16 rows (AVX2, a harness), with ParallelFor's per-thread ranges, 14-19% less time than
 // the first pass alone asking for it, within a quarter of a projection's panels; at one row
 // (a single pass, the batch-1 stream) 14-44% more tokens/s on AVX2 and 1-8% on AVX-512 than
-// without it (the in-panel kAhead / kFar prefetches, by contrast, slowed batch 1 on Zen 3).
+// without it. On AMD's CPUs the batch-1 stream runs as fast or faster without it (Zen 4,
+// 2026-12-07, median +9.5% on AVX2 and +2% on AVX-512; on Zen 3 the in-panel kAhead / kFar
+// prefetches slowed batch 1 too), so there jaxinfer.kernels (VENDOR_FLAGS) builds with
+// JAXINFER_ONE_PASS_PREFETCH 0: a panel read in a single pass asks for nothing.
+#ifndef JAXINFER_ONE_PASS_PREFETCH
+#define JAXINFER_ONE_PASS_PREFETCH 1
+#endif
 template <int R, int C, int C0 = 0>
 void Passes(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0,
             const float* pf, int64_t every) {
   constexpr int64_t kPasses = kCols / C, kPass = C0 / C;
   const int64_t share = every * kPasses;
-  const float* mine = pf != nullptr ? pf + kPass * (K / share) * kStrip : nullptr;
+  const bool ask = pf != nullptr && (JAXINFER_ONE_PASS_PREFETCH || share > 1);
+  const float* mine = ask ? pf + kPass * (K / share) * kStrip : nullptr;
   BlockCols<R, C, C0>(xp, panel, y, K, N, n0, mine, share);
   if constexpr (C0 + C < kCols) {
     if (n0 + (C0 + C) * kWidth < N) Passes<R, C, C0 + C>(xp, panel, y, K, N, n0, pf, every);
