@@ -40,11 +40,13 @@ def prompt_ids(model, length: int) -> list[int]:
 
 
 def _timed_run(model, req: Request, new_tokens: int):
-    """(prefill seconds incl. the first token, decode seconds, engine)."""
+    """(prefill seconds incl. the first token, decode seconds, engine). Every prompt is
+    prefilled first: more prompt tokens than one step's prefill budget take several."""
     t0 = time.perf_counter()
     eng = engine_for(model, req)
-    submit_all(eng, req)
-    eng.advance(0)
+    handles = submit_all(eng, req)
+    while not all(eng.live(h) for h in handles):
+        eng.advance(0)
     eng.state.length.block_until_ready()
     t1 = time.perf_counter()
     eng.advance(new_tokens)

@@ -39,3 +39,22 @@ def test_bench_serve_reports_every_mode_on_a_tiny_workload(tmp_path):
     short = re.search(r"Short requests' TTFT p99 / p50 in the bursts \(shortest first\): "
                       r"([\d.]+)x median over 3 bursts", report)
     assert short and float(short.group(1)) >= 1, report
+
+
+def test_run_bench_prefills_more_prompt_tokens_than_one_step_takes():
+    """`jaxinfer bench` at a batch whose prompts exceed one engine step's prefill budget (3 x 300
+    tokens > MAX_CHUNK = 512): every prompt is prefilled before the decode is timed, and every
+    row gets its tokens (run_bench checks the count)."""
+    import jax
+
+    import models
+    from jaxinfer.bench import run_bench
+    from jaxinfer.generate import MAX_CHUNK
+    from jaxinfer.model import Model
+
+    config = models.LlamaConfig.tiny()
+    model = Model(config=config, params=models.init_params(config, jax.random.key(0)),
+                  tokenizer=None, source="tiny", eos_token_ids=())
+    assert 3 * 300 > MAX_CHUNK
+    res = run_bench(model, batch_size=3, prompt_len=300, new_tokens=4)
+    assert res["decode_tokens_per_s"] > 0 and res["ttft_s"] > 0
