@@ -191,15 +191,35 @@ constexpr int StepVecs(int heads) {
   return 1;
 }
 
+// The keys and values of the item a thread runs next (AttendHeads brings them to L2 while it
+// computes the current one, slot for slot as it reads its own: slots below both useds).
+template <typename T>
+struct Ahead {
+  const T* k = nullptr;
+  const T* v = nullptr;
+  int64_t used = 0;
+};
+
+// The cache lines of p[0 .. n) (n elements of T) to L2.
+template <typename T>
+inline void LinesToL2(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < bytes; i += kLine * sizeof(float)) simd::PrefetchL2(c + i);
+  if (bytes > 0) simd::PrefetchL2(c + bytes - 1);
+}
+
 // NQ query heads q [NQ][H] of one KV head against keys k [H, S] (slots last) and values
 // v [S, H]. Slots s < used whose position p satisfies 0 <= p <= qpos and qpos - p < window are
 // visible. out [NQ][H] = softmax(q.k / sqrt(H)) v over visible slots; with none visible, the
 // mean of v over all S slots (what a softmax over all-equal masked scores gives).
 // scores: scratch [NQ][stride], stride >= used rounded up to 64. T: the cache's element type.
+// ahead: the next item's keys and values to ask for meanwhile (none: k == nullptr).
 template <int NQ, typename T>
 void AttendHeads(const float* q, const T* k, const T* v, const int32_t* kpos,
                  int32_t qpos, int32_t window, int64_t used, int64_t S, int64_t H,
-                 float* scores, int64_t stride, float* out) {
+                 float* scores, int64_t stride, float* out, Ahead<T> ahead) {
+  const int64_t shadow = ahead.k != nullptr ? std::min(used, ahead.used) : 0;
   constexpr int J = StepVecs(NQ);
   constexpr int64_t kStep = J * kWidth;
   const Vec scale = simd::Set1(1.0f / std::sqrt(static_cast<float>(H)));
@@ -219,8 +239,10 @@ void AttendHeads(const float* q, const T* k, const T* v, const int32_t* kpos,
           acc[g][j] = fresh ? simd::Zero() : simd::Load(scores + g * stride + s0 + kWidth * j);
       }
       const bool full = s0 + kStep <= used;  // no lane past `used`: plain loads
+      const int64_t shade = std::clamp<int64_t>(shadow - s0, 0, kStep);
       for (int64_t h = h0; h < h0 + kKeyRows; ++h) {
         const T* kh = k + h * S + s0;
+        if (shade > 0) LinesToL2(ahead.k + h * S + s0, shade);
         Vec kv[J];
         for (int j = 0; j < J; ++j) {
           kv[j] = full ? LoadKV(kh + kWidth * j) : LoadKVHead(kh + kWidth * j, in[j]);
@@ -279,6 +301,7 @@ void AttendHeads(const float* q, const T* k, const T* v, const int32_t* kpos,
     for (int g = 0; g < NQ; ++g)
       for (int j = 0; j < J; ++j) o[g][j] = simd::Zero();
     for (int64_t s = 0; s < used; ++s) {
+      if (j0 == 0 && s < shadow) LinesToL2(ahead.v + s * H, H);
       Vec vv[J];
       for (int j = 0; j < J; ++j) {
         vv[j] = j < nv ? LoadKV(v + s * H + j0 + kWidth * j) : simd::Zero();
@@ -297,7 +320,7 @@ void AttendHeads(const float* q, const T* k, const T* v, const int32_t* kpos,
 
 template <typename T>
 using HeadsFn = void (*)(const float*, const T*, const T*, const int32_t*, int32_t, int32_t,
-                         int64_t, int64_t, int64_t, float*, int64_t, float*);
+                         int64_t, int64_t, int64_t, float*, int64_t, float*, Ahead<T>);
 template <typename T>
 constexpr HeadsFn<T> kHeadsFns[kHeads] = {&AttendHeads<1, T>, &AttendHeads<2, T>,
                                           &AttendHeads<3, T>, &AttendHeads<4, T>};
@@ -359,7 +382,15 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer
   const int32_t win = window.typed_data()[0];
   float* os = out->typed_data();
   const int64_t stride = (S + 63) / 64 * 64;
-  ParallelFor(pool, B * K, [&](int64_t item, int64_t) {
+  // The used slots of item (row b, KV head) b * K + kh.
+  auto used_of = [&](int64_t item) {
+    return std::min<int64_t>(std::max<int32_t>(sl[item / K] + 1, 0), S);
+  };
+  // Many strided rows of keys are more streams than the hardware prefetcher follows, so the
+  // kernel asks for them itself: an item's first `shadowed` slots while the item before it in
+  // the thread's range computes (AttendHeads' Ahead), the rest when the item starts.
+  std::unique_ptr<std::atomic<int64_t>[]> shadowed(new std::atomic<int64_t>[B * K]());
+  ParallelFor(pool, B * K, [&](int64_t item, int64_t next) {
     const int64_t b = item / K, kh = item % K;
     T* kb = ks + item * H * S;
     T* vb = vs + item * S * H;
@@ -367,15 +398,15 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer
     scratch.resize(kHeads * stride + (G + 1) * H);
     float* scores = scratch.data();
     float* rq = scores + kHeads * stride;  // rotated q [G][H], then rotated k [H]
-    const int64_t n_used = std::min<int64_t>(std::max<int32_t>(sl[b] + 1, 0), S);
-    // Ask for this item's keys and values now: many strided rows of keys are more streams
-    // than the hardware prefetcher follows.
-    constexpr int64_t kPerLine = kLine * sizeof(float) / sizeof(T);
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t s0 = 0; s0 < n_used; s0 += kPerLine)
-        simd::PrefetchL2(kb + h * S + s0);
-    for (int64_t i = 0; i < n_used * H; i += kPerLine)
-      simd::PrefetchL2(vb + i);
+    const int64_t n_used = used_of(item);
+    const int64_t from = std::min(shadowed[item].load(std::memory_order_relaxed), n_used);
+    for (int64_t h = 0; h < H; ++h) LinesToL2(kb + h * S + from, n_used - from);
+    LinesToL2(vb + from * H, (n_used - from) * H);
+    Ahead<T> ahead;
+    if (next >= 0 && qp[b] >= 0) {
+      ahead = {ks + next * H * S, vs + next * S * H, used_of(next)};
+      shadowed[next].store(std::min(n_used, ahead.used), std::memory_order_relaxed);
+    }
     if (sl[b] >= 0 && sl[b] < S) {  // out of range: dropped, as the XLA write does
       float* rk = rq + G * H;
       Rotate(kn + item * H, cs + b * H, H, rk);
@@ -391,7 +422,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer
     for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
       const int64_t nq = std::min<int64_t>(kHeads, G - g0);
       kHeadsFns<T>[nq - 1](rq + g0 * H, kb, vb, kp + b * S, qp[b], win, n_used, S, H, scores,
-                        stride, os + (b * N + kh * G + g0) * H);
+                           stride, os + (b * N + kh * G + g0) * H,
+                           g0 == 0 ? ahead : Ahead<T>{});
     }
   });
   return ffi::Error::Success();
