@@ -200,13 +200,14 @@ struct Ahead {
   int64_t used = 0;
 };
 
-// The cache lines of p[0 .. n) (n elements of T) to L2.
+// The cache lines of p[0 .. n) (n elements of T) to L2, each once.
 template <typename T>
 inline void LinesToL2(const T* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
-  for (int64_t i = 0; i < bytes; i += kLine * sizeof(float)) simd::PrefetchL2(c + i);
-  if (bytes > 0) simd::PrefetchL2(c + bytes - 1);
+  if (n <= 0) return;
+  constexpr uintptr_t kBytes = kLine * sizeof(float);
+  const uintptr_t last = reinterpret_cast<uintptr_t>(p + n) - 1;
+  for (uintptr_t a = reinterpret_cast<uintptr_t>(p) & ~(kBytes - 1); a <= last; a += kBytes)
+    simd::PrefetchL2(reinterpret_cast<const void*>(a));
 }
 
 // NQ query heads q [NQ][H] of one KV head against keys k [H, S] (slots last) and values
