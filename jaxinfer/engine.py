@@ -5,8 +5,9 @@ A `DecodeState` holds B decode *slots* over one batched KV cache, allocated once
   their state. A request's first chunk empties its slot's cache row; its last chunk draws its
   first token and makes the slot live. Long prompts arrive chunk by chunk between decode steps.
 - `decode` runs `lax.while_loop` over every slot until all are done or the step limit of this
-  call is reached; calling it again continues (that is how text is streamed and stop strings
-  are checked between chunks). Finished and free slots ride along without taking cache space.
+  call is reached (or, when the host has requests waiting for a slot, until a slot frees);
+  calling it again continues (that is how text is streamed and stop strings are checked
+  between chunks). Finished and free slots ride along without taking cache space.
 - `release` frees slots at once (finished, cancelled, stopped by a stop string).
 - `swap` exchanges two slots' contents (`read_slots`, then `write_slots`): the host moves
   running requests into low slots.
@@ -236,10 +237,12 @@ def _record(state: DecodeState, tok: jax.Array, logp: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=("config", "scan_unroll", "shard", "kv_len",
                                              "rows"), donate_argnums=(1,))
-def decode(params, state: DecodeState, limit: jax.Array, *, config,
+def decode(params, state: DecodeState, limit: jax.Array, until_free: jax.Array, *, config,
            scan_unroll: int = 1, shard=None, kv_len: int | None = None,
            rows: int | None = None) -> DecodeState:
-    """Decode on the device until every slot is done or `state.step` reaches `limit`.
+    """Decode on the device until every slot is done or `state.step` reaches `limit` [] int32,
+    or, if until_free [] bool, until a slot that ran at the start of the call finishes (the
+    host then admits a waiting request into it without waiting for the rest of the chunk).
 
     Done and free slots are fed one padding token (position -1) that takes no cache slot.
     kv_len (static, optional): attention reads only the first kv_len cache slots (the caller
@@ -249,17 +252,20 @@ def decode(params, state: DecodeState, limit: jax.Array, *, config,
     shard (static, optional): as in `init_state`, applied to the loop's state.
     """
     if rows is None or rows >= state.done.shape[0]:
-        return _decode_loop(params, state, limit, config, scan_unroll, shard, kv_len)
-    head = _decode_loop(params, _head_rows(state, rows), limit, config, scan_unroll, shard,
-                        kv_len)
+        return _decode_loop(params, state, limit, until_free, config, scan_unroll, shard,
+                            kv_len)
+    head = _decode_loop(params, _head_rows(state, rows), limit, until_free, config,
+                        scan_unroll, shard, kv_len)
     return _put_head_rows(state, head)
 
 
-def _decode_loop(params, state, limit, config, scan_unroll, shard, kv_len):
+def _decode_loop(params, state, limit, until_free, config, scan_unroll, shard, kv_len):
     """decode's loop over every slot of `state`."""
+    running = ~state.done
 
     def cond(s: DecodeState):
-        return (s.step < limit) & ~jnp.all(s.done)
+        freed = until_free & jnp.any(s.done & running)
+        return (s.step < limit) & ~jnp.all(s.done) & ~freed
 
     def body(s: DecodeState):
         pos = jnp.where(s.done, -1, s.next_pos)

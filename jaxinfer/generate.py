@@ -305,8 +305,9 @@ class _LocalOps:
     init_state = staticmethod(engine.init_state)
 
     @staticmethod
-    def decode(params, state, limit, **static):
-        return programs.call(engine.decode, (params, state, limit), static, donate=1, out_like=1)
+    def decode(params, state, limit, until_free, **static):
+        return programs.call(engine.decode, (params, state, limit, until_free), static, donate=1,
+                             out_like=1)
 
     @staticmethod
     def admit(params, state, *group, **static):
@@ -452,8 +453,11 @@ class Engine:
     def advance(self, steps: int) -> None:
         """Admit waiting requests into free slots (one prompt chunk each, admit calls of at
         most admit_group requests until the prefill_tokens budget is spent; a longer prompt
-        gets its next chunk at the next call), then run up to `steps` decode steps on the
-        device if any slot is live."""
+        gets its next chunk at the next call; a new prompt that one chunk holds goes in whole
+        even past the budget's rest: two calls, the second over a wider cache window, cost
+        more than one), then run up to `steps` decode steps on the
+        device if any slot is live: fewer when requests wait for a slot and one frees (it is
+        admitted at the next call instead of idling through the rest of the chunk)."""
         budget, admitted = self.prefill_tokens, set()
         while budget >= bucket(1):  # room for the smallest chunk
             used = self._admit(budget, admitted)
@@ -462,11 +466,17 @@ class Engine:
             budget -= used
         if steps > 0 and self._any_live():
             self._compact()
-            self._decode(int(self.state.step) + steps, self._kv_len(steps), self._rows())
+            until_free = bool(self.waiting) and not self.free
+            self._decode(int(self.state.step) + steps, self._kv_len(steps), self._rows(),
+                         until_free)
 
-    def _decode(self, limit: int, kv_len: int | None, rows: int | None) -> None:
-        self.state = self.ops.decode(self.params, self.state, jnp.int32(limit), **self.static,
-                                     kv_len=kv_len, rows=rows)
+    def _decode(self, limit: int, kv_len: int | None, rows: int | None,
+                until_free: bool = False) -> None:
+        """engine.decode up to step `limit`; until_free: requests wait and every slot is
+        taken, so the call also ends as soon as a running request finishes."""
+        self.state = self.ops.decode(self.params, self.state, jnp.int32(limit),
+                                     jnp.bool_(until_free), **self.static, kv_len=kv_len,
+                                     rows=rows)
         self._host = None
 
     def _kv_len(self, steps: int) -> int | None:
@@ -532,6 +542,9 @@ class Engine:
         group = [h for h, e in self.entries.items() if e.slot is not None and
                  e.prefilled < len(e.ids) and h not in admitted][:self.admit_group]
         while self.waiting and self.free and len(group) < self.admit_group:
+            n = bucket(len(self.entries[self._next_waiting(take=False)].ids))
+            if not group and budget < n <= self.prefill_tokens:
+                budget = n  # one chunk holds it: whole, not split in two (see advance)
             h = self._next_waiting()
             e = self.entries[h]
             e.slot = self.free.pop(self.free.index(min(self.free)))  # lowest: see _rows
@@ -591,14 +604,17 @@ class Engine:
         half = self.cache_len // 2
         return half if prefilled + chunk <= half else None
 
-    def _next_waiting(self) -> int:
-        """Take the waiting request to admit next (see shortest_first; ties: first come)."""
+    def _next_waiting(self, take: bool = True) -> int:
+        """The waiting request to admit next (see shortest_first; ties: first come), taken
+        off the waiting list unless take is False."""
         if self.shortest_first is None:
-            return self.waiting.pop(0)
-        now, rate = time.perf_counter(), self.shortest_first
-        h = min(self.waiting, key=lambda h: len(self.entries[h].ids)
-                - rate * (now - self.entries[h].submitted))
-        self.waiting.remove(h)
+            h = self.waiting[0]
+        else:
+            now, rate = time.perf_counter(), self.shortest_first
+            h = min(self.waiting, key=lambda h: len(self.entries[h].ids)
+                    - rate * (now - self.entries[h].submitted))
+        if take:
+            self.waiting.remove(h)
         return h
 
     def _start_from_prefix(self, e: _Entry) -> None:

@@ -376,8 +376,8 @@ def test_decode_over_the_first_rows_equals_decode_over_all(tiny, layout):
     eng.advance(0)
     limit = jnp.int32(int(eng.state.step) + 6)
     copy = jax.tree.map(jnp.copy, eng.state)
-    head = engine.decode(eng.params, eng.state, limit, **eng.static, rows=4)
-    whole = engine.decode(eng.params, copy, limit, **eng.static)
+    head = engine.decode(eng.params, eng.state, limit, jnp.bool_(False), **eng.static, rows=4)
+    whole = engine.decode(eng.params, copy, limit, jnp.bool_(False), **eng.static)
     assert int(head.step) == int(whole.step) == int(limit)
     _assert_same_state(head, whole)
 
@@ -525,14 +525,19 @@ def test_engine_moves_running_requests_into_the_lowest_slots(tiny):
 def test_one_advance_admits_requests_until_the_prefill_budget_is_spent(tiny):
     """admit_group 1 (the server's engine): one advance runs one admit call after another,
     one prompt chunk each, until prefill_tokens is spent; what is left goes in at the next
-    advance, and every request still gives the tokens it gives alone."""
+    advance. A new prompt that one chunk holds is not split to fit the budget's rest: it goes
+    in whole. Every request still gives the tokens it gives alone."""
     eng = Engine(tiny, slots=8, cache_len=64, buf_len=16, admit_group=1, prefill_tokens=32)
-    prompts = [RAGGED[0], RAGGED[1], RAGGED[2], [5] * 20]  # the last: two chunks of 16
+    prompts = [RAGGED[0], RAGGED[1], RAGGED[2], [5] * 20, [6] * 40]  # 20: one chunk of 32
+    assert [len(p) <= 16 for p in prompts] == [True, True, True, False, False]
     handles = [eng.submit(p, Sampling(), 6) for p in prompts]
     eng.advance(0)
-    assert [eng.live(h) for h in handles] == [True, True, False, False]
-    eng.advance(0)
-    assert [eng.live(h) for h in handles] == [True, True, True, False]
+    assert [eng.live(h) for h in handles] == [True, True, False, False, False]
+    eng.advance(0)  # 16 tokens left, then all 20 of the next prompt (not 16 of them)
+    assert [eng.live(h) for h in handles] == [True, True, True, True, False]
+    assert eng.entries[handles[4]].slot is None
+    eng.advance(0)  # 40 tokens: one chunk holds none, so chunks of the budget
+    assert eng.entries[handles[4]].prefilled == 32 and not eng.live(handles[4])
     while not all(eng.finished(h) for h in handles):
         eng.advance(4)
     for p, h in zip(prompts, handles, strict=True):
@@ -585,6 +590,27 @@ def test_released_request_frees_its_slot_and_others_continue(tiny):
         eng.advance(3)
     assert eng.result(b)[0] == _alone(tiny, RAGGED[1], Sampling(), 16)[0]
     assert eng.result(c)[0] == _alone(tiny, RAGGED[2], Sampling(), 5)[0]
+
+
+def test_decode_ends_when_a_slot_frees_for_a_waiting_request(tiny):
+    """With every slot taken and a request waiting, a decode call ends as soon as a running
+    request finishes (not at the end of its chunk), so the waiting one gets the slot at the
+    next call; without a waiting request the chunk runs whole. Tokens are unchanged."""
+    eng = Engine(tiny, slots=2, cache_len=64, buf_len=16)
+    a, b = eng.submit(RAGGED[0], Sampling(), 3), eng.submit(RAGGED[1], Sampling(), 12)
+    c = eng.submit(RAGGED[2], Sampling(temperature=1.0, seed=3), 5)
+    eng.advance(0)
+    assert eng.live(a) and eng.live(b) and not eng.live(c)
+    step = int(eng.state.step)
+    eng.advance(8)  # a has 1 of its 3 tokens: two steps, then its slot is free
+    assert int(eng.state.step) == step + 2 and eng.finished(a) and not eng.finished(b)
+    eng.advance(8)  # a's slot is not given back yet: nothing new frees, the chunk runs whole
+    assert int(eng.state.step) == step + 10 and not eng.finished(b)
+    eng.forget(a)
+    while not (eng.finished(b) and eng.finished(c)):
+        eng.advance(8)
+    assert eng.result(b)[0] == _alone(tiny, RAGGED[1], Sampling(), 12)[0]
+    assert eng.result(c)[0] == _alone(tiny, RAGGED[2], Sampling(temperature=1.0, seed=3), 5)[0]
 
 
 def test_chunked_prefill_equals_one_prefill(tiny):

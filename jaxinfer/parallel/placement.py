@@ -193,11 +193,12 @@ class Placement:
         return engine.admit(params, state, *self._replicated(slots, *group), shard=self.hook,
                             **static)
 
-    def decode(self, params, state, limit, **static):
+    def decode(self, params, state, limit, until_free, **static):
         """engine.decode on the placed state (or pmapped)."""
         if self.pmap:
-            return pmap_path.decode(self.devices, params, state, limit, **static)
-        return engine.decode(params, state, place(limit, NamedSharding(self.mesh, PartitionSpec())),
+            return pmap_path.decode(self.devices, params, state, limit, until_free, **static)
+        scalar = NamedSharding(self.mesh, PartitionSpec())
+        return engine.decode(params, state, place(limit, scalar), place(until_free, scalar),
                              shard=self.hook, **static)
 
     @property

@@ -47,7 +47,7 @@ def _admit_fn(devices: tuple, static: tuple):
 @functools.lru_cache(maxsize=32)
 def _decode_fn(devices: tuple, static: tuple):
     f = functools.partial(engine.decode, **dict(static))
-    return jax.pmap(f, in_axes=(None, 0, None), devices=list(devices), donate_argnums=(1,))
+    return jax.pmap(f, in_axes=(None, 0, None, None), devices=list(devices), donate_argnums=(1,))
 
 
 def _split(x, n: int):
@@ -124,8 +124,10 @@ def admit(devices: tuple, params, state: PmapState, slots, *group, **static) -> 
     return PmapState(fn(params, state.stacked, local_slots, *parts, sampling, *rest))
 
 
-def decode(devices: tuple, params, state: PmapState, limit, **static) -> PmapState:
-    """engine.decode on every device until its rows finish or the step limit."""
+def decode(devices: tuple, params, state: PmapState, limit, until_free, **static) -> PmapState:
+    """engine.decode on every device until its rows finish or the step limit (until_free:
+    each device until one of its own slots frees)."""
     fn = _decode_fn(devices, tuple(sorted(static.items())))
     mesh = Mesh(np.array(devices, dtype=object).reshape(-1, 1), ("data", "model"))  # as params
-    return PmapState(fn(params, state.stacked, replicate(limit, mesh)))
+    return PmapState(fn(params, state.stacked, replicate(limit, mesh),
+                        replicate(until_free, mesh)))
