@@ -455,9 +455,9 @@ class Engine:
         most admit_group requests until the prefill_tokens budget is spent; a longer prompt
         gets its next chunk at the next call; a new prompt that one chunk holds goes in whole
         even past the budget's rest: two calls, the second over a wider cache window, cost
-        more than one), then run up to `steps` decode steps on the
-        device if any slot is live: fewer when requests wait for a slot and one frees (it is
-        admitted at the next call instead of idling through the rest of the chunk)."""
+        more than one), then run up to `steps` decode steps on the device if any slot is
+        live: fewer when requests wait for a slot and one frees (it is admitted at the next
+        call instead of idling through the rest of the chunk)."""
         budget, admitted = self.prefill_tokens, set()
         while budget >= bucket(1):  # room for the smallest chunk
             used = self._admit(budget, admitted)
@@ -542,11 +542,12 @@ class Engine:
         group = [h for h, e in self.entries.items() if e.slot is not None and
                  e.prefilled < len(e.ids) and h not in admitted][:self.admit_group]
         while self.waiting and self.free and len(group) < self.admit_group:
-            n = bucket(len(self.entries[self._next_waiting(take=False)].ids))
-            if not group and budget < n <= self.prefill_tokens:
-                budget = n  # one chunk holds it: whole, not split in two (see advance)
             h = self._next_waiting()
+            self.waiting.remove(h)
             e = self.entries[h]
+            whole = bucket(len(e.ids))
+            if not group and budget < whole <= self.prefill_tokens:
+                budget = whole  # one chunk holds it: whole, not split in two (see advance)
             e.slot = self.free.pop(self.free.index(min(self.free)))  # lowest: see _rows
             self.by_slot[e.slot] = h
             if self.prefixes is not None:
@@ -604,18 +605,13 @@ class Engine:
         half = self.cache_len // 2
         return half if prefilled + chunk <= half else None
 
-    def _next_waiting(self, take: bool = True) -> int:
-        """The waiting request to admit next (see shortest_first; ties: first come), taken
-        off the waiting list unless take is False."""
+    def _next_waiting(self) -> int:
+        """The waiting request to admit next (see shortest_first; ties: first come)."""
         if self.shortest_first is None:
-            h = self.waiting[0]
-        else:
-            now, rate = time.perf_counter(), self.shortest_first
-            h = min(self.waiting, key=lambda h: len(self.entries[h].ids)
-                    - rate * (now - self.entries[h].submitted))
-        if take:
-            self.waiting.remove(h)
-        return h
+            return self.waiting[0]
+        now, rate = time.perf_counter(), self.shortest_first
+        return min(self.waiting, key=lambda h: len(self.entries[h].ids)
+                   - rate * (now - self.entries[h].submitted))
 
     def _start_from_prefix(self, e: _Entry) -> None:
         """Load the longest cached prefix of e's prompt into its slot."""
