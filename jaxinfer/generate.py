@@ -545,13 +545,13 @@ class Engine:
             h = self._next_waiting()
             self.waiting.remove(h)
             e = self.entries[h]
-            whole = bucket(len(e.ids))
-            if not group and budget < whole <= self.prefill_tokens:
-                budget = whole  # one chunk holds it: whole, not split in two (see advance)
             e.slot = self.free.pop(self.free.index(min(self.free)))  # lowest: see _rows
             self.by_slot[e.slot] = h
             if self.prefixes is not None:
                 self._start_from_prefix(e)
+            whole = bucket(len(e.ids) - e.prefilled)  # what is left after a cached prefix
+            if not group and budget < whole <= self.prefill_tokens:
+                budget = whole  # one chunk holds it: whole, not split in two (see advance)
             group.append(h)
         if not group:
             return 0
