@@ -44,8 +44,8 @@ class KVCache:
     An int8 cache stores k, v as int8 with one float32 scale per token and head in
     k_scale, v_scale [L, B, K, S]; a float cache has them None.
 
-    attention (static, optional): a kernel the model calls for single-token steps on
-    per-layer float buffers instead of its own cache write and attention (see
+    attention (static, optional): a kernel the model calls on float buffers (decode steps
+    and prefill chunks) instead of its own cache write and attention (see
     models.layers.self_attention); the runtime sets it (a native CPU kernel), the model never
     imports it.
     """

@@ -244,15 +244,15 @@ def self_attention(q, k, v, positions, k_pos, window, layer, slots, cache_kv, ke
     a cache, else positions); cache_kv: the carried cache buffers (KVCache.layer_buffers) or
     None. Returns (out [B, T, N * H], updated cache_kv or None).
     Without a cache, attends over k, v alone; with one, writes k, v at `slots` [B, T] and
-    attends over everything cached. kernel (optional, KVCache.attention) takes single-token
-    steps on float buffers (per-layer, or stacked with the layer index) instead, rotating,
-    writing and attending in one call:
+    attends over everything cached. kernel (optional, KVCache.attention) takes over on float
+    buffers (per-layer, or stacked with the layer index), rotating, writing and attending in
+    one call:
     kernel(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv_freq, layer=...)
     -> (out, k_buf, v_buf).
     """
     if cache_kv is not None:
         ck, cv, ks, _ = cache_kv
-        if kernel is not None and q.shape[1] == 1 and ks is None:
+        if kernel is not None and ks is None:
             if not isinstance(ck, tuple):  # stacked [L, B, ...]: the kernel reads its layer
                 out, kb, vb = kernel(q, k, v, ck, cv, positions, k_pos, window, slots, inv_freq,
                                      layer=layer)

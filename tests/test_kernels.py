@@ -506,6 +506,97 @@ def test_decode_attention_on_a_stacked_cache_writes_its_layer(cache, isa):
         np.testing.assert_array_equal(np.asarray(got_v)[others], np.asarray(vc)[others])
 
 
+def _chunk_case(seed, b, t, n, k, h, s, start, cache):
+    """A prefill chunk of t tokens per row at positions start.. (row 1 ends two tokens early:
+    padding, position -1, its slots out of range), over a cache of s slots holding start
+    earlier tokens: (q, k_new, v_new, k_buf, v_buf, positions, k_pos, slots)."""
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    k_new, v_new = (jax.random.normal(keys[i], (b, t, k, h)) for i in (1, 2))
+    kc = jax.random.normal(keys[3], (b, k, h, s)).astype(cache)
+    vc = jax.random.normal(keys[4], (b, k, s, h)).astype(cache)
+    positions = np.tile(np.arange(start, start + t, dtype=np.int32), (b, 1))
+    positions[1, t - 2:] = -1
+    slots = np.where(positions >= 0, positions, s).astype(np.int32)
+    k_pos = np.full((b, s), -1, np.int32)
+    k_pos[:, :start] = np.arange(start)
+    for row, col in zip(*np.nonzero(positions >= 0), strict=True):
+        k_pos[row, slots[row, col]] = positions[row, col]
+    return (q, k_new, v_new, kc, vc, jnp.asarray(positions), jnp.asarray(k_pos),
+            jnp.asarray(slots))
+
+
+@pytest.mark.parametrize("n,k,h,s,t,start,window,cache", [
+    (9, 3, 64, 300, 33, 240, 1 << 30, "float32"), (9, 3, 64, 300, 33, 240, 1 << 30, "float16"),
+    (4, 4, 16, 256, 17, 0, 7, "float32"), (8, 1, 128, 260, 5, 3, 1 << 30, "float16"),
+    (10, 2, 80, 280, 24, 30, 9, "float32"), (9, 3, 64, 96, 33, 40, 1 << 30, "float16")])
+def test_prefill_attention_matches_rope_write_and_attend(n, k, h, s, t, start, window, cache,
+                                                         isa):
+    """A chunk of several tokens per row over a window of at least MANY_MIN_SLOTS slots, on
+    the many-token kernel (below it, on XLA): the cache written as RoPE and models.cache's
+    writes write it (bit for bit), the real queries' outputs as models.layers.attend with the
+    position mask (groups of 1, 3, 4 and 5 query heads per KV head, earlier cached tokens, a
+    sliding window, a padding query: zeros on the kernel)."""
+    from models.cache import write_keys, write_layer
+    from models.layers import apply_rope, attend, attention_mask, rope_inv_freq
+
+    q, k_new, v_new, kc, vc, positions, k_pos, slots = _chunk_case(7, 2, t, n, k, h, s, start,
+                                                                   cache)
+    inv_freq = rope_inv_freq(h, 10000.0, None)
+    q_rot, k_rot = apply_rope(q, positions, inv_freq), apply_rope(k_new, positions, inv_freq)
+    want_k, want_v = write_keys(kc, None, slots, k_rot), write_layer(vc, None, slots, v_new)
+    f32 = jnp.float32
+    want = attend(q_rot, want_k.astype(f32), want_v.astype(f32),
+                  attention_mask(positions, k_pos, window))
+    fn = jax.jit(lambda *a: kernels.decode_attention(*a, k_pos, window, slots, inv_freq,
+                                                     isa=isa))
+    kind = "attend_many" if cache == "float32" else "attend_many_half"
+    on_kernel = s >= kernels.MANY_MIN_SLOTS
+    text = fn.lower(q, k_new, v_new, kc, vc, positions).as_text()
+    assert (kernels.target(kind, isa) in text) == on_kernel
+    got, got_k, got_v = fn(q, k_new, v_new, kc, vc, positions)
+    np.testing.assert_array_equal(got_k, want_k)
+    np.testing.assert_array_equal(got_v, want_v)
+    real = np.asarray(positions >= 0)[..., None]
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=2e-5,
+                               atol=2e-5)
+    if on_kernel:
+        assert not np.asarray(got)[~real[..., 0]].any()
+
+
+@pytest.mark.parametrize("cache", ["float32", "float16"])
+def test_prefill_attention_equals_single_token_steps(cache, isa):
+    """Each query of a prefill chunk (stacked buffers, layer 1) gets bit for bit what the
+    single-token kernel gives it when the chunk's tokens are written and attended one by
+    one: the same rotation, keys and operations, the other queries and the slots past its own
+    adding exact zeros; the cache ends the same."""
+    layers, b, n, k, h, s, t, start = 3, 2, 9, 3, 64, kernels.MANY_MIN_SLOTS, 21, 200
+    q, k_new, v_new, kc, vc, positions, k_pos, slots = _chunk_case(3, b, t, n, k, h, s, start,
+                                                                   cache)
+    kc = jnp.stack([kc] * layers)
+    vc = jnp.stack([vc] * layers)
+    inv_freq = models.layers.rope_inv_freq(h, 1e4, None)
+    one = jnp.int32(1)
+    got, got_k, got_v = jax.jit(lambda *a: kernels.decode_attention(
+        *a, k_pos, 1 << 30, slots, inv_freq, layer=one, isa=isa))(q, k_new, v_new, kc, vc,
+                                                                   positions)
+    step = jax.jit(lambda q, kn, vn, kc, vc, p, kp, sl: kernels.decode_attention(
+        q, kn, vn, kc, vc, p, kp, 1 << 30, sl, inv_freq, layer=one, isa=isa))
+    kb, vb = kc, vc
+    outs = []
+    for i in range(t):
+        cut = slice(i, i + 1)
+        out, kb, vb = step(q[:, cut], k_new[:, cut], v_new[:, cut], kb, vb, positions[:, cut],
+                           jnp.where(jnp.arange(s)[None] < start + i + 1, k_pos, -1),
+                           slots[:, cut])
+        outs.append(out)
+    np.testing.assert_array_equal(got_k, kb)
+    np.testing.assert_array_equal(got_v, vb)
+    real = np.asarray(positions >= 0)[..., None]
+    np.testing.assert_array_equal(np.where(real, got, 0),
+                                  np.where(real, jnp.concatenate(outs, axis=1), 0))
+
+
 def test_scan_over_kernel_stacks_compiles_one_layer_body(isa):
     """run_layout on CPU keeps the layers stacked as kernel stacks: a decode step's program
     calls each kernel as often for 4 layers as for 2 (one scanned layer body, not L unrolled

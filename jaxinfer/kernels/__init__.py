@@ -2,8 +2,9 @@
 
 `cpu.cc` holds float32 kernels (XLA's intra-op thread pool), called as XLA FFI custom calls: a
 matmul against weights packed in 48-column panels (also several weights of one input, and the
-SwiGLU gate, in one call), and single-token attention over the KV cache that rotates q and k
-(RoPE), writes the new token and reads only the used slots. The instruction set is a thin layer,
+SwiGLU gate, in one call), and attention over the KV cache that rotates q and k (RoPE),
+writes the new tokens and reads only the slots each query sees (decode steps and prefill
+chunks). The instruction set is a thin layer,
 `simd.h`; each ISA of `ISA_FLAGS` (AVX-512 with VNNI, AVX-512, AVX2 + FMA) is its own library
 with its own FFI target names (`target(kind, isa)`), so one process can run any ISA the CPU has.
 
@@ -69,7 +70,8 @@ VENDOR_FLAGS = {"AuthenticAMD": ("-DJAXINFER_ONE_PASS_PREFETCH=0",)}
 # kernel kind -> symbol in cpu.cc (the same in every ISA's library)
 _SYMBOLS = {"matmul": "JaxinferMatmulF32", "matmul_many": "JaxinferMatmulManyF32",
             "glu": "JaxinferGluF32", "attend": "JaxinferAttendF32",
-            "attend_half": "JaxinferAttendF16", "qmatmul": "JaxinferQMatmul"}
+            "attend_half": "JaxinferAttendF16", "attend_many": "JaxinferAttendManyF32",
+            "attend_many_half": "JaxinferAttendManyF16", "qmatmul": "JaxinferQMatmul"}
 KINDS = tuple(_SYMBOLS)
 STRIP = 48  # columns per packed panel (kStrip in cpu.cc, checked when a library loads)
 
@@ -732,55 +734,67 @@ class NativeQuantEmbedding:
 
 def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv_freq=None,
                      layer=None, isa=None):
-    """The KVCache.attention kernel: each row's new token is rotated by RoPE (when inv_freq
-    [H/2] is given), written into this layer's cache and attends over the row's used slots,
-    in one call (the buffers are updated in place). The cache is float32 or float16 (the new
-    token rounded to it, the attention in float32).
+    """The KVCache.attention kernel: each row's new tokens are rotated by RoPE (when inv_freq
+    [H/2] is given), written into this layer's cache and attend over the row's slots. The
+    cache is float32 or float16 (new tokens rounded to it, the attention in float32).
 
-    q [B, 1, N, H]; k, v [B, 1, K, H] (new, q and k before RoPE); k_buf [R, K, H, S], v_buf
+    q [B, T, N, H]; k, v [B, T, K, H] (new, q and k before RoPE); k_buf [R, K, H, S], v_buf
     [R, K, S, H] with R >= B (the B rows attending are the buffers' first: models.cache.
     head_rows), or stacks of every layer's [L, R, ...] of which `layer` (an int32 scalar) is
-    this one, read and written in place; positions [B, 1]; k_pos [B, S]; window (int); slots
-    [B, 1] (where the new token goes) -> (out [B, 1, N * H], k_buf, v_buf), as
-    models.layers.self_attention's XLA path, except that a padding row (position -1, whose
-    output is never read) gets zeros on the kernel. Float32 q, k, v over a float32 or float16
-    cache with H a multiple of 16 (at most 256) runs `isa`'s kernel (default: the process's,
-    when one runs); anything else XLA.
+    this one; positions [B, T]; k_pos [B, S]; window (int); slots [B, T] (where the new tokens
+    go) -> (out [B, T, N * H], k_buf, v_buf), as models.layers.self_attention's XLA path, except
+    that a padding query (position -1, whose output is never read) gets zeros on the kernel.
+    One call updates the buffers in place and reads only the slots each query sees: for a
+    decode step the row's used slots; for several tokens per row (a prefill chunk, over a
+    window k_pos of at least MANY_MIN_SLOTS slots; XLA below) up to the last slot a query of
+    its group sees, about half the keys of XLA's dense, masked attention for a causal chunk.
+    Each token gets what it gets from one-token calls, bit for bit. Float32 q, k, v over a
+    float32 or float16 cache with H a multiple of 16 (at most 256) runs `isa`'s kernel
+    (default: the process's, when one runs); anything else XLA.
     """
     from models.layers import rope_tables, self_attention
 
-    b, _, n, h = q.shape
+    b, t, n, h = q.shape
     isa = isa or _active()
     kind = _ATTEND.get(jnp.dtype(k_buf.dtype)) if k_buf.dtype == v_buf.dtype else None
+    stacked = k_buf.ndim == 5
     if not (h % 16 == 0 and h <= 256 and isa is not None and kind is not None and
-            all(a.dtype == jnp.float32 for a in (q, k, v))):
+            all(a.dtype == jnp.float32 for a in (q, k, v))) or (
+                t > 1 and k_pos.shape[1] < MANY_MIN_SLOTS):
         # The model's own XLA path, on this layer's buffers (a stack, or one layer's as a
         # one-layer cache).
-        stacked = k_buf.ndim == 5
         buffers = (k_buf, v_buf) if stacked else ((k_buf,), (v_buf,))
         out, (kb, vb, _, _) = self_attention(q, k, v, positions, k_pos, window,
                                              layer if stacked else 0, slots,
                                              (*buffers, None, None), None, inv_freq)
         return (out, kb, vb) if stacked else (out, kb[0], vb[0])
-    if inv_freq is None:  # no rotation: cos 1, sin 0
-        rope = jnp.concatenate([jnp.ones((b, h // 2)), jnp.zeros((b, h // 2))], axis=-1)
-    else:
-        cos, sin = rope_tables(positions, inv_freq)
-        rope = jnp.concatenate([cos[:, 0], sin[:, 0]], axis=-1)
     i32 = jnp.int32
-    shapes = (jax.ShapeDtypeStruct((b, n, h), jnp.float32),
+    if inv_freq is None:  # no rotation: cos 1, sin 0
+        cs = jnp.concatenate([jnp.ones((b, t, h // 2)), jnp.zeros((b, t, h // 2))], axis=-1)
+    else:
+        cs = jnp.concatenate(rope_tables(positions, inv_freq), axis=-1)
+    name = kind if t == 1 else _ATTEND_MANY[kind]
+    shapes = (jax.ShapeDtypeStruct((b, t, n, h) if t > 1 else (b, n, h), jnp.float32),
               jax.ShapeDtypeStruct(k_buf.shape, k_buf.dtype),
               jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype))
-    call = jax.ffi.ffi_call(target(kind, _require(isa)), shapes,
+    call = jax.ffi.ffi_call(target(name, _require(isa)), shapes,
                             input_output_aliases={1: 1, 2: 2})
-    out, k_buf, v_buf = call(_layer_arg(layer), k_buf, v_buf, q[:, 0], k[:, 0], v[:, 0],
-                             rope.astype(jnp.float32), positions[:, 0].astype(i32),
-                             k_pos.astype(i32),
-                             jnp.reshape(jnp.asarray(window, i32), (1,)), slots[:, 0].astype(i32))
-    return out.reshape(b, 1, n * h), k_buf, v_buf
+    one = (lambda a: a[:, 0]) if t == 1 else (lambda a: a)  # the one-token kernel's shapes
+    out, k_buf, v_buf = call(_layer_arg(layer), k_buf, v_buf, one(q), one(k), one(v),
+                             one(cs).astype(jnp.float32), one(positions).astype(i32),
+                             k_pos.astype(i32), jnp.reshape(jnp.asarray(window, i32), (1,)),
+                             one(slots).astype(i32))
+    return out.reshape(b, t, n * h), k_buf, v_buf
 
 
 _ATTEND = {jnp.dtype(jnp.float32): "attend", jnp.dtype(jnp.float16): "attend_half"}  # cache dtype
+# Several tokens per row attend on the kernel over a window of at least this many slots; over
+# fewer XLA's dense attention was as fast or faster (a first chunk of 16-128 tokens over its own
+# 16-128 slots: 0.8-1.0x), while from 256 slots the kernel, reading only the slots each query
+# sees, took 1.2-2.7x less time (one layer of SmolLM2's shapes, float16 cache, AVX-512 and
+# AVX2 on a 2-core Zen 4, docs/SERVING.md).
+MANY_MIN_SLOTS = 256
+_ATTEND_MANY = {"attend": "attend_many", "attend_half": "attend_many_half"}  # T > 1 tokens
 
 
 @functools.cache

@@ -1,7 +1,7 @@
 // Decode-step kernels for x86-64 CPUs (AVX-512, or AVX2 + FMA: the vector layer is simd.h), as
 // XLA FFI calls: float32 matmuls against packed weights (one weight, several weights of one
-// input, the fused SwiGLU gate), and single-query attention over the KV cache (float32 or
-// float16) with RoPE and the cache write folded in.
+// input, the fused SwiGLU gate), and attention over the KV cache (float32 or float16) with RoPE
+// and the cache write folded in, for one new token per row (decode) or a prefill chunk.
 //
 // Work is shared between the calling thread and XLA's intra-op thread pool through atomic
 // counters (ParallelFor: one contiguous range of items per thread, taken in order, then the
@@ -210,15 +210,106 @@ inline void LinesToL2(const T* p, int64_t n) {
     simd::PrefetchL2(reinterpret_cast<const void*>(a));
 }
 
-// NQ query heads q [NQ][H] of one KV head against keys k [H, S] (slots last) and values
-// v [S, H]. Slots s < used whose position p satisfies 0 <= p <= qpos and qpos - p < window are
-// visible. out [NQ][H] = softmax(q.k / sqrt(H)) v over visible slots; with none visible, the
-// mean of v over all S slots (what a softmax over all-equal masked scores gives).
+// out [rows][H] = the mean of v [S, H] over all S slots, in each row.
+template <typename T>
+void MeanOfValues(const T* v, int64_t S, int64_t H, int rows, float* out) {
+  for (int64_t j = 0; j < H; j += kWidth) {
+    Vec o = simd::Zero();
+    for (int64_t s = 0; s < S; ++s) o = simd::Add(o, LoadKV(v + s * H + j));
+    o = simd::Div(o, simd::Set1(static_cast<float>(S)));
+    for (int g = 0; g < rows; ++g) simd::Store(out + g * H + j, o);
+  }
+}
+
+// Partial scores of NQ query rows q [NQ][H] for the kStep = J * kWidth slots from s0, over key
+// rows h0 .. h0 + kKeyRows of k [H, S]: scores [NQ][stride] (the first block, h0 = 0, starts
+// from zero). kFull: every slot of the block is below `used` (plain loads), else the lanes past
+// it are read as zeros and not stored. shade: the block's slots whose keys of the ahead item
+// (ahead_k, same layout) are asked for meanwhile. A function of constant J and kFull, so the
+// compiler keeps the NQ * J accumulators and J keys in registers.
+template <int NQ, int J, bool kFull, typename T>
+inline __attribute__((always_inline)) void ScoreBlock(
+    const float* q, const T* k, int64_t S, int64_t H, int64_t h0, int64_t s0, int64_t used,
+    float* scores, int64_t stride, const T* ahead_k, int64_t shade) {
+  Vec acc[NQ][J];
+  for (int j = 0; j < J; ++j) {
+    const bool fresh = h0 == 0 || (!kFull && s0 + kWidth * j >= used);
+    for (int g = 0; g < NQ; ++g)
+      acc[g][j] = fresh ? simd::Zero() : simd::Load(scores + g * stride + s0 + kWidth * j);
+  }
+  for (int64_t h = h0; h < h0 + kKeyRows; ++h) {
+    const T* kh = k + h * S + s0;
+    if (shade > 0) LinesToL2(ahead_k + h * S + s0, shade);
+    Vec kv[J];
+    for (int j = 0; j < J; ++j) {
+      kv[j] = kFull ? LoadKV(kh + kWidth * j)
+                    : LoadKVHead(kh + kWidth * j,
+                                 std::clamp<int64_t>(used - s0 - kWidth * j, 0, kWidth));
+      simd::InRegister(kv[j]);
+    }
+    for (int g = 0; g < NQ; ++g) {
+      const Vec qh = simd::Set1(q[g * H + h]);
+      for (int j = 0; j < J; ++j) acc[g][j] = simd::Fma(qh, kv[j], acc[g][j]);
+    }
+  }
+  for (int j = 0; j < J; ++j) {
+    if (!kFull && s0 + kWidth * j >= used) break;
+    for (int g = 0; g < NQ; ++g) simd::Store(scores + g * stride + s0 + kWidth * j, acc[g][j]);
+  }
+}
+
+// out [NQ][H] columns j0 .. j0 + NV * kWidth = inv[g] * sum over slots s < used of
+// scores[g][s] * v[s] (v [S, H]); the first `shadow` slots' values of the ahead item (ahead_v)
+// are asked for meanwhile on the first pass (j0 = 0). Constant NV: registers, as ScoreBlock.
+template <int NQ, int NV, typename T>
+inline __attribute__((always_inline)) void ValuePass(
+    const float* scores, int64_t stride, const T* v, int64_t used, int64_t H, int64_t j0,
+    const Vec* inv, float* out, const T* ahead_v, int64_t shadow) {
+  Vec o[NQ][NV];
+  for (int g = 0; g < NQ; ++g)
+    for (int j = 0; j < NV; ++j) o[g][j] = simd::Zero();
+  for (int64_t s = 0; s < used; ++s) {
+    if (j0 == 0 && s < shadow) LinesToL2(ahead_v + s * H, H);
+    Vec vv[NV];
+    for (int j = 0; j < NV; ++j) {
+      vv[j] = LoadKV(v + s * H + j0 + kWidth * j);
+      simd::InRegister(vv[j]);
+    }
+    for (int g = 0; g < NQ; ++g) {
+      const Vec w = simd::Set1(scores[g * stride + s]);
+      for (int j = 0; j < NV; ++j) o[g][j] = simd::Fma(w, vv[j], o[g][j]);
+    }
+  }
+  for (int g = 0; g < NQ; ++g)
+    for (int j = 0; j < NV; ++j)
+      simd::Store(out + g * H + j0 + kWidth * j, simd::Mul(o[g][j], inv[g]));
+}
+
+// ValuePass of nv (1 <= nv <= NV) vectors of columns.
+template <int NQ, int NV, typename T>
+void ValuePasses(int64_t nv, const float* scores, int64_t stride, const T* v, int64_t used,
+                 int64_t H, int64_t j0, const Vec* inv, float* out, const T* ahead_v,
+                 int64_t shadow) {
+  if constexpr (NV > 1) {
+    if (nv < NV)
+      return ValuePasses<NQ, NV - 1>(nv, scores, stride, v, used, H, j0, inv, out, ahead_v,
+                                     shadow);
+  }
+  ValuePass<NQ, NV>(scores, stride, v, used, H, j0, inv, out, ahead_v, shadow);
+}
+
+// NQ query rows q [NQ][H] of one KV head (heads of one token, or of several tokens) against
+// keys k [H, S] (slots last) and values v [S, H]. For row g, slots s < used whose position p
+// satisfies 0 <= p <= qpos[g] and qpos[g] - p < window are visible (`used` covers every row's
+// visible slots). out [NQ][H] = softmax(q.k / sqrt(H)) v over visible slots; with none visible,
+// the mean of v over all S slots (what a softmax over all-equal masked scores gives). A row's
+// result depends on its own query and the visible slots alone (masked slots add exact zeros),
+// not on the other rows or on `used`.
 // scores: scratch [NQ][stride], stride >= used rounded up to 64. T: the cache's element type.
 // ahead: the next item's keys and values to ask for meanwhile (none: k == nullptr).
 template <int NQ, typename T>
 void AttendHeads(const float* q, const T* k, const T* v, const int32_t* kpos,
-                 int32_t qpos, int32_t window, int64_t used, int64_t S, int64_t H,
+                 const int32_t* qpos, int32_t window, int64_t used, int64_t S, int64_t H,
                  float* scores, int64_t stride, float* out, Ahead<T> ahead) {
   const int64_t shadow = ahead.k != nullptr ? std::min(used, ahead.used) : 0;
   constexpr int J = StepVecs(NQ);
@@ -229,61 +320,40 @@ void AttendHeads(const float* q, const T* k, const T* v, const int32_t* kpos,
   // adds to the partial scores (in L1). A pass over all H rows per block of slots instead read
   // H rows S floats apart (S a power of two: one L1 set, 4 KB pages) for every block.
   // Per lane the sum still runs over h in order from zero: the same operations as before.
+  const int64_t whole = used / kStep * kStep;  // slots in blocks with no lane past `used`
   for (int64_t h0 = 0; h0 < H; h0 += kKeyRows) {
-    for (int64_t s0 = 0; s0 < used; s0 += kStep) {
-      int64_t in[J];  // slots of vector j below `used`
-      Vec acc[NQ][J];
-      for (int j = 0; j < J; ++j) {
-        in[j] = std::clamp<int64_t>(used - s0 - kWidth * j, 0, kWidth);
-        const bool fresh = h0 == 0 || s0 + kWidth * j >= used;
-        for (int g = 0; g < NQ; ++g)
-          acc[g][j] = fresh ? simd::Zero() : simd::Load(scores + g * stride + s0 + kWidth * j);
-      }
-      const bool full = s0 + kStep <= used;  // no lane past `used`: plain loads
-      const int64_t shade = std::clamp<int64_t>(shadow - s0, 0, kStep);
-      for (int64_t h = h0; h < h0 + kKeyRows; ++h) {
-        const T* kh = k + h * S + s0;
-        if (shade > 0) LinesToL2(ahead.k + h * S + s0, shade);
-        Vec kv[J];
-        for (int j = 0; j < J; ++j) {
-          kv[j] = full ? LoadKV(kh + kWidth * j) : LoadKVHead(kh + kWidth * j, in[j]);
-          simd::InRegister(kv[j]);
-        }
-        for (int g = 0; g < NQ; ++g) {
-          const Vec qh = simd::Set1(q[g * H + h]);
-          for (int j = 0; j < J; ++j) acc[g][j] = simd::Fma(qh, kv[j], acc[g][j]);
-        }
-      }
-      for (int j = 0; j < J; ++j) {
-        if (s0 + kWidth * j >= used) break;
-        for (int g = 0; g < NQ; ++g)
-          simd::Store(scores + g * stride + s0 + kWidth * j, acc[g][j]);
-      }
-    }
+    for (int64_t s0 = 0; s0 < whole; s0 += kStep)
+      ScoreBlock<NQ, J, true>(q, k, S, H, h0, s0, used, scores, stride, ahead.k,
+                              std::clamp<int64_t>(shadow - s0, 0, kStep));
+    if (whole < used)
+      ScoreBlock<NQ, J, false>(q, k, S, H, h0, whole, used, scores, stride, ahead.k,
+                               std::clamp<int64_t>(shadow - whole, 0, kStep));
   }
   Vec vmax[NQ];
   for (int g = 0; g < NQ; ++g) vmax[g] = minus_inf;
-  bool any = false;
+  bool any[NQ] = {};
+  const bool same = std::all_of(qpos, qpos + NQ, [&](int32_t p) { return p == qpos[0]; });
   for (int64_t s0 = 0; s0 < used; s0 += kWidth) {  // scale, mask, running max
-    const Mask vis = simd::Visible(simd::Head(used - s0), kpos + s0, qpos, window);
-    any |= simd::Any(vis);
+    const Mask in = simd::Head(used - s0);
+    const Mask vis0 = simd::Visible(in, kpos + s0, qpos[0], window);
     for (int g = 0; g < NQ; ++g) {
+      const Mask vis = same || g == 0 ? vis0 : simd::Visible(in, kpos + s0, qpos[g], window);
+      any[g] |= simd::Any(vis);
       const Vec sc = simd::Mul(simd::Load(scores + g * stride + s0), scale);
       simd::Store(scores + g * stride + s0, simd::Select(vis, sc, minus_inf));
       vmax[g] = simd::Select(vis, simd::Max(vmax[g], sc), vmax[g]);
     }
   }
-  if (!any) {
-    for (int64_t j = 0; j < H; j += kWidth) {
-      Vec o = simd::Zero();
-      for (int64_t s = 0; s < S; ++s) o = simd::Add(o, LoadKV(v + s * H + j));
-      o = simd::Div(o, simd::Set1(static_cast<float>(S)));
-      for (int g = 0; g < NQ; ++g) simd::Store(out + g * H + j, o);
-    }
+  if (std::none_of(any, any + NQ, [](bool a) { return a; })) {
+    MeanOfValues(v, S, H, NQ, out);
     return;
   }
   Vec inv[NQ];
   for (int g = 0; g < NQ; ++g) {  // probabilities (unnormalised), masked slots exactly 0
+    if (!any[g]) {  // all its lanes select 0 below; its output is replaced after the pass
+      inv[g] = simd::Zero();
+      continue;
+    }
     const Vec mx = simd::Set1(simd::ReduceMax(vmax[g]));
     Vec vsum = simd::Zero();
     float* sg = scores + g * stride;
@@ -296,31 +366,16 @@ void AttendHeads(const float* q, const T* k, const T* v, const int32_t* kpos,
     }
     inv[g] = simd::Set1(1.0f / simd::ReduceAdd(vsum));
   }
-  for (int64_t j0 = 0; j0 < H; j0 += kStep) {  // J vectors of output columns per pass over v
-    const int64_t nv = std::min<int64_t>(J, (H - j0) / kWidth);
-    Vec o[NQ][J];
-    for (int g = 0; g < NQ; ++g)
-      for (int j = 0; j < J; ++j) o[g][j] = simd::Zero();
-    for (int64_t s = 0; s < used; ++s) {
-      if (j0 == 0 && s < shadow) LinesToL2(ahead.v + s * H, H);
-      Vec vv[J];
-      for (int j = 0; j < J; ++j) {
-        vv[j] = j < nv ? LoadKV(v + s * H + j0 + kWidth * j) : simd::Zero();
-        simd::InRegister(vv[j]);
-      }
-      for (int g = 0; g < NQ; ++g) {
-        const Vec w = simd::Set1(scores[g * stride + s]);
-        for (int j = 0; j < J; ++j) o[g][j] = simd::Fma(w, vv[j], o[g][j]);
-      }
-    }
-    for (int g = 0; g < NQ; ++g)
-      for (int j = 0; j < nv; ++j)
-        simd::Store(out + g * H + j0 + kWidth * j, simd::Mul(o[g][j], inv[g]));
-  }
+  for (int64_t j0 = 0; j0 < H; j0 += kStep)  // J vectors of output columns per pass over v
+    ValuePasses<NQ, J>(std::min<int64_t>(J, (H - j0) / kWidth), scores, stride, v, used, H, j0,
+                       inv, out, ahead.v, shadow);
+  for (int g = 0; g < NQ; ++g)
+    if (!any[g]) MeanOfValues(v, S, H, 1, out + g * H);
 }
 
 template <typename T>
-using HeadsFn = void (*)(const float*, const T*, const T*, const int32_t*, int32_t, int32_t,
+using HeadsFn = void (*)(const float*, const T*, const T*, const int32_t*, const int32_t*,
+                         int32_t,
                          int64_t, int64_t, int64_t, float*, int64_t, float*, Ahead<T>);
 template <typename T>
 constexpr HeadsFn<T> kHeadsFns[kHeads] = {&AttendHeads<1, T>, &AttendHeads<2, T>,
@@ -420,11 +475,138 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer
     }
     for (int64_t g = 0; g < G; ++g)
       Rotate(qs + (b * N + kh * G + g) * H, cs + b * H, H, rq + g * H);
+    int32_t rows_pos[kHeads];
+    std::fill_n(rows_pos, kHeads, qp[b]);
     for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
       const int64_t nq = std::min<int64_t>(kHeads, G - g0);
-      kHeadsFns<T>[nq - 1](rq + g0 * H, kb, vb, kp + b * S, qp[b], win, n_used, S, H, scores,
+      kHeadsFns<T>[nq - 1](rq + g0 * H, kb, vb, kp + b * S, rows_pos, win, n_used, S, H, scores,
                            stride, os + (b * N + kh * G + g0) * H,
                            g0 == 0 ? ahead : Ahead<T>{});
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// Query rows per AttendHeads call of the many-token kernel: with 16 registers 3 (4 rows' 12
+// accumulators, 3 keys and a broadcast left none spare: the compiler spilled the keys).
+constexpr int kManyRows = simd::kRegs >= 32 ? 4 : 3;
+
+// Attention of T new tokens per row over the cache (a prefill chunk): each token's key is
+// rotated by RoPE and written with its value, then every token attends. k [R, K, H, S],
+// v [R, K, S, H], or stacks of them [L, R, ...] of which layer `layer` is this one (aliased with
+// k_out, v_out: updated in place; R >= B: the B rows attending are the first B), q [B, T, N, H],
+// k_new, v_new [B, T, K, H] (before RoPE), rope [B, T, H] (cos [H/2], then sin [H/2]), qpos
+// [B, T], kpos [B, S] (the chunk's tokens included), window [1], slot [B, T] (where each token
+// goes; out of range: dropped) -> out [B, T, N, H], k_out, v_out. Query t of row b sees the
+// slots whose position p satisfies 0 <= p <= qpos[b, t] and qpos[b, t] - p < window, and
+// reads no slot past the last one any query of its group sees (a causal chunk reads about half
+// the keys of a dense attention); a padding query (qpos < 0) gets zeros. Each token gets bit
+// for bit what the single-token kernel (Attend) gives it when the chunk's tokens are written
+// and attended one by one: the same rotation and operations, the other tokens' slots adding
+// exact zeros. H must be a multiple of 16, at most 256.
+template <ffi::DataType D, typename T>
+ffi::Error AttendMany(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<D> k,
+                      ffi::Buffer<D> v, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
+                      ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> rope,
+                      ffi::Buffer<ffi::S32> qpos, ffi::Buffer<ffi::S32> kpos,
+                      ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> slot,
+                      ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<D> k_out,
+                      ffi::ResultBuffer<D> v_out) {
+  const auto qd = q.dimensions();
+  LayerView kl, vl;
+  const int32_t li = LayerIndex(layer);
+  if (!ViewLayer(k.dimensions(), 4, li, kl) || !ViewLayer(v.dimensions(), 4, li, vl) ||
+      k.dimensions().size() != v.dimensions().size()) {
+    return ffi::Error::InvalidArgument(
+        "jaxinfer_attend_many: expected k, v [R, K, H, S], [R, K, S, H] or [L, R, ...] "
+        "holding the layer");
+  }
+  const auto& kd = kl.dims;
+  const auto& vd = vl.dims;
+  if (qd.size() != 4 || kd[0] < qd[0] || qd[2] % kd[1] != 0 || kd[2] != qd[3] ||
+      qd[3] % 16 != 0 || qd[3] > 256 || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[3] ||
+      vd[3] != kd[2] || Count(qpos) != qd[0] * qd[1] || Count(slot) != qd[0] * qd[1] ||
+      kpos.dimensions()[0] != qd[0] || kpos.dimensions()[1] != kd[3] ||
+      window.element_count() != 1 || Count(k_new) != qd[0] * qd[1] * kd[1] * kd[2] ||
+      Count(v_new) != qd[0] * qd[1] * kd[1] * kd[2] || Count(rope) != qd[0] * qd[1] * qd[3]) {
+    return ffi::Error::InvalidArgument("jaxinfer_attend_many: unexpected shapes");
+  }
+  const int64_t B = qd[0], NT = qd[1], N = qd[2], H = qd[3], K = kd[1], S = kd[3], G = N / K;
+  T* ks = k_out->typed_data();
+  T* vs = v_out->typed_data();
+  if (ks != k.typed_data()) std::copy_n(k.typed_data(), k.element_count(), ks);
+  if (vs != v.typed_data()) std::copy_n(v.typed_data(), v.element_count(), vs);
+  ks += kl.offset;
+  vs += vl.offset;
+  const float* qs = q.typed_data();
+  const float* kn = k_new.typed_data();
+  const float* vn = v_new.typed_data();
+  const float* cs = rope.typed_data();
+  const int32_t* qp = qpos.typed_data();
+  const int32_t* kp = kpos.typed_data();
+  const int32_t* sl = slot.typed_data();
+  const int32_t win = window.typed_data()[0];
+  float* os = out->typed_data();
+  // The chunk's keys (rotated) and values into their slots, one (row, KV head) per item.
+  ParallelFor(pool, B * K, [&](int64_t item, int64_t) {
+    const int64_t b = item / K, kh = item % K;
+    T* kb = ks + item * H * S;
+    T* vb = vs + item * S * H;
+    thread_local std::vector<float> rotated;
+    rotated.resize(H);
+    for (int64_t t = 0; t < NT; ++t) {
+      const int32_t at = sl[b * NT + t];
+      if (at < 0 || at >= S) continue;  // out of range: dropped, as the XLA write does
+      const int64_t from = ((b * NT + t) * K + kh) * H;
+      Rotate(kn + from, cs + (b * NT + t) * H, H, rotated.data());
+      for (int64_t h = 0; h < H; ++h) StoreKV(kb + h * S + at, rotated[h]);
+      for (int64_t h = 0; h < H; ++h) StoreKV(vb + at * H + h, vn[from + h]);
+    }
+  });
+  const int64_t stride = (S + 63) / 64 * 64;
+  // least[b * S + s]: the least position >= 0 in slots s.. of row b (INT32_MAX: none), so the
+  // slots a query at position p may see end at the last s with least[s] <= p (least never
+  // falls as s grows: a binary search).
+  std::vector<int32_t> least(B * S);
+  for (int64_t b = 0; b < B; ++b) {
+    int32_t m = INT32_MAX;
+    for (int64_t s = S - 1; s >= 0; --s) {
+      if (kp[b * S + s] >= 0) m = std::min(m, kp[b * S + s]);
+      least[b * S + s] = m;
+    }
+  }
+  auto used_by = [&](int64_t b, int32_t p) -> int64_t {  // slots up to the last one p sees
+    const int32_t* l = least.data() + b * S;
+    return std::upper_bound(l, l + S, p) - l;
+  };
+  // Items: groups of kManyRows query rows (row r: token r / G, head kh * G + r % G) of one
+  // row b and KV head kh, in order, so a thread's consecutive items read the same keys.
+  const int64_t rows = NT * G, groups = (rows + kManyRows - 1) / kManyRows;
+  ParallelFor(pool, B * K * groups, [&](int64_t item, int64_t) {
+    const int64_t bk = item / groups, b = bk / K, kh = bk % K;
+    const int64_t r0 = item % groups * kManyRows;
+    const int64_t nq = std::min<int64_t>(kManyRows, rows - r0);
+    thread_local std::vector<float> scratch;
+    scratch.resize(kHeads * stride + 2 * kHeads * H);
+    float* scores = scratch.data();
+    float* rq = scores + kHeads * stride;  // the group's queries [nq][H], then outputs
+    float* ro = rq + kHeads * H;
+    int32_t rows_pos[kHeads];
+    int64_t n_used = 0;
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t t = (r0 + i) / G, head = kh * G + (r0 + i) % G;
+      rows_pos[i] = qp[b * NT + t];
+      Rotate(qs + ((b * NT + t) * N + head) * H, cs + (b * NT + t) * H, H, rq + i * H);
+      if (rows_pos[i] >= 0) n_used = std::max(n_used, used_by(b, rows_pos[i]));
+    }
+    if (n_used > 0)
+      kHeadsFns<T>[nq - 1](rq, ks + bk * H * S, vs + bk * S * H, kp + b * S, rows_pos, win,
+                           n_used, S, H, scores, stride, ro, Ahead<T>{});
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t t = (r0 + i) / G, head = kh * G + (r0 + i) % G;
+      float* o = os + ((b * NT + t) * N + head) * H;
+      if (rows_pos[i] < 0 || n_used == 0) std::fill_n(o, H, 0.0f);
+      else std::copy_n(ro + i * H, H, o);
     }
   });
   return ffi::Error::Success();
@@ -461,7 +643,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferGluF32, Glu,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// The attention binding for a cache of type D (the other arguments are float32 / int32).
+// The attention bindings (one token per row, or many) for a cache of type D (the other
+// arguments are float32 / int32).
 template <ffi::DataType D>
 auto AttendBinding() {
   return ffi::Ffi::Bind()
@@ -486,4 +669,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttendF32, (Attend<ffi::F32, float>),
                               AttendBinding<ffi::F32>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttendF16, (Attend<ffi::F16, uint16_t>),
+                              AttendBinding<ffi::F16>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttendManyF32, (AttendMany<ffi::F32, float>),
+                              AttendBinding<ffi::F32>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttendManyF16, (AttendMany<ffi::F16, uint16_t>),
                               AttendBinding<ffi::F16>());
