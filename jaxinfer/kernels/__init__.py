@@ -745,9 +745,9 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
     go) -> (out [B, T, N * H], k_buf, v_buf), as models.layers.self_attention's XLA path, except
     that a padding query (position -1, whose output is never read) gets zeros on the kernel.
     One call updates the buffers in place and reads only the slots each query sees: for a
-    decode step the row's used slots; for several tokens per row (a prefill chunk, over a
-    window k_pos of at least MANY_MIN_SLOTS slots; XLA below) up to the last slot a query of
-    its group sees, about half the keys of XLA's dense, masked attention for a causal chunk.
+    decode step the row's used slots; for several tokens per row (a prefill chunk) up to the
+    last slot a query of its group sees, about half the keys of XLA's dense, masked attention
+    for a causal chunk.
     Each token gets what it gets from one-token calls, bit for bit. Float32 q, k, v over a
     float32 or float16 cache with H a multiple of 16 (at most 256) runs `isa`'s kernel
     (default: the process's, when one runs); anything else XLA.
@@ -759,8 +759,7 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
     kind = _ATTEND.get(jnp.dtype(k_buf.dtype)) if k_buf.dtype == v_buf.dtype else None
     stacked = k_buf.ndim == 5
     if not (h % 16 == 0 and h <= 256 and isa is not None and kind is not None and
-            all(a.dtype == jnp.float32 for a in (q, k, v))) or (
-                t > 1 and k_pos.shape[1] < MANY_MIN_SLOTS):
+            all(a.dtype == jnp.float32 for a in (q, k, v))):
         # The model's own XLA path, on this layer's buffers (a stack, or one layer's as a
         # one-layer cache).
         buffers = (k_buf, v_buf) if stacked else ((k_buf,), (v_buf,))
@@ -788,12 +787,6 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
 
 
 _ATTEND = {jnp.dtype(jnp.float32): "attend", jnp.dtype(jnp.float16): "attend_half"}  # cache dtype
-# Several tokens per row attend on the kernel over a window of at least this many slots; over
-# fewer XLA's dense attention was as fast or faster (a first chunk of 16-128 tokens over its own
-# 16-128 slots: 0.8-1.0x), while from 256 slots the kernel, reading only the slots each query
-# sees, took 1.2-2.7x less time (one layer of SmolLM2's shapes, float16 cache, AVX-512 and
-# AVX2 on a 2-core Zen 4, docs/SERVING.md).
-MANY_MIN_SLOTS = 256
 _ATTEND_MANY = {"attend": "attend_many", "attend_half": "attend_many_half"}  # T > 1 tokens
 
 
