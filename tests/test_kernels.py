@@ -549,7 +549,7 @@ def test_prefill_attention_matches_rope_write_and_attend(n, k, h, s, t, start, w
                   attention_mask(positions, k_pos, window))
     fn = jax.jit(lambda *a: kernels.decode_attention(*a, k_pos, window, slots, inv_freq,
                                                      isa=isa))
-    kind = "attend_many" if cache == "float32" else "attend_many_half"
+    kind = "attend" if cache == "float32" else "attend_half"
     assert kernels.target(kind, isa) in fn.lower(q, k_new, v_new, kc, vc, positions).as_text()
     got, got_k, got_v = fn(q, k_new, v_new, kc, vc, positions)
     np.testing.assert_array_equal(got_k, want_k)

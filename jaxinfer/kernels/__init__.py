@@ -70,8 +70,7 @@ VENDOR_FLAGS = {"AuthenticAMD": ("-DJAXINFER_ONE_PASS_PREFETCH=0",)}
 # kernel kind -> symbol in cpu.cc (the same in every ISA's library)
 _SYMBOLS = {"matmul": "JaxinferMatmulF32", "matmul_many": "JaxinferMatmulManyF32",
             "glu": "JaxinferGluF32", "attend": "JaxinferAttendF32",
-            "attend_half": "JaxinferAttendF16", "attend_many": "JaxinferAttendManyF32",
-            "attend_many_half": "JaxinferAttendManyF16", "qmatmul": "JaxinferQMatmul"}
+            "attend_half": "JaxinferAttendF16", "qmatmul": "JaxinferQMatmul"}
 KINDS = tuple(_SYMBOLS)
 STRIP = 48  # columns per packed panel (kStrip in cpu.cc, checked when a library loads)
 
@@ -772,11 +771,10 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
         cs = jnp.concatenate([jnp.ones((b, t, h // 2)), jnp.zeros((b, t, h // 2))], axis=-1)
     else:
         cs = jnp.concatenate(rope_tables(positions, inv_freq), axis=-1)
-    name = kind if t == 1 else _ATTEND_MANY[kind]
     shapes = (jax.ShapeDtypeStruct((b, t, n, h) if t > 1 else (b, n, h), jnp.float32),
               jax.ShapeDtypeStruct(k_buf.shape, k_buf.dtype),
               jax.ShapeDtypeStruct(v_buf.shape, v_buf.dtype))
-    call = jax.ffi.ffi_call(target(name, _require(isa)), shapes,
+    call = jax.ffi.ffi_call(target(kind, _require(isa)), shapes,
                             input_output_aliases={1: 1, 2: 2})
     one = (lambda a: a[:, 0]) if t == 1 else (lambda a: a)  # the one-token kernel's shapes
     out, k_buf, v_buf = call(_layer_arg(layer), k_buf, v_buf, one(q), one(k), one(v),
@@ -787,7 +785,6 @@ def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv
 
 
 _ATTEND = {jnp.dtype(jnp.float32): "attend", jnp.dtype(jnp.float16): "attend_half"}  # cache dtype
-_ATTEND_MANY = {"attend": "attend_many", "attend_half": "attend_many_half"}  # T > 1 tokens
 
 
 @functools.cache

@@ -386,59 +386,30 @@ constexpr HeadsFn<T> kHeadsFns[kHeads] = {&AttendHeads<1, T>, &AttendHeads<2, T>
 template <ffi::DataType D>
 int64_t Count(const ffi::Buffer<D>& b) { return static_cast<int64_t>(b.element_count()); }
 
-// Rotates each row's new token by RoPE, writes it into this layer's cache, then attends:
-// k [R, K, H, S], v [R, K, S, H], or stacks of them [L, R, ...] of which layer `layer` is this
-// one (aliased with the results k_out, v_out: updated in place; R >= B: the B rows attending
-// are the first B of the buffers), q [B, N, H], k_new, v_new [B, K, H] (before RoPE), rope
-// [B, H] (cos [H/2], then sin [H/2], of the row's position: cos 1 and sin 0 for none), qpos
-// [B], kpos [B, S], window [1], slot [B] (where the new token goes; slots up to it are the
-// used ones) -> out [B, N, H], k_out, v_out.
-// A row whose query position is negative (padding) is written but attends to nothing: out 0.
-// H must be a multiple of 16, at most 256. D: the cache's type, F32 or F16 (T its elements).
-template <ffi::DataType D, typename T>
-ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<D> k,
-                  ffi::Buffer<D> v, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
-                  ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> rope,
-                  ffi::Buffer<ffi::S32> qpos, ffi::Buffer<ffi::S32> kpos,
-                  ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> slot,
-                  ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<D> k_out,
-                  ffi::ResultBuffer<D> v_out) {
-  const auto qd = q.dimensions();
-  LayerView kl, vl;
-  const int32_t li = LayerIndex(layer);
-  if (!ViewLayer(k.dimensions(), 4, li, kl) || !ViewLayer(v.dimensions(), 4, li, vl) ||
-      k.dimensions().size() != v.dimensions().size()) {
-    return ffi::Error::InvalidArgument(
-        "jaxinfer_attend: expected k, v [R, K, H, S], [R, K, S, H] or [L, R, ...] holding the "
-        "layer");
-  }
-  const auto& kd = kl.dims;
-  const auto& vd = vl.dims;
-  if (qd.size() != 3 || kd[0] < qd[0] ||
-      qd[1] % kd[1] != 0 || kd[2] != qd[2] || qd[2] % 16 != 0 || qd[2] > 256 ||
-      vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[3] || vd[3] != kd[2] ||
-      kpos.dimensions()[0] != qd[0] || kpos.dimensions()[1] != kd[3] ||
-      window.element_count() != 1 ||
-      Count(k_new) != qd[0] * kd[1] * kd[2] || Count(v_new) != qd[0] * kd[1] * kd[2] ||
-      Count(rope) != qd[0] * qd[2]) {
-    return ffi::Error::InvalidArgument("jaxinfer_attend: unexpected shapes");
-  }
-  const int64_t B = qd[0], N = qd[1], H = qd[2], K = kd[1], S = kd[3], G = N / K;
-  T* ks = k_out->typed_data();
-  T* vs = v_out->typed_data();
-  if (ks != k.typed_data()) std::copy_n(k.typed_data(), k.element_count(), ks);
-  if (vs != v.typed_data()) std::copy_n(v.typed_data(), v.element_count(), vs);
-  ks += kl.offset;
-  vs += vl.offset;
-  const float* qs = q.typed_data();
-  const float* kn = k_new.typed_data();
-  const float* vn = v_new.typed_data();
-  const float* cs = rope.typed_data();
-  const int32_t* qp = qpos.typed_data();
-  const int32_t* kp = kpos.typed_data();
-  const int32_t* sl = slot.typed_data();
-  const int32_t win = window.typed_data()[0];
-  float* os = out->typed_data();
+// One attention call's operands (see Attend): this layer's cache rows ks [R, K, H, S] and
+// vs [R, K, S, H] (updated in place), and B rows of NT new tokens each.
+template <typename T>
+struct AttendArgs {
+  int64_t B, NT, N, H, K, S;
+  T* ks;
+  T* vs;
+  const float *q, *k_new, *v_new, *rope;
+  const int32_t *qpos, *kpos, *slot;
+  int32_t window;
+  float* out;
+};
+
+// One new token per row (a decode step): each (row, KV head) item writes its token and
+// attends with its G query heads together, the next item's keys asked for meanwhile.
+template <typename T>
+void AttendSteps(ffi::ThreadPool& pool, const AttendArgs<T>& a) {
+  const int64_t B = a.B, N = a.N, H = a.H, K = a.K, S = a.S, G = a.N / a.K;
+  T* ks = a.ks;
+  T* vs = a.vs;
+  const float *qs = a.q, *kn = a.k_new, *vn = a.v_new, *cs = a.rope;
+  const int32_t *qp = a.qpos, *kp = a.kpos, *sl = a.slot;
+  const int32_t win = a.window;
+  float* os = a.out;
   const int64_t stride = (S + 63) / 64 * 64;
   // The used slots of item (row b, KV head) b * K + kh.
   auto used_of = [&](int64_t item) {
@@ -486,69 +457,25 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer
                            g0 == 0 ? ahead : Ahead<T>{});
     }
   });
-  return ffi::Error::Success();
 }
 
 // Query rows per AttendHeads call of the many-token kernel: with 16 registers 3 (4 rows' 12
 // accumulators, 3 keys and a broadcast left none spare: the compiler spilled the keys).
 constexpr int kManyRows = simd::kRegs >= 32 ? 4 : 3;
 
-// Attention of T new tokens per row over the cache (a prefill chunk): each token's key is
-// rotated by RoPE and written with its value, then every token attends. k [R, K, H, S],
-// v [R, K, S, H], or stacks of them [L, R, ...] of which layer `layer` is this one (aliased with
-// k_out, v_out: updated in place; R >= B: the B rows attending are the first B), q [B, T, N, H],
-// k_new, v_new [B, T, K, H] (before RoPE), rope [B, T, H] (cos [H/2], then sin [H/2]), qpos
-// [B, T], kpos [B, S] (the chunk's tokens included), window [1], slot [B, T] (where each token
-// goes; out of range: dropped) -> out [B, T, N, H], k_out, v_out. Query t of row b sees the
-// slots whose position p satisfies 0 <= p <= qpos[b, t] and qpos[b, t] - p < window, and
-// reads no slot past the last one any query of its group sees (a causal chunk reads about half
-// the keys of a dense attention); a padding query (qpos < 0) gets zeros. Each token gets bit
-// for bit what the single-token kernel (Attend) gives it when the chunk's tokens are written
-// and attended one by one: the same rotation and operations, the other tokens' slots adding
-// exact zeros. H must be a multiple of 16, at most 256.
-template <ffi::DataType D, typename T>
-ffi::Error AttendMany(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<D> k,
-                      ffi::Buffer<D> v, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
-                      ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> rope,
-                      ffi::Buffer<ffi::S32> qpos, ffi::Buffer<ffi::S32> kpos,
-                      ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> slot,
-                      ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<D> k_out,
-                      ffi::ResultBuffer<D> v_out) {
-  const auto qd = q.dimensions();
-  LayerView kl, vl;
-  const int32_t li = LayerIndex(layer);
-  if (!ViewLayer(k.dimensions(), 4, li, kl) || !ViewLayer(v.dimensions(), 4, li, vl) ||
-      k.dimensions().size() != v.dimensions().size()) {
-    return ffi::Error::InvalidArgument(
-        "jaxinfer_attend_many: expected k, v [R, K, H, S], [R, K, S, H] or [L, R, ...] "
-        "holding the layer");
-  }
-  const auto& kd = kl.dims;
-  const auto& vd = vl.dims;
-  if (qd.size() != 4 || kd[0] < qd[0] || qd[2] % kd[1] != 0 || kd[2] != qd[3] ||
-      qd[3] % 16 != 0 || qd[3] > 256 || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[3] ||
-      vd[3] != kd[2] || Count(qpos) != qd[0] * qd[1] || Count(slot) != qd[0] * qd[1] ||
-      kpos.dimensions()[0] != qd[0] || kpos.dimensions()[1] != kd[3] ||
-      window.element_count() != 1 || Count(k_new) != qd[0] * qd[1] * kd[1] * kd[2] ||
-      Count(v_new) != qd[0] * qd[1] * kd[1] * kd[2] || Count(rope) != qd[0] * qd[1] * qd[3]) {
-    return ffi::Error::InvalidArgument("jaxinfer_attend_many: unexpected shapes");
-  }
-  const int64_t B = qd[0], NT = qd[1], N = qd[2], H = qd[3], K = kd[1], S = kd[3], G = N / K;
-  T* ks = k_out->typed_data();
-  T* vs = v_out->typed_data();
-  if (ks != k.typed_data()) std::copy_n(k.typed_data(), k.element_count(), ks);
-  if (vs != v.typed_data()) std::copy_n(v.typed_data(), v.element_count(), vs);
-  ks += kl.offset;
-  vs += vl.offset;
-  const float* qs = q.typed_data();
-  const float* kn = k_new.typed_data();
-  const float* vn = v_new.typed_data();
-  const float* cs = rope.typed_data();
-  const int32_t* qp = qpos.typed_data();
-  const int32_t* kp = kpos.typed_data();
-  const int32_t* sl = slot.typed_data();
-  const int32_t win = window.typed_data()[0];
-  float* os = out->typed_data();
+// Several new tokens per row (a prefill chunk): every token's key is rotated and written with
+// its value first, then the tokens attend in groups of kManyRows query rows of one (row, KV
+// head), each group reading the keys and values up to the last slot one of its queries sees
+// (a causal chunk reads about half the slots of a dense attention).
+template <typename T>
+void AttendChunk(ffi::ThreadPool& pool, const AttendArgs<T>& a) {
+  const int64_t B = a.B, NT = a.NT, N = a.N, H = a.H, K = a.K, S = a.S, G = a.N / a.K;
+  T* ks = a.ks;
+  T* vs = a.vs;
+  const float *qs = a.q, *kn = a.k_new, *vn = a.v_new, *cs = a.rope;
+  const int32_t *qp = a.qpos, *kp = a.kpos, *sl = a.slot;
+  const int32_t win = a.window;
+  float* os = a.out;
   // The chunk's keys (rotated) and values into their slots, one (row, KV head) per item.
   ParallelFor(pool, B * K, [&](int64_t item, int64_t) {
     const int64_t b = item / K, kh = item % K;
@@ -611,6 +538,63 @@ ffi::Error AttendMany(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Bu
       else std::copy_n(ro + i * H, H, o);
     }
   });
+}
+
+// Rotates each row's new tokens by RoPE, writes them into this layer's cache, then attends:
+// k [R, K, H, S], v [R, K, S, H], or stacks of them [L, R, ...] of which layer `layer` is this
+// one (aliased with the results k_out, v_out: updated in place; R >= B: the B rows attending
+// are the first B of the buffers). One token per row (a decode step): q [B, N, H], k_new,
+// v_new [B, K, H] (before RoPE), rope [B, H] (cos [H/2], then sin [H/2], of the row's
+// position: cos 1 and sin 0 for none), qpos [B], slot [B] (where the new token goes; slots up
+// to it are the used ones) -> out [B, N, H]. T tokens per row (a prefill chunk): the same with
+// a T axis after B (q [B, T, N, H], ...; slots: the ones whose position a query may see) ->
+// out [B, T, N, H]. Both: kpos [B, S] (the new tokens included), window [1]. Query t of row b
+// sees the slots whose position p satisfies 0 <= p <= qpos and qpos - p < window. A query
+// whose position is negative (padding) is written but attends to nothing: out 0. A slot out
+// of range is dropped, as the XLA write does. A chunk's token gets bit for bit what one-token
+// calls give it when the chunk's tokens are written and attended one by one: the same
+// rotation and operations, the other tokens' slots adding exact zeros.
+// H must be a multiple of 16, at most 256. D: the cache's type, F32 or F16 (T its elements).
+template <ffi::DataType D, typename T>
+ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer<D> k,
+                  ffi::Buffer<D> v, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
+                  ffi::Buffer<ffi::F32> v_new, ffi::Buffer<ffi::F32> rope,
+                  ffi::Buffer<ffi::S32> qpos, ffi::Buffer<ffi::S32> kpos,
+                  ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> slot,
+                  ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<D> k_out,
+                  ffi::ResultBuffer<D> v_out) {
+  const auto qd = q.dimensions();
+  LayerView kl, vl;
+  const int32_t li = LayerIndex(layer);
+  if (!ViewLayer(k.dimensions(), 4, li, kl) || !ViewLayer(v.dimensions(), 4, li, vl) ||
+      k.dimensions().size() != v.dimensions().size()) {
+    return ffi::Error::InvalidArgument(
+        "jaxinfer_attend: expected k, v [R, K, H, S], [R, K, S, H] or [L, R, ...] holding the "
+        "layer");
+  }
+  const auto& kd = kl.dims;
+  const auto& vd = vl.dims;
+  const bool chunk = qd.size() == 4;  // else one token per row: q [B, N, H]
+  if (qd.size() != 3 && !chunk) return ffi::Error::InvalidArgument("jaxinfer_attend: q rank");
+  const int64_t B = qd[0], NT = chunk ? qd[1] : 1, N = qd[qd.size() - 2], H = qd.back();
+  const int64_t K = kd[1], S = kd[3];
+  if (kd[0] < B || N % K != 0 || kd[2] != H || H % 16 != 0 || H > 256 || vd[0] != kd[0] ||
+      vd[1] != K || vd[2] != S || vd[3] != H || kpos.dimensions()[0] != B ||
+      kpos.dimensions()[1] != S || window.element_count() != 1 || Count(qpos) != B * NT ||
+      Count(slot) != B * NT || Count(k_new) != B * NT * K * H ||
+      Count(v_new) != B * NT * K * H || Count(rope) != B * NT * H) {
+    return ffi::Error::InvalidArgument("jaxinfer_attend: unexpected shapes");
+  }
+  T* ks = k_out->typed_data();
+  T* vs = v_out->typed_data();
+  if (ks != k.typed_data()) std::copy_n(k.typed_data(), k.element_count(), ks);
+  if (vs != v.typed_data()) std::copy_n(v.typed_data(), v.element_count(), vs);
+  const AttendArgs<T> args{B, NT, N, H, K, S, ks + kl.offset, vs + vl.offset,
+                           q.typed_data(), k_new.typed_data(), v_new.typed_data(),
+                           rope.typed_data(), qpos.typed_data(), kpos.typed_data(),
+                           slot.typed_data(), window.typed_data()[0], out->typed_data()};
+  if (chunk) AttendChunk(pool, args);
+  else AttendSteps(pool, args);
   return ffi::Error::Success();
 }
 
@@ -645,8 +629,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferGluF32, Glu,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// The attention bindings (one token per row, or many) for a cache of type D (the other
-// arguments are float32 / int32).
+// The attention binding for a cache of type D (the other arguments are float32 / int32).
 template <ffi::DataType D>
 auto AttendBinding() {
   return ffi::Ffi::Bind()
@@ -671,10 +654,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttendF32, (Attend<ffi::F32, float>),
                               AttendBinding<ffi::F32>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttendF16, (Attend<ffi::F16, uint16_t>),
-                              AttendBinding<ffi::F16>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttendManyF32, (AttendMany<ffi::F32, float>),
-                              AttendBinding<ffi::F32>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxinferAttendManyF16, (AttendMany<ffi::F16, uint16_t>),
                               AttendBinding<ffi::F16>());
