@@ -386,30 +386,28 @@ constexpr HeadsFn<T> kHeadsFns[kHeads] = {&AttendHeads<1, T>, &AttendHeads<2, T>
 template <ffi::DataType D>
 int64_t Count(const ffi::Buffer<D>& b) { return static_cast<int64_t>(b.element_count()); }
 
-// One attention call's operands (see Attend): this layer's cache rows ks [R, K, H, S] and
-// vs [R, K, S, H] (updated in place), and B rows of NT new tokens each.
+// One attention call (see Attend): this layer's cache rows ks [R, K, H, S] and vs [R, K, S, H]
+// (updated in place), B rows of NT new tokens each (q, k_new, v_new, rope, qpos, slot as
+// Attend's operands), kpos, the window and the output; Steps or Chunk runs it.
 template <typename T>
-struct AttendArgs {
+struct AttendCall {
   int64_t B, NT, N, H, K, S;
   T* ks;
   T* vs;
-  const float *q, *k_new, *v_new, *rope;
-  const int32_t *qpos, *kpos, *slot;
-  int32_t window;
-  float* out;
+  const float *qs, *kn, *vn, *cs;
+  const int32_t *qp, *kp, *sl;
+  int32_t win;
+  float* os;
+
+  void Steps(ffi::ThreadPool& pool) const;
+  void Chunk(ffi::ThreadPool& pool) const;
 };
 
 // One new token per row (a decode step): each (row, KV head) item writes its token and
 // attends with its G query heads together, the next item's keys asked for meanwhile.
 template <typename T>
-void AttendSteps(ffi::ThreadPool& pool, const AttendArgs<T>& a) {
-  const int64_t B = a.B, N = a.N, H = a.H, K = a.K, S = a.S, G = a.N / a.K;
-  T* ks = a.ks;
-  T* vs = a.vs;
-  const float *qs = a.q, *kn = a.k_new, *vn = a.v_new, *cs = a.rope;
-  const int32_t *qp = a.qpos, *kp = a.kpos, *sl = a.slot;
-  const int32_t win = a.window;
-  float* os = a.out;
+void AttendCall<T>::Steps(ffi::ThreadPool& pool) const {
+  const int64_t G = N / K;
   const int64_t stride = (S + 63) / 64 * 64;
   // The used slots of item (row b, KV head) b * K + kh.
   auto used_of = [&](int64_t item) {
@@ -468,14 +466,8 @@ constexpr int kManyRows = simd::kRegs >= 32 ? 4 : 3;
 // head), each group reading the keys and values up to the last slot one of its queries sees
 // (a causal chunk reads about half the slots of a dense attention).
 template <typename T>
-void AttendChunk(ffi::ThreadPool& pool, const AttendArgs<T>& a) {
-  const int64_t B = a.B, NT = a.NT, N = a.N, H = a.H, K = a.K, S = a.S, G = a.N / a.K;
-  T* ks = a.ks;
-  T* vs = a.vs;
-  const float *qs = a.q, *kn = a.k_new, *vn = a.v_new, *cs = a.rope;
-  const int32_t *qp = a.qpos, *kp = a.kpos, *sl = a.slot;
-  const int32_t win = a.window;
-  float* os = a.out;
+void AttendCall<T>::Chunk(ffi::ThreadPool& pool) const {
+  const int64_t G = N / K;
   // The chunk's keys (rotated) and values into their slots, one (row, KV head) per item.
   ParallelFor(pool, B * K, [&](int64_t item, int64_t) {
     const int64_t b = item / K, kh = item % K;
@@ -589,12 +581,12 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> layer, ffi::Buffer
   T* vs = v_out->typed_data();
   if (ks != k.typed_data()) std::copy_n(k.typed_data(), k.element_count(), ks);
   if (vs != v.typed_data()) std::copy_n(v.typed_data(), v.element_count(), vs);
-  const AttendArgs<T> args{B, NT, N, H, K, S, ks + kl.offset, vs + vl.offset,
+  const AttendCall<T> call{B, NT, N, H, K, S, ks + kl.offset, vs + vl.offset,
                            q.typed_data(), k_new.typed_data(), v_new.typed_data(),
                            rope.typed_data(), qpos.typed_data(), kpos.typed_data(),
                            slot.typed_data(), window.typed_data()[0], out->typed_data()};
-  if (chunk) AttendChunk(pool, args);
-  else AttendSteps(pool, args);
+  if (chunk) call.Chunk(pool);
+  else call.Steps(pool);
   return ffi::Error::Success();
 }
 
