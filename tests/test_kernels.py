@@ -192,8 +192,8 @@ def test_native_embedding_rows_and_head(isa):
 
 
 @pytest.mark.parametrize("rope", [False, True])
-def test_decode_attention_fallback_is_rope_write_and_attend(rope):
-    """Where the kernel does not apply (H not a multiple of 16), decode_attention is the XLA
+def test_cache_attention_fallback_is_rope_write_and_attend(rope):
+    """Where the kernel does not apply (H not a multiple of 16), cache_attention is the XLA
     path: RoPE, the cache write and attend, bit for bit."""
     from models.cache import write_keys, write_layer
     from models.layers import apply_rope, attend, attention_mask, rope_inv_freq
@@ -213,7 +213,7 @@ def test_decode_attention_fallback_is_rope_write_and_attend(rope):
         kc, vc = write_keys(kc, None, pos, kn), write_layer(vc, None, pos, vn)
         return attend(q, kc, vc, attention_mask(pos, k_pos, 5)), kc, vc
 
-    got = jax.jit(lambda *a: kernels.decode_attention(*a[:5], pos, k_pos, 5, pos, inv_freq))(
+    got = jax.jit(lambda *a: kernels.cache_attention(*a[:5], pos, k_pos, 5, pos, inv_freq))(
         q, k_new, v_new, kc, vc)
     want = jax.jit(reference)(q, k_new, v_new, kc, vc)
     for g, w in zip(got, want, strict=True):
@@ -397,7 +397,7 @@ def test_decode_attention_matches_write_and_attend(n, k, h, s, window, rope, cac
     f32 = jnp.float32
     want = attend(q_rot, want_k.astype(f32), want_v.astype(f32),
                   attention_mask(q_pos, k_pos, window))
-    fn = jax.jit(lambda q, kn, vn, kc, vc, qp, kp, sl: kernels.decode_attention(
+    fn = jax.jit(lambda q, kn, vn, kc, vc, qp, kp, sl: kernels.cache_attention(
         q, kn, vn, kc, vc, qp, kp, window, sl, inv_freq, isa=isa))
     kind = "attend" if cache == "float32" else "attend_half"
     assert kernels.target(kind, isa) in fn.lower(q, k_new, v_new, kc, vc, q_pos, k_pos,
@@ -425,7 +425,7 @@ def test_decode_attention_on_the_first_rows_and_padding_rows(isa):
                         jnp.int32)
     q_pos = jnp.asarray([[9], [-1], [19]], jnp.int32)
     slots = jnp.asarray((used - 1)[:, None], jnp.int32)
-    fn = jax.jit(lambda q, kn, vn, kc, vc, qp: kernels.decode_attention(
+    fn = jax.jit(lambda q, kn, vn, kc, vc, qp: kernels.cache_attention(
         q, kn, vn, kc, vc, qp, k_pos, 1 << 30, slots, None, isa=isa))
     got, got_k, got_v = fn(q, k_new, v_new, kc, vc, q_pos)
     want, want_k, want_v = fn(q, k_new, v_new, kc[:b], vc[:b], q_pos.at[1].set(5))
@@ -489,7 +489,7 @@ def test_decode_attention_on_a_stacked_cache_writes_its_layer(cache, isa):
     inv_freq = models.layers.rope_inv_freq(h, 10000.0, None)
 
     def attend(kc, vc, layer=None):
-        return kernels.decode_attention(q, k_new, v_new, kc, vc, q_pos, k_pos, 1 << 30, q_pos,
+        return kernels.cache_attention(q, k_new, v_new, kc, vc, q_pos, k_pos, 1 << 30, q_pos,
                                         inv_freq, layer=layer, isa=isa)
 
     stacked = jax.jit(attend)
@@ -547,7 +547,7 @@ def test_prefill_attention_matches_rope_write_and_attend(n, k, h, s, t, start, w
     f32 = jnp.float32
     want = attend(q_rot, want_k.astype(f32), want_v.astype(f32),
                   attention_mask(positions, k_pos, window))
-    fn = jax.jit(lambda *a: kernels.decode_attention(*a, k_pos, window, slots, inv_freq,
+    fn = jax.jit(lambda *a: kernels.cache_attention(*a, k_pos, window, slots, inv_freq,
                                                      isa=isa))
     kind = "attend" if cache == "float32" else "attend_half"
     assert kernels.target(kind, isa) in fn.lower(q, k_new, v_new, kc, vc, positions).as_text()
@@ -573,10 +573,10 @@ def test_prefill_attention_equals_single_token_steps(cache, isa):
     vc = jnp.stack([vc] * layers)
     inv_freq = models.layers.rope_inv_freq(h, 1e4, None)
     one = jnp.int32(1)
-    got, got_k, got_v = jax.jit(lambda *a: kernels.decode_attention(
+    got, got_k, got_v = jax.jit(lambda *a: kernels.cache_attention(
         *a, k_pos, 1 << 30, slots, inv_freq, layer=one, isa=isa))(q, k_new, v_new, kc, vc,
                                                                    positions)
-    step = jax.jit(lambda q, kn, vn, kc, vc, p, kp, sl: kernels.decode_attention(
+    step = jax.jit(lambda q, kn, vn, kc, vc, p, kp, sl: kernels.cache_attention(
         q, kn, vn, kc, vc, p, kp, 1 << 30, sl, inv_freq, layer=one, isa=isa))
     kb, vb = kc, vc
     outs = []
@@ -591,6 +591,34 @@ def test_prefill_attention_equals_single_token_steps(cache, isa):
     real = np.asarray(positions >= 0)[..., None]
     np.testing.assert_array_equal(np.where(real, got, 0),
                                   np.where(real, jnp.concatenate(outs, axis=1), 0))
+
+
+@pytest.mark.parametrize("cache", ["float32", "float16"])
+def test_prefill_query_that_sees_nothing_gets_the_mean_of_values(cache, isa):
+    """A full cache whose slots all hold later positions, the chunk's own slots out of range
+    (dropped): each real query sees no slot and gets the mean of v over all slots, as a
+    one-token call gives it; padding queries zeros; the cache unchanged."""
+    b, n, k, h, s, t = 2, 6, 2, 32, 40, 5
+    q, k_new, v_new, kc, vc, positions, _, _ = _chunk_case(5, b, t, n, k, h, s, 0, cache)
+    k_pos = jnp.tile(jnp.arange(100, 100 + s, dtype=jnp.int32), (b, 1))
+    slots = jnp.full((b, t), s, jnp.int32)
+    call = jax.jit(lambda q, kn, vn, kc, vc, p, sl: kernels.cache_attention(
+        q, kn, vn, kc, vc, p, k_pos, 1 << 30, sl, None, isa=isa))
+    got, got_k, got_v = call(q, k_new, v_new, kc, vc, positions, slots)
+    np.testing.assert_array_equal(got_k, kc)
+    np.testing.assert_array_equal(got_v, vc)
+    mean = np.asarray(vc, np.float32).mean(axis=2)  # [b, k, h]
+    want = np.repeat(mean, n // k, axis=1).reshape(b, 1, n * h)
+    real = np.asarray(positions >= 0)[..., None]
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-5,
+                               atol=1e-6)
+    assert not np.asarray(got)[~real[..., 0]].any()
+    for i in range(t):  # bit for bit what one-token calls give
+        cut = slice(i, i + 1)
+        one, _, _ = call(q[:, cut], k_new[:, cut], v_new[:, cut], kc, vc, positions[:, cut],
+                         slots[:, cut])
+        np.testing.assert_array_equal(np.where(real[:, cut], got[:, cut], 0),
+                                      np.where(real[:, cut], one, 0))
 
 
 def test_scan_over_kernel_stacks_compiles_one_layer_body(isa):

@@ -731,7 +731,7 @@ class NativeQuantEmbedding:
         return self.head.matmul(x)
 
 
-def decode_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv_freq=None,
+def cache_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv_freq=None,
                      layer=None, isa=None):
     """The KVCache.attention kernel: each row's new tokens are rotated by RoPE (when inv_freq
     [H/2] is given), written into this layer's cache and attend over the row's slots. The
@@ -789,9 +789,9 @@ _ATTEND = {jnp.dtype(jnp.float32): "attend", jnp.dtype(jnp.float16): "attend_hal
 
 @functools.cache
 def _attention(isa: str):
-    """decode_attention on `isa`'s kernel: one object per ISA, since KVCache.attention is a
+    """cache_attention on `isa`'s kernel: one object per ISA, since KVCache.attention is a
     static field (a new object each call would recompile the decode step)."""
-    return functools.partial(decode_attention, isa=isa)
+    return functools.partial(cache_attention, isa=isa)
 
 
 def _is_native(x) -> bool:
@@ -799,7 +799,7 @@ def _is_native(x) -> bool:
 
 
 def attention_for(params, dtype):
-    """The decode attention kernel for a cache of `dtype` next to `params`: decode_attention on
+    """The decode attention kernel for a cache of `dtype` next to `params`: cache_attention on
     the ISA of the packed leaves when params were prepared by native_params and the cache is
     float32 or float16, else None (the model's own attention)."""
     native = [x for x in jax.tree.leaves(params, is_leaf=_is_native) if _is_native(x)]

@@ -401,6 +401,18 @@ struct AttendCall {
 
   void Steps(ffi::ThreadPool& pool) const;
   void Chunk(ffi::ThreadPool& pool) const;
+
+  // New token `tok` (b * NT + t) of KV head kh rotated (through rotated [H], scratch) and
+  // written with its value into its slot of the row's cache rows kb [H, S], vb [S, H]; a slot
+  // out of range is dropped, as the XLA write does.
+  void Write(T* kb, T* vb, int64_t tok, int64_t kh, float* rotated) const {
+    const int32_t at = sl[tok];
+    if (at < 0 || at >= S) return;
+    const int64_t from = (tok * K + kh) * H;
+    Rotate(kn + from, cs + tok * H, H, rotated);
+    for (int64_t h = 0; h < H; ++h) StoreKV(kb + h * S + at, rotated[h]);
+    for (int64_t h = 0; h < H; ++h) StoreKV(vb + at * H + h, vn[from + h]);
+  }
 };
 
 // One new token per row (a decode step): each (row, KV head) item writes its token and
@@ -434,12 +446,7 @@ void AttendCall<T>::Steps(ffi::ThreadPool& pool) const {
       ahead = {ks + next * H * S, vs + next * S * H, used_of(next)};
       shadowed[next].store(std::min(n_used, ahead.used), std::memory_order_relaxed);
     }
-    if (sl[b] >= 0 && sl[b] < S) {  // out of range: dropped, as the XLA write does
-      float* rk = rq + G * H;
-      Rotate(kn + item * H, cs + b * H, H, rk);
-      for (int64_t h = 0; h < H; ++h) StoreKV(kb + h * S + sl[b], rk[h]);
-      for (int64_t h = 0; h < H; ++h) StoreKV(vb + sl[b] * H + h, vn[item * H + h]);
-    }
+    Write(kb, vb, b, kh, rq + G * H);
     if (qp[b] < 0) {  // a padding query (a finished or free row): its output is never read
       std::fill_n(os + (b * N + kh * G) * H, G * H, 0.0f);
       return;
@@ -475,14 +482,7 @@ void AttendCall<T>::Chunk(ffi::ThreadPool& pool) const {
     T* vb = vs + item * S * H;
     thread_local std::vector<float> rotated;
     rotated.resize(H);
-    for (int64_t t = 0; t < NT; ++t) {
-      const int32_t at = sl[b * NT + t];
-      if (at < 0 || at >= S) continue;  // out of range: dropped, as the XLA write does
-      const int64_t from = ((b * NT + t) * K + kh) * H;
-      Rotate(kn + from, cs + (b * NT + t) * H, H, rotated.data());
-      for (int64_t h = 0; h < H; ++h) StoreKV(kb + h * S + at, rotated[h]);
-      for (int64_t h = 0; h < H; ++h) StoreKV(vb + at * H + h, vn[from + h]);
-    }
+    for (int64_t t = 0; t < NT; ++t) Write(kb, vb, b * NT + t, kh, rotated.data());
   });
   const int64_t stride = (S + 63) / 64 * 64;
   // least[b * S + s]: the least position >= 0 in slots s.. of row b (INT32_MAX: none), so the
@@ -514,19 +514,22 @@ void AttendCall<T>::Chunk(ffi::ThreadPool& pool) const {
     float* ro = rq + kHeads * H;
     int32_t rows_pos[kHeads];
     int64_t n_used = 0;
+    bool real = false;  // a query of the group is not padding
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t t = (r0 + i) / G, head = kh * G + (r0 + i) % G;
       rows_pos[i] = qp[b * NT + t];
       Rotate(qs + ((b * NT + t) * N + head) * H, cs + (b * NT + t) * H, H, rq + i * H);
-      if (rows_pos[i] >= 0) n_used = std::max(n_used, used_by(b, rows_pos[i]));
+      if (rows_pos[i] < 0) continue;
+      real = true;
+      n_used = std::max(n_used, used_by(b, rows_pos[i]));
     }
-    if (n_used > 0)
+    if (real)  // n_used may be 0 (nothing visible): AttendHeads then gives the mean of v
       kHeadsFns<T>[nq - 1](rq, ks + bk * H * S, vs + bk * S * H, kp + b * S, rows_pos, win,
                            n_used, S, H, scores, stride, ro, Ahead<T>{});
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t t = (r0 + i) / G, head = kh * G + (r0 + i) % G;
       float* o = os + ((b * NT + t) * N + head) * H;
-      if (rows_pos[i] < 0 || n_used == 0) std::fill_n(o, H, 0.0f);
+      if (rows_pos[i] < 0) std::fill_n(o, H, 0.0f);
       else std::copy_n(ro + i * H, H, o);
     }
   });
