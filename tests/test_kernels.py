@@ -99,6 +99,26 @@ def test_matmul_many_and_glu_match_float64(m, isa):
         np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("m,k", [(16, 1000), (17, 576), (9, 97)])
+def test_rows_get_the_sums_of_one_row_alone(m, k, isa):
+    """Each row of a many-row call (several blocks of rows; with AVX2 the panels read in chunks
+    of k, the last one partial) gets bit for bit what a call with that row alone gives it:
+    every output is the same chain of fused multiply-adds over k in order (matmul, the
+    several projections of one x, the SwiGLU gate)."""
+    rng = np.random.default_rng(k + m)
+    n = 200
+    x = rng.standard_normal((m, k), np.float32)
+    w, wg, wu = (kernels.pack(rng.standard_normal((k, n), np.float32)) for _ in range(3))
+    mm = jax.jit(functools.partial(kernels.matmul, isa=isa), static_argnums=2)
+    many = jax.jit(lambda x, a, b: kernels.matmul_many(x, [a, b], [n, n], isa))
+    glu = jax.jit(functools.partial(kernels.glu, isa=isa), static_argnums=3)
+    whole = (mm(x, w, n), *many(x, w, wg), glu(x, wg, wu, n))
+    for r in (0, 5, m - 1):
+        one = (mm(x[r:r + 1], w, n), *many(x[r:r + 1], w, wg), glu(x[r:r + 1], wg, wu, n))
+        for got, want in zip(whole, one, strict=True):
+            np.testing.assert_array_equal(np.asarray(got)[r:r + 1], want)
+
+
 def test_glu_over_the_whole_range_of_exp(isa):
     """silu(g) for g from -120 to 120: exp's clamp and its scaling by 2^n at both ends
     (n = 128 and -126) give silu within float32 rounding, never inf or nan."""

@@ -81,13 +81,20 @@ constexpr int PassCols(int rows) {
 // meanwhile, one every `every` steps of k (part of the next panel, while this one is read from
 // L2 again for more rows or columns: the memory stream never stops). The first pass (C0 == 0)
 // asks for the whole panel row ahead (L2 and L1), later passes for their own columns only (L1).
+// add: the sums go on from y's values (a later chunk of k, see cpu.cc's kChunkRows) instead of
+// from zero.
 template <int R, int C, int C0>
 void BlockCols(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0,
-               const float* pf, int64_t every) {
+               const float* pf, int64_t every, bool add) {
   constexpr int64_t kFirst = C0 * kWidth / kLine * kLine, kLast = (C0 + C) * kWidth;
   Vec acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = simd::Zero();
+  for (int c = 0; c < C; ++c) {
+    const int64_t col = n0 + (C0 + c) * kWidth, left = N - col;
+    for (int r = 0; r < R; ++r)
+      acc[r][c] = !add || left <= 0 ? simd::Zero()
+                  : left >= kWidth  ? simd::Load(y + r * N + col)
+                                    : simd::LoadMasked(y + r * N + col, simd::Head(left));
+  }
   const float* wk = panel;
   int64_t count = 0;
   for (int64_t k = 0; k < K; ++k, wk += kStrip) {
@@ -141,27 +148,27 @@ void BlockCols(const float* xp, const float* panel, float* y, int64_t K, int64_t
 #endif
 template <int R, int C, int C0 = 0>
 void Passes(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0,
-            const float* pf, int64_t every) {
+            const float* pf, int64_t every, bool add) {
   constexpr int64_t kPasses = kCols / C, kPass = C0 / C;
   const int64_t share = every * kPasses;
   const bool ask = pf != nullptr && (JAXINFER_ONE_PASS_PREFETCH || share > 1);
   const float* mine = ask ? pf + kPass * (K / share) * kStrip : nullptr;
-  BlockCols<R, C, C0>(xp, panel, y, K, N, n0, mine, share);
+  BlockCols<R, C, C0>(xp, panel, y, K, N, n0, mine, share, add);
   if constexpr (C0 + C < kCols) {
-    if (n0 + (C0 + C) * kWidth < N) Passes<R, C, C0 + C>(xp, panel, y, K, N, n0, pf, every);
+    if (n0 + (C0 + C) * kWidth < N) Passes<R, C, C0 + C>(xp, panel, y, K, N, n0, pf, every, add);
   }
 }
 
-// y[r, n0 .. n0 + kStrip) (columns below N) = x rows @ panel for R rows, in passes of
-// PassCols(R) vectors; pf / every as in Passes.
+// y[r, n0 .. n0 + kStrip) (columns below N) = x rows @ panel for R rows (+ y when add), in
+// passes of PassCols(R) vectors; pf / every as in Passes.
 template <int R>
 void Block(const float* xp, const float* panel, float* y, int64_t K, int64_t N, int64_t n0,
-           const float* pf, int64_t every) {
-  Passes<R, PassCols(R)>(xp, panel, y, K, N, n0, pf, every);
+           const float* pf, int64_t every, bool add) {
+  Passes<R, PassCols(R)>(xp, panel, y, K, N, n0, pf, every, add);
 }
 
 using BlockFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t,
-                         const float*, int64_t);
+                         const float*, int64_t, bool);
 
 template <int... R>
 constexpr auto MakeTable(std::integer_sequence<int, R...>) {

@@ -232,7 +232,7 @@ void Panel8(const QProj& w, int64_t p, const Inputs& in, int64_t m, int64_t K, f
     for (int64_t r0 = 0; r0 < m; r0 += kRows) {
       const int64_t rows = std::min(kRows, m - r0);
       kBlocks[rows - 1](xp + (r0 / kRows) * K * kRows + k0 * kRows, scratch, part, kc, kStrip, 0,
-                        nullptr, 1);
+                        nullptr, 1, false);
       float* t = tile + r0 * kStrip;
       for (int64_t i = 0; i < rows * kStrip; i += kWidth) {
         const Vec v = simd::Load(part + i);
