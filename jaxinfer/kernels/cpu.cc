@@ -83,16 +83,16 @@ void RunProjections(ffi::ThreadPool& pool, const float* xs, int64_t m, int64_t k
                               k0 > 0);
           }
         }
+        if (!glu || k0 + kn < k) continue;
+        for (int64_t r = r0; r < r0 + rows; ++r)  // the block's gate, once its sums are whole
+          for (int c = 0; c < kCols; ++c) {
+            const Vec g = simd::Load(tmp.data() + r * kStrip + kWidth * c);
+            const Vec u = simd::Load(tmp.data() + (m + r) * kStrip + kWidth * c);
+            StoreHead(pr.y + r * pr.n + p * kStrip + kWidth * c, SiluMul(g, u),
+                      pr.n - p * kStrip - kWidth * c);
+          }
       }
     }
-    if (!glu) return;
-    for (int64_t r = 0; r < m; ++r)
-      for (int c = 0; c < kCols; ++c) {
-        const Vec g = simd::Load(tmp.data() + r * kStrip + kWidth * c);
-        const Vec u = simd::Load(tmp.data() + (m + r) * kStrip + kWidth * c);
-        StoreHead(pr.y + r * pr.n + p * kStrip + kWidth * c, SiluMul(g, u),
-                  pr.n - p * kStrip - kWidth * c);
-      }
   });
 }
 
