@@ -732,7 +732,7 @@ class NativeQuantEmbedding:
 
 
 def cache_attention(q, k, v, k_buf, v_buf, positions, k_pos, window, slots, inv_freq=None,
-                     layer=None, isa=None):
+                    layer=None, isa=None):
     """The KVCache.attention kernel: each row's new tokens are rotated by RoPE (when inv_freq
     [H/2] is given), written into this layer's cache and attend over the row's slots. The
     cache is float32 or float16 (new tokens rounded to it, the attention in float32).

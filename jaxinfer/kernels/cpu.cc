@@ -535,12 +535,14 @@ void AttendCall<T>::Chunk(ffi::ThreadPool& pool) const {
     float* rq = scores + kHeads * stride;  // the group's queries [nq][H], then outputs
     float* ro = rq + kHeads * H;
     int32_t rows_pos[kHeads];
+    float* outs[kHeads];  // where each query row's output goes
     int64_t n_used = 0;
     bool real = false;  // a query of the group is not padding
     for (int64_t i = 0; i < nq; ++i) {
-      const int64_t t = (r0 + i) / G, head = kh * G + (r0 + i) % G;
-      rows_pos[i] = qp[b * NT + t];
-      Rotate(qs + ((b * NT + t) * N + head) * H, cs + (b * NT + t) * H, H, rq + i * H);
+      const int64_t tok = b * NT + (r0 + i) / G, head = kh * G + (r0 + i) % G;
+      rows_pos[i] = qp[tok];
+      outs[i] = os + (tok * N + head) * H;
+      Rotate(qs + (tok * N + head) * H, cs + tok * H, H, rq + i * H);
       if (rows_pos[i] < 0) continue;
       real = true;
       n_used = std::max(n_used, used_by(b, rows_pos[i]));
@@ -549,10 +551,8 @@ void AttendCall<T>::Chunk(ffi::ThreadPool& pool) const {
       kHeadsFns<T>[nq - 1](rq, ks + bk * H * S, vs + bk * S * H, kp + b * S, rows_pos, win,
                            n_used, S, H, scores, stride, ro, Ahead<T>{});
     for (int64_t i = 0; i < nq; ++i) {
-      const int64_t t = (r0 + i) / G, head = kh * G + (r0 + i) % G;
-      float* o = os + ((b * NT + t) * N + head) * H;
-      if (rows_pos[i] < 0) std::fill_n(o, H, 0.0f);
-      else std::copy_n(ro + i * H, H, o);
+      if (rows_pos[i] < 0) std::fill_n(outs[i], H, 0.0f);
+      else std::copy_n(ro + i * H, H, outs[i]);
     }
   });
 }
