@@ -20,10 +20,12 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 VARIANTS = {  # label -> jaxinfer bench arguments (the CLI's default is --quant auto)
     "float32": ["--quant", "none"],
@@ -203,8 +205,16 @@ def main() -> None:
     targets = target_rows(results, ref, best, peak)
     header = (f"# CPU benchmark\n\nMachine: {cpu_line()}. Model {MODEL} ({gguf.name}), "
               f"{args.threads} threads, greedy, {args.new_tokens} new tokens, medians of "
-              f"{args.repeats} runs. Command: `python scripts/bench_cpu.py`.")
+              f"{args.repeats} runs. Command: `{command_line()}`.")
     publish(header, rows, targets, out=args.out)
+
+
+def command_line() -> str:
+    """This run's command as typed, with the llama.cpp library it loaded (LLAMA_CPP_LIB_PATH: a
+    build of the user's choice, e.g. one for AVX2 only) named by its last two path parts."""
+    lib = os.environ.get("LLAMA_CPP_LIB_PATH", "")
+    env = f"LLAMA_CPP_LIB_PATH=.../{'/'.join(Path(lib).parts[-2:])} " if lib else ""
+    return env + shlex.join(["python", "scripts/bench_cpu.py", *sys.argv[1:]])
 
 
 def target_rows(results, ref, best, peak) -> list[str]:
