@@ -165,7 +165,7 @@ def main() -> None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--ttft-prompt", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--only", nargs="*", default=None, help="variant labels to run")
     p.add_argument("--paths", nargs="*", default=None,
