@@ -84,6 +84,16 @@ def float_isa(request, monkeypatch):
     return _run_isa(request.param, monkeypatch)
 
 
+@pytest.fixture
+def best_isa(monkeypatch):
+    """The first ISA this CPU runs (the one a user gets: kernels.ISA_FLAGS is best first), run
+    by the process while the test does, JAXINFER_NATIVE=0 or not: for tests of what the
+    kernels do that need one path, not every one."""
+    if not ISAS or not HAVE_CXX:
+        pytest.skip("no kernel ISA runs here (another architecture, or no C++ compiler)")
+    return _run_isa(ISAS[0], monkeypatch)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
     """Drop JAX's compiled programs after each test module: the suite compiles thousands in

@@ -356,7 +356,7 @@ def test_generation_with_quantized_kernels_equals_without(isa, monkeypatch):
         np.testing.assert_allclose(a.logprobs[:1], c.logprobs[:1], atol=2e-2)
 
 
-def test_smollm2_q4_1_kernels_against_xla(smollm2_gguf_path):
+def test_smollm2_q4_1_kernels_against_xla(smollm2_gguf_path, best_isa):
     """The real SmolLM2 Q4_1 file kept packed (--quant native): with the quantized kernels
     (activations quantized per block of 32) greedy tokens follow the XLA packed path (float
     activations) for 16 new tokens on several prompts, except where that path's two best

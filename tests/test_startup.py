@@ -323,8 +323,8 @@ def run_leaves(run) -> dict:
     return {p: np.asarray(getattr(x, "panels", x)).tobytes() for p, x in paths.iter_leaves(run)}
 
 
-@pytest.mark.skipif(kernels.isa() is None, reason="the native kernels do not run here")
-def test_packed_layout_cached_beside_the_weights(tmp_path, cache, monkeypatch, capsys):
+def test_packed_layout_cached_beside_the_weights(tmp_path, cache, monkeypatch, capsys,
+                                                 best_isa):
     path = tiny_model_file(tmp_path)
     first = run_leaves(generate.run_params(jaxinfer.load(path, progress=False)))
     (entry,) = layout_entries(cache)
@@ -344,8 +344,8 @@ def test_packed_layout_cached_beside_the_weights(tmp_path, cache, monkeypatch, c
     assert layout_entries(cache) == [entry] and entry.read_bytes() != bytes(data)
 
 
-@pytest.mark.skipif(kernels.isa() is None, reason="the native kernels do not run here")
-def test_native_layout_cached_for_packed_weights(smollm2_gguf_path, cache, monkeypatch, capsys):
+def test_native_layout_cached_for_packed_weights(smollm2_gguf_path, cache, monkeypatch, capsys,
+                                                 best_isa):
     """--quant native: the blocks of SmolLM2's Q4_1 / Q8_0 weights (split into their
     children) and their kernel panels are kept in the cache, so a warm start neither splits
     nor repacks any of them; a damaged entry of either kind is rebuilt, never used."""
