@@ -110,7 +110,7 @@ def transformers_row(gguf, args) -> dict:
                 t = time.perf_counter()
                 model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False)
                 best.append(time.perf_counter() - t)
-        return sorted(best)[len(best) // 2]
+        return statistics.median(best)
 
     row = {"ttft_s": round(timed(1, args.ttft_prompt, 1), 4)}
     for b in (1, 16):
@@ -144,9 +144,9 @@ def llama_cpp_row(gguf, args) -> dict:
         return (args.new_tokens - 1) / (time.perf_counter() - t)
 
     prefill(args.ttft_prompt)  # warm-up
-    ttft = sorted(prefill(args.ttft_prompt) for _ in range(args.repeats))[args.repeats // 2]
+    ttft = statistics.median(prefill(args.ttft_prompt) for _ in range(args.repeats))
     decode()
-    b1 = sorted(decode() for _ in range(args.repeats))[args.repeats // 2]
+    b1 = statistics.median(decode() for _ in range(args.repeats))
     return {"b1": round(b1, 2), "ttft_s": round(ttft, 4), "note": "batch 16: not run (the "
             "Python binding decodes one sequence)"}
 
